@@ -1,0 +1,27 @@
+# Quick start: `make demo` (set up and run the main job), `make test` (set up and run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Install the pinned CPU torch first, only when no torch is present, so the package's
+	@# torch range is already satisfied and never resolves to a multi-GB CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet -e ".[eval,test]"
+	@touch $(STAMP)
+
+demo: setup
+	OMP_NUM_THREADS=2 $(BIN)/python examples/quickstart.py
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,138 @@
+"""The two-time flow map ``X_{s,t}(x) = x + (t − s) v_{s,t}(x)`` of the probability-flow ODE.
+
+Time convention: ``t = 0`` is the base (noise), ``t = 1`` the data. ``X_{s,t}`` carries a point at time
+``s`` to time ``t`` along ``ẋ = b_t(x)``; both directions are allowed (``s > t`` maps back towards the
+base). The parametrisation builds in ``X_{s,s} = id``, and the velocity is the diagonal,
+``b_t(x) = v_{t,t}(x)`` (spec §2.2, [P2] eq. 6–7).
+
+Time derivatives are forward-mode JVPs (``torch.func.jvp``) of the network ``v``; the map's derivatives
+follow from the product rule, e.g. ``∂_t X_{s,t} = v_{s,t} + (t − s) ∂_t v_{s,t}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp as _func_jvp
+
+from ._tensor import batch_times, expand_as_data
+from .solvers import uniform_grid
+
+__all__ = ["FlowMap"]
+
+
+class FlowMap(nn.Module):
+    """Wrap any network ``net(x, s, t[, cond])`` into ``X_{s,t}(x) = x + (t − s) · net(x, s, t)``.
+
+    ``net`` receives per-sample times of shape ``(B,)``; ``cond`` (optional conditioning tensor) is passed
+    through as a keyword when given.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def v(self, x: Tensor, s: float | Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        """The mean velocity ``v_{s,t}(x)``: slope of the chord from ``x_s`` to ``x_t``."""
+        return self._net(x, batch_times(s, x), batch_times(t, x), cond)
+
+    def forward(self, x: Tensor, s: float | Tensor, t: float | Tensor,
+                cond: Tensor | None = None) -> Tensor:
+        """``X_{s,t}(x) = x + (t − s) v_{s,t}(x)``."""
+        s, t = batch_times(s, x), batch_times(t, x)
+        return x + expand_as_data(t - s, x) * self._net(x, s, t, cond)
+
+    def velocity(self, x: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        """The probability-flow velocity on the diagonal, ``b_t(x) = v_{t,t}(x)``."""
+        t = batch_times(t, x)
+        return self._net(x, t, t, cond)
+
+    def _net(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        return self.net(x, s, t) if cond is None else self.net(x, s, t, cond=cond)
+
+    # --- forward-mode derivatives ---------------------------------------------------------------
+    def v_jvp(self, x: Tensor, s: float | Tensor, t: float | Tensor, dx: Tensor | None = None,
+              ds: Tensor | float | None = None, dt: Tensor | float | None = None,
+              cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(v_{s,t}(x), ∂v·(dx, ds, dt))``: one forward-mode JVP of the network.
+
+        Tangents left as ``None`` are zero and are not traced. Times and tangents are per-sample, so
+        ``ds = 1`` gives the per-sample partial ``∂_s v_{s,t}(x)``. Gradients with respect to the
+        parameters flow through both outputs (reverse-over-forward).
+        """
+        s, t = batch_times(s, x), batch_times(t, x)
+        names, primals, tangents = [], [], []
+        for name, primal, tangent in (("x", x, dx), ("s", s, ds), ("t", t, dt)):
+            if tangent is not None:
+                names.append(name)
+                primals.append(primal)
+                tangents.append(tangent if name == "x" else batch_times(tangent, x))
+        if not names:
+            value = self._net(x, s, t, cond)
+            return value, torch.zeros_like(value)
+        fixed = {"x": x, "s": s, "t": t}
+
+        def net_of(*args: Tensor) -> Tensor:
+            inputs = dict(fixed, **dict(zip(names, args)))
+            return self._net(inputs["x"], inputs["s"], inputs["t"], cond)
+
+        return _func_jvp(net_of, tuple(primals), tuple(tangents))
+
+    def jvp(self, x: Tensor, s: float | Tensor, t: float | Tensor, dx: Tensor | None = None,
+            ds: Tensor | float | None = None, dt: Tensor | float | None = None,
+            cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(X_{s,t}(x), ∂X·(dx, ds, dt))`` from one JVP of ``v`` and the product rule:
+
+        ``dX = dx + (dt − ds) v_{s,t}(x) + (t − s) dv``.
+        """
+        s, t = batch_times(s, x), batch_times(t, x)
+        value, dv = self.v_jvp(x, s, t, dx=dx, ds=ds, dt=dt, cond=cond)
+        gap = expand_as_data(t - s, x)
+        dgap = 0.0
+        if dt is not None:
+            dgap = dgap + batch_times(dt, x)
+        if ds is not None:
+            dgap = dgap - batch_times(ds, x)
+        d_map = gap * dv
+        if not isinstance(dgap, float):
+            d_map = d_map + expand_as_data(dgap, x) * value
+        if dx is not None:
+            d_map = d_map + dx
+        return x + gap * value, d_map
+
+    # --- sampling -------------------------------------------------------------------------------
+    def sample(self, x0: Tensor, steps: int | None = None, grid: Tensor | None = None,
+               cond: Tensor | None = None, return_path: bool = False) -> Any:
+        """Compose jumps ``x ← X_{t_i, t_{i+1}}(x)`` along a time grid, starting from ``x0``.
+
+        Give either ``steps`` (uniform grid on [0, 1], default 1 step) or an explicit ``grid``; the step
+        count is chosen here, after training, and NFE equals the number of jumps. A decreasing grid
+        (e.g. ``torch.linspace(1, 0, k + 1)``) runs the backward map, data → base, which is meaningful
+        when the model was trained on both directions (``times="square"``). With ``return_path`` the
+        result is ``(x, path)`` with ``path`` of shape ``(len(grid), B, ...)``.
+
+        Runs in the caller's grad mode; wrap in ``torch.no_grad()`` for inference.
+        """
+        if grid is None:
+            grid = uniform_grid(1 if steps is None else steps, device=x0.device)
+        elif steps is not None:
+            raise ValueError("give either steps or grid, not both")
+        grid = torch.as_tensor(grid, dtype=x0.dtype, device=x0.device)
+        if grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError("grid must be a 1-D tensor with at least two times")
+        if not torch.isfinite(grid).all() or grid.min() < 0 or grid.max() > 1:
+            raise ValueError("grid times must lie in [0, 1] (t=0 base, t=1 data)")
+        x, path = x0, [x0]
+        for i in range(grid.numel() - 1):
+            x = self(x, grid[i], grid[i + 1], cond)
+            if return_path:
+                path.append(x)
+        return (x, torch.stack(path)) if return_path else x
+
+    def inverse(self, x1: Tensor, steps: int = 1, cond: Tensor | None = None) -> Tensor:
+        """The backward map, data → base, on a uniform decreasing grid of ``steps`` jumps."""
+        grid = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=x1.dtype, device=x1.device)
+        return self.sample(x1, grid=grid, cond=cond)

@@ -1,0 +1,111 @@
+"""Progressive flow map matching (PFMM), [P1] as restated in [P2] App. B.3 and [C1] (spec §3.5, Q21)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .._tensor import expand_as_data, sq_norm
+from .base import Objective, as_velocity
+
+FORMS = ("velocity", "map")
+
+
+class PFMM(Objective):
+    """Progressive flow map matching: a student learns two teacher jumps as one, doubling its range.
+
+    Stage ``k`` trains on pairs with ``|t − s| ≤ δ_k = min(1, δ_0 2^k)`` ([C1]: ``t ~ U[0, 1]``,
+    ``s = clip(t + U[−δ_k, δ_k])``, then sorted so ``s ≤ t``), against the midpoint composition of the
+    teacher ``X̌``, ``u = (s + t)/2`` (eq. 30):
+
+        X̌_{u,t}(X̌_{s,u}(I_s)) = I_s + (t − s) · ½ [ v̌_{s,u}(I_s) + v̌_{u,t}(X̌_{s,u}(I_s)) ].
+
+    Stage 0's teacher is one Euler step of the given velocity, ``X̌_{s,t}(x) = x + (t − s) b̂_s(x)``; at the
+    start of each later stage (every ``stage_steps`` optimisation steps) the teacher is refreshed to a
+    frozen copy of the student. The whole target is under stop-gradient.
+
+    ``form="velocity"`` (default) regresses ``v̂_{s,t}(I_s)`` on the teacher's chord slope above. This is
+    the X-space loss ``|X̂_{s,t}(I_s) − X̌_{u,t}(X̌_{s,u}(I_s))|²`` divided by ``(t − s)²``: the same
+    minimiser, but short jumps are not down-weighted to nothing and no ``(X − x)/(t − s)`` cancellation
+    happens ([P2] drops the same factor in PSD). ``form="map"`` is the X-space loss of eq. (30).
+
+    Stateful: call :meth:`begin_step` before each step (``flowmaps.fit`` does), so the stage and the
+    teacher follow the step count.
+    """
+
+    name = "pfmm"
+
+    def __init__(self, interpolant, teacher, initial_range: float = 1.0 / 16, stage_steps: int = 500,
+                 form: str = "velocity", weight=None):
+        if form not in FORMS:
+            raise ValueError(f"unknown PFMM form {form!r}; choose one of {FORMS}")
+        if not 0.0 < initial_range <= 1.0:
+            raise ValueError("initial_range must be in (0, 1]")
+        if stage_steps < 1:
+            raise ValueError("stage_steps must be >= 1")
+        super().__init__(interpolant, "triangle", weight)
+        self.teacher = as_velocity(teacher)
+        self.initial_range, self.stage_steps, self.form = float(initial_range), int(stage_steps), form
+        self.stage = 0
+        self.frozen = None  # frozen copy of the student: the teacher from stage 1 on
+
+    @property
+    def max_gap(self) -> float:
+        """Current range ``δ_k`` of ``|t − s|``."""
+        return min(1.0, self.initial_range * 2**self.stage)
+
+    def begin_step(self, model, step: int) -> None:
+        stage = step // self.stage_steps
+        if stage != self.stage or (stage > 0 and self.frozen is None):
+            self.stage = stage
+            self.frozen = self.snapshot(model) if stage > 0 else None
+
+    @staticmethod
+    def snapshot(model):
+        frozen = copy.deepcopy(model).eval()
+        frozen.requires_grad_(False)
+        return frozen
+
+    def teacher_slope(self, x, s, t, cond):
+        """The teacher's chord slope ``v̌_{s,t}(x)`` (Euler: ``b̂_s(x)``; later: the frozen student)."""
+        if self.frozen is None:
+            return self.teacher(x, s)
+        return self.frozen.v(x, s, t, cond)
+
+    def __call__(self, model, x1, cond=None, generator=None):
+        # Band sampling replaces the shared time sampler; the rest is the common step.
+        self.times = _BandSampler(self.max_gap)
+        return super().__call__(model, x1, cond, generator)
+
+    def terms(self, model, x0, x1, s, t, cond):
+        i_s = self.interpolant.interpolate(x0, x1, s)
+        u = 0.5 * (s + t)
+        with torch.no_grad():
+            v_su = self.teacher_slope(i_s, s, u, cond)
+            x_su = i_s + expand_as_data(u - s, i_s) * v_su
+            target = 0.5 * (v_su + self.teacher_slope(x_su, u, t, cond))
+        residual = sq_norm(model.v(i_s, s, t, cond) - target)
+        if self.form == "map":
+            residual = (t - s) ** 2 * residual
+        return {"progressive": residual}
+
+    def config(self):
+        return dict(name=self.name, initial_range=self.initial_range, stage_steps=self.stage_steps,
+                    form=self.form)
+
+
+class _BandSampler:
+    """``t ~ U[0,1]``, ``s = clip(t + U[−δ, δ], 0, 1)``, sorted so that ``s ≤ t`` ([C1])."""
+
+    def __init__(self, width: float):
+        self.width = width
+
+    def __call__(self, n, like, generator=None):
+        t = torch.rand(n, generator=generator, dtype=like.dtype, device=like.device)
+        jitter = (2 * torch.rand(n, generator=generator, dtype=like.dtype, device=like.device) - 1)
+        s = (t + self.width * jitter).clamp(0.0, 1.0)
+        return torch.minimum(s, t), torch.maximum(s, t)
+
+    def config(self):
+        return {"domain": "band", "width": self.width}
