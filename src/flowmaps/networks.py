@@ -51,17 +51,19 @@ class MLP(nn.Module):
             ``"silu"``, ``"tanh"`` or ``"softplus"``.
         sigma_data: scalar or per-dimension data scale for the pre/post scaling.
         cond_dim: size of an optional conditioning vector appended to the input.
+        n_frequencies, max_frequency: Fourier time features (see :class:`TimeFeatures`).
     """
 
     def __init__(self, dim: int, width: int = 256, depth: int = 4, activation: str = "gelu",
-                 sigma_data: float | Tensor = 1.0, cond_dim: int = 0, n_frequencies: int = 8):
+                 sigma_data: float | Tensor = 1.0, cond_dim: int = 0, n_frequencies: int = 8,
+                 max_frequency: float = 8.0):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError("dim, width and depth must be positive")
         self.dim, self.cond_dim = dim, cond_dim
-        self.time_features = TimeFeatures(n_frequencies)
+        self.time_features = TimeFeatures(n_frequencies, max_frequency=max_frequency)
         sigma = torch.as_tensor(sigma_data, dtype=torch.float32).reshape(-1)
         if sigma.numel() not in (1, dim) or (sigma <= 0).any():
             raise ValueError(f"sigma_data must be positive with 1 or {dim} entries")
