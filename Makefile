@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	OMP_NUM_THREADS=2 $(BIN)/python examples/quickstart.py
+	$(BIN)/flowmaps demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

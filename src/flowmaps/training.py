@@ -69,7 +69,8 @@ class Trainer:
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
         grad_clip: global gradient-norm clip (``None``: off).
         lr_decay_start: start of the inverse-sqrt decay (``None``: constant rate).
-        ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off).
+        ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
+            the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates.
         seed: seeds the generator of data, base samples and times, and the global RNG (dropout).
         max_bad_steps: consecutive non-finite losses tolerated (each update is skipped) before stopping.
     """
@@ -144,8 +145,12 @@ class Trainer:
     def _update_ema(self) -> None:
         if self.ema is None:
             return
+        # Warm-up (as in common EMA implementations): early on the average would be dominated by the
+        # initialisation, so the decay is capped at (1 + k) / (10 + k) after k updates.
+        k = self.step_count
+        decay = min(self.ema_decay, (1.0 + k) / (10.0 + k))
         for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - self.ema_decay)
+            p_ema.lerp_(p.detach(), 1.0 - decay)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 

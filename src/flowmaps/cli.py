@@ -1,0 +1,494 @@
+"""The ``flowmaps`` command: train, distill, sample, evaluate, demo, presets.
+
+Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
+``--config``), ``metrics.jsonl``, ``checkpoints/{latest,final}.{safetensors,json}`` and ``plots/``.
+Errors in the input are reported as one line, ``flowmaps: error: ...``, with exit status 2; nothing
+already on disk is overwritten unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, dump_config, list_presets, load_config
+
+EPILOG_OVERRIDES = """overrides:
+  Any config key as section.key=value (YAML values), applied after the preset and --config, e.g.
+    train.steps=2000 train.lr=5e-4 model.width=128 objective.emd_form=full data.path=x.npy
+  Sections: data, interpolant, model, objective, teacher, train, eval (see `flowmaps presets --show NAME`).
+"""
+
+
+class RunDirError(ValueError):
+    pass
+
+
+# --- run directories ------------------------------------------------------------------------------
+
+class RunDir:
+    """A run's folder. Refuses a folder that already holds files unless ``overwrite``."""
+
+    ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "plots", "samples", "results.json",
+                 "table.md")
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path}: exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not overwrite:
+                raise RunDirError(f"--out {self.path}: already holds files (another run?); choose a new "
+                                  "directory or pass --overwrite")
+            for name in self.ARTIFACTS:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        (self.path / "plots").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _default_out(cfg: Config, what: str) -> Path:
+    return Path("runs") / f"{cfg.preset}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    return values
+
+
+def _grid(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated times, got {text!r}") from None
+    if len(values) < 2 or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError("a grid needs at least two times in [0, 1]")
+    return values
+
+
+def _setup_torch(cfg: Config) -> torch.device:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    return device
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
+                 progress: bool = True, label: str | None = None) -> Path:
+    """Train (or distil) the model ``cfg`` describes into a run directory; returns the directory."""
+    from . import experiment as ex
+    from .plotting import plot_loss, plot_samples
+    from .solvers import solve_ode
+    from .training import Trainer
+
+    name = cfg.objective.name
+    if distill and name in ("velocity", "fmm"):
+        raise ConfigError(f"objective.name: {name} trains without a teacher; use `flowmaps train`")
+    if not distill and name in ("lmd", "emd", "pfmm"):
+        raise ConfigError(f"objective.name: {name} distils from a teacher; use `flowmaps distill`")
+    device = _setup_torch(cfg)
+    bundle = ex.build_data(cfg)
+    scales = ex.resolve_scales(cfg, bundle)
+    interpolant = ex.build_interpolant(cfg, scales)
+    ex.attach_reference(cfg, bundle, interpolant)
+    teacher = ex.build_teacher(cfg, bundle, scales, device) if distill else None
+    torch.manual_seed(cfg.train.seed)
+    model = ex.build_model(cfg, scales).to(device)
+    objective = ex.build_objective(cfg, interpolant, teacher)
+
+    run = RunDir(out or _default_out(cfg, name), overwrite)
+    (run.path / "config.yaml").write_text(dump_config(cfg))
+    t = cfg.train
+    trainer = Trainer(model, objective, bundle.train.to(device), batch_size=t.batch_size, lr=t.lr,
+                      optimizer=t.optimizer, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                      lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed)
+    start = time.perf_counter()
+
+    def save(stem: str) -> None:
+        ex.save_model(run.checkpoints / stem, model, trainer.ema, cfg, scales, bundle.standardizer,
+                      trainer.step_count)
+
+    def callback(step: int, out) -> None:
+        if step % t.log_every == 0 or step == t.steps:
+            run.log({"step": step, "loss": out.loss.item(), **out.terms,
+                     "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.last_grad_norm,
+                     "seconds": round(time.perf_counter() - start, 3)})
+        if step % t.checkpoint_every == 0 and step < t.steps:
+            save("latest")
+
+    if progress:
+        print(f"[{label or name}] {run.path}: {name} on {cfg.data.name}, {t.steps} steps, "
+              f"batch {t.batch_size}", file=sys.stderr)
+    history = trainer.run(t.steps, progress=progress, callback=callback)
+    save("final")
+    plot_loss(history, run.plots / "loss.png", title=f"{name} on {cfg.data.name}")
+    evaluated = trainer.ema if trainer.ema is not None else model
+    g = torch.Generator(device=device).manual_seed(cfg.eval.seed)
+    x0 = interpolant.sample_base(torch.empty(4000, bundle.dim, device=device), g)
+    with torch.no_grad():
+        if name == "velocity":
+            shown = {"RK4, 8 steps (NFE 32)": solve_ode(evaluated.velocity, x0, "rk4", steps=8).x}
+        else:
+            shown = {f"{k} step{'s' * (k > 1)}": evaluated.sample(x0, steps=k) for k in (1, 2, 4)}
+    plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()}, bundle.held_out,
+                 run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
+    if progress:
+        print(f"[{label or name}] done in {time.perf_counter() - start:.0f}s, final loss "
+              f"{history[-1]:.4g}; checkpoint {run.checkpoints / 'final'}", file=sys.stderr)
+    return run.path
+
+
+def cmd_train(args, distill: bool = False) -> int:
+    overrides = []
+    if args.objective:
+        overrides.append(f"objective.name={args.objective}")
+    elif distill:
+        overrides.append("objective.name=lmd")
+    if distill and args.teacher:
+        overrides += (["teacher.exact=true"] if args.teacher == "exact"
+                      else [f"teacher.checkpoint={args.teacher}"])
+    cfg = load_config(args.preset if args.preset or args.config else "checkerboard", args.config,
+                      overrides + args.overrides)
+    run_training(cfg, args.out, args.overwrite, distill, progress=not args.quiet)
+    return 0
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from .checkpoint import checkpoint_stem
+    from .experiment import load_model
+    from .plotting import plot_samples
+    from .solvers import solve_ode
+
+    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights)
+    stem = checkpoint_stem(args.checkpoint)
+    out = Path(args.out) if args.out else stem.parent.parent / "samples"
+    is_velocity = loaded.config.objective.name == "velocity"
+    jobs = []  # (label, callable)
+    if args.grid:
+        if is_velocity:
+            raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
+        grid = torch.tensor(args.grid)
+        jobs.append(("grid", lambda x0: loaded.model.sample(x0, grid=grid)))
+    for k in args.steps or ([] if args.grid else [1, 2, 4]):
+        if is_velocity:
+            jobs.append((f"{args.solver}{k}", lambda x0, k=k: solve_ode(
+                loaded.model.velocity, x0, args.solver, steps=k).x))
+        else:
+            jobs.append((f"steps{k}", lambda x0, k=k: loaded.model.sample(x0, steps=k)))
+    files = [out / f"samples_{label}.npy" for label, _ in jobs]
+    clash = [str(f) for f in files if f.exists()]
+    if clash and not args.overwrite:
+        raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)
+    dim = loaded.scales["dim"]
+    x0 = loaded.interpolant.sample_base(torch.empty(args.n, dim), g)
+    shown = {}
+    with torch.no_grad():
+        for (label, job), path in zip(jobs, files):
+            x = loaded.to_data_units(job(x0))
+            np.save(path, x.numpy())
+            shown[label] = x
+            print(f"wrote {path} ({args.n} samples)")
+    png = plot_samples(shown, shown[next(iter(shown))] if args.data is None else _load_data(args.data),
+                       out / "samples.png", title=str(stem))
+    print(f"wrote {png}")
+    return 0
+
+
+def _load_data(path):
+    from .data import load_array
+
+    return load_array(path)
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwrite: bool,
+                  steps: list[int] | None, n: int | None, dopri5: bool | None,
+                  names: list[str] | None = None, progress: bool = True) -> dict:
+    from . import experiment as ex
+    from .evaluation import evaluate, markdown_table
+    from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
+
+    loaded = [ex.load_model(c) for c in checkpoints]
+    first = loaded[0]
+    cfg = first.config
+    for other, path in zip(loaded[1:], checkpoints[1:]):
+        if other.scales["dim"] != first.scales["dim"] or other.config.data != cfg.data:
+            raise ConfigError(f"{path}: trained on different data than {checkpoints[0]}")
+    bundle = ex.build_data(cfg)
+    interpolant = first.interpolant
+    ex.attach_reference(cfg, bundle, interpolant)
+    maps, velocity = {}, None
+    for i, (item, path) in enumerate(zip(loaded, checkpoints)):
+        label = names[i] if names else item.config.objective.name.upper()
+        if item.config.objective.name == "velocity":
+            velocity = velocity or item.model.velocity
+        else:
+            maps[label] = item.model
+    teacher_name = "teacher"
+    spec = teacher or (cfg.teacher.checkpoint if not maps or cfg.teacher.checkpoint else None) \
+        or ("exact" if cfg.teacher.exact else None)
+    if spec == "exact":
+        if bundle.reference is None:
+            raise ConfigError("--teacher exact: only gmm data has an exact velocity")
+        velocity, teacher_name = bundle.reference.velocity, "exact velocity"
+    elif spec:
+        velocity = ex.load_model(spec).model.velocity
+    run = RunDir(out, overwrite)
+    e = cfg.eval
+    steps = steps or e.steps
+    n = n or e.n_samples
+    g = torch.Generator().manual_seed(e.seed)
+    x0 = interpolant.sample_base(torch.empty(n, first.scales["dim"]), g)
+    exact_map = None
+    if bundle.reference is not None:
+        exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
+    result = evaluate(maps, velocity, x0, bundle.held_out, bundle.to_data_units, steps=steps,
+                      solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
+                      exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
+                      energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
+                      progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None)
+    table = markdown_table(result.rows)
+    (run.path / "table.md").write_text(table + "\n")
+    meta = {"checkpoints": checkpoints, "teacher": spec, "n_samples": n, "steps": steps,
+            "data": cfg.data.name, "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()}
+    (run.path / "results.json").write_text(json.dumps(
+        {"meta": meta, "rows": [r.as_dict() for r in result.rows]}, indent=2))
+    grid = {}
+    for (method, sampler, k), x in result.samples.items():
+        if sampler == "flow map":
+            grid.setdefault(method, {})[k] = x
+    extra = {f"{m} {s}" + (f" {k}" if k else ""): x for (m, s, k), x in result.samples.items()
+             if s == "dopri5" or (s == "euler" and k == max(steps))}
+    if grid or extra:
+        plot_sample_grid(grid or {"teacher": {}}, bundle.held_out, run.plots / "samples_grid.png",
+                         extra=extra or None)
+    paths = {k: bundle.to_data_units(v) for k, v in result.paths.items()}
+    plot_trajectories(paths, bundle.held_out, run.plots / "trajectories.png")
+    plot_quality_vs_nfe(result.rows, run.plots / "w2_vs_nfe.png", "w2", "W2 to held-out data")
+    if any(r.kl is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, run.plots / "kl_vs_nfe.png", "kl", "histogram KL")
+    if exact_map is not None:
+        plot_quality_vs_nfe(result.rows, run.plots / "map_error_vs_nfe.png", "map_error",
+                            "mean |X̂₀₁(x) − X₀₁(x)|")
+    print(table)
+    print(f"\nwrote {run.path / 'table.md'}, {run.path / 'results.json'} and plots in {run.plots}")
+    return {"rows": result.rows, "table": table, "dir": run.path}
+
+
+def cmd_evaluate(args) -> int:
+    out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    evaluate_runs(args.checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
+                  False if args.no_dopri5 else None)
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+DEMO_BUDGET = {  # steps per model; sized so `make demo` ends within 10 minutes on 2 CPU cores
+    "teacher": 3000, "lmd": 2000, "emd": 2000, "fmm": 2500,
+}
+
+
+def cmd_demo(args) -> int:
+    root = Path(args.out)
+    if root.exists() and any(root.iterdir()) and not args.overwrite:
+        raise RunDirError(f"--out {root}: already holds files; choose a new directory or pass "
+                          "--overwrite")
+    scale = args.scale
+    common = ["model.width=128", "model.depth=4", "train.batch_size=512", "train.log_every=100",
+              "train.checkpoint_every=100000", "eval.n_samples=10000"] + args.overrides
+
+    def steps(key):
+        return f"train.steps={max(10, int(DEMO_BUDGET[key] * scale))}"
+
+    def decay(key):
+        return f"train.lr_decay_start={max(1, int(DEMO_BUDGET[key] * scale) // 4)}"
+
+    start = time.perf_counter()
+    teacher_dir = run_training(load_config(args.preset, None, common + [
+        "objective.name=velocity", steps("teacher"), decay("teacher"), "train.lr=2e-3"]),
+        root / "teacher", args.overwrite, distill=False, label="1/4 teacher velocity")
+    teacher_ckpt = str(teacher_dir / "checkpoints" / "final")
+    runs = {}
+    for i, (name, extra) in enumerate([("lmd", ["train.lr=1e-3"]),
+                                       ("emd", ["objective.emd_form=full", "train.lr=1e-3"])]):
+        runs[{"lmd": "LMD", "emd": "EMD-full"}[name]] = run_training(load_config(args.preset, None, common + extra + [
+            f"objective.name={name}", f"teacher.checkpoint={teacher_ckpt}", steps(name), decay(name)]),
+            root / name, args.overwrite, distill=True, label=f"{i + 2}/4 {name.upper()} distillation")
+    runs["FMM"] = run_training(load_config(args.preset, None, common + [
+        "objective.name=fmm", steps("fmm"), decay("fmm"), "train.lr=1e-3"]),
+        root / "fmm", args.overwrite, distill=False, label="4/4 FMM direct training")
+    print("evaluating at 1, 2, 4, 8 steps against the teacher's ODE solvers ...", file=sys.stderr)
+    checkpoints = [str(p / "checkpoints" / "final") for p in runs.values()]
+    evaluate_runs(checkpoints, teacher_ckpt, root / "eval", args.overwrite, [1, 2, 4, 8], None, True,
+                  names=list(runs))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; runs in {root}, plots in "
+          f"{root / 'eval' / 'plots'}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    if args.show:
+        print(dump_config(load_config(args.show)), end="")
+    else:
+        for name in list_presets():
+            print(name)
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=list_presets(), help="named preset (default: checkerboard)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (e.g. a run's config.yaml), applied "
+                   "after the preset")
+    p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: "
+                   "runs/<preset>-<objective>-<time>); must be new or empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing its "
+                   "run files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="flowmaps", formatter_class=fmt,
+        description="Flow map generative models: train or distil the two-time flow map X_{s,t}, then "
+                    "sample in 1, 2, 4... steps chosen after training (t=0 noise, t=1 data).")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"flowmaps {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a velocity (teacher) or a flow map directly (FMM)",
+                       formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                       description="Train a velocity model with flow matching (--objective velocity, "
+                                   "the default) or a flow map from samples alone (--objective fmm).")
+    p.add_argument("--objective", choices=["velocity", "fmm"], help="what to train (default: the "
+                   "config's objective.name, velocity)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a flow map (LMD, EMD, PFMM) from a teacher velocity",
+                       formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                       description="Distil a flow map from a teacher velocity: a checkpoint made by "
+                                   "`flowmaps train`, or the exact velocity of the gmm dataset.")
+    p.add_argument("--objective", choices=["lmd", "emd", "pfmm"], help="distillation objective "
+                   "(default: lmd)")
+    p.add_argument("--teacher", metavar="CKPT|exact", help="teacher checkpoint (run directory or "
+                   "checkpoint path), or 'exact' for the gmm dataset's closed-form velocity")
+    _add_run_options(p)
+    p.set_defaults(func=lambda a: cmd_train(a, distill=True))
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint at one or more step counts",
+                       formatter_class=fmt,
+                       description="Draw --n samples at each step count; writes samples_<label>.npy "
+                                   "(data units) and samples.png. Flow maps jump along a uniform grid "
+                                   "(or --grid); velocity checkpoints use an ODE solver (--solver).")
+    p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json) or a run directory")
+    p.add_argument("--n", type=int, default=10000, help="number of samples (default 10000)")
+    p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default 1,2,4)")
+    p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps)")
+    p.add_argument("--solver", default="rk4", choices=["euler", "heun", "rk4"],
+                   help="ODE solver for velocity checkpoints (default rk4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base samples (default 0)")
+    p.add_argument("--data", metavar="FILE", help="optional .npy/.csv of data to plot beside samples")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="quality-versus-cost table of flow maps and their teacher",
+                       formatter_class=fmt,
+                       description="For each flow map and step count: NFE, wall time per 10k "
+                                   "samples, W2 and energy distance to held-out data, histogram KL "
+                                   "(checkerboard, gmm) and the exact-map error (gmm); the teacher's "
+                                   "Euler/Heun/RK4 at the same NFE and dopri5. Writes table.md, "
+                                   "results.json and plots.")
+    p.add_argument("checkpoints", nargs="+", help="flow-map checkpoints (and optionally a velocity "
+                   "checkpoint, used as the teacher)")
+    p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
+                   "first checkpoint was distilled from)")
+    p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
+    p.add_argument("--n", type=int, help="number of samples (default: eval.n_samples)")
+    p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: teacher, LMD, EMD, FMM on the checkerboard, "
+                       "evaluated at 1, 2, 4, 8 steps", formatter_class=fmt,
+                       description="Train a teacher velocity, distil flow maps with LMD and EMD, train "
+                                   "one with FMM directly, then evaluate all at 1, 2, 4, 8 steps "
+                                   "against the teacher's ODE solvers; prints the table, writes plots.")
+    p.add_argument("--preset", default="checkerboard", choices=list_presets(),
+                   help="dataset preset (default checkerboard)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output root (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (default 1)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all runs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
+    p.add_argument("--show", metavar="NAME", help="print the fully resolved config of a preset")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("FLOWMAPS_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"flowmaps: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowmaps: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Run configuration: typed sections, YAML presets shipped with the package, ``key=value`` overrides.
+
+A run is fully described by one :class:`Config`; its resolved form is saved in every run directory and
+checkpoint, so ``flowmaps train --config RUN/config.yaml`` reproduces the run. Unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "list_presets", "apply_overrides", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key and the problem."""
+
+
+@dataclass
+class GMMSpec:
+    """Gaussian-mixture target: ``means`` (K×d), ``stds`` (K or K×d) or ``covs`` (K×d×d), ``weights``."""
+
+    means: list = field(default_factory=lambda: [[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]])
+    stds: list | None = None
+    covs: list | None = field(default_factory=lambda: [[[0.3, 0.1], [0.1, 0.2]],
+                                                       [[0.05, 0.0], [0.0, 0.4]],
+                                                       [[0.1, 0.0], [0.0, 0.1]]])
+    weights: list | None = field(default_factory=lambda: [0.5, 0.3, 0.2])
+
+
+@dataclass
+class DataConfig:
+    """Dataset: a generator (``checkerboard``, ``eight_gaussians``, ``moons``, ``spirals``), ``gmm``
+    (exact velocity available), or ``file`` (``path`` to ``.npy``/``.csv``, any dimension)."""
+
+    name: str = "checkerboard"
+    path: str | None = None
+    n_train: int = 200_000
+    n_eval: int = 10_000
+    standardize: bool = False
+    seed: int = 1234
+    gmm: GMMSpec = field(default_factory=GMMSpec)
+
+
+@dataclass
+class InterpolantConfig:
+    """``linear`` or ``trigonometric``; ``sigma0``: base std, a number or ``"data"`` (per-dimension data
+    std, as [C2] does for the 2-D checker)."""
+
+    name: str = "linear"
+    sigma0: float | str = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """Two-time MLP ``v(x, s, t)``; ``sigma_data``: a number or ``"data"`` (per-dimension data std)."""
+
+    width: int = 256
+    depth: int = 4
+    activation: str = "gelu"
+    n_frequencies: int = 8
+    max_frequency: float = 8.0
+    sigma_data: float | str = 1.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """Objective and its options; options that do not apply to the chosen objective are ignored.
+
+    ``times``: ``default`` (the objective's own domain), ``triangle`` or ``square``."""
+
+    name: str = "velocity"
+    times: str = "default"
+    distribution: str = "uniform"
+    semigradient: bool = True
+    emd_form: str = "semigradient"
+    pfmm_form: str = "velocity"
+    invertibility_weight: float = 1.0
+    initial_range: float = 0.0625
+    stage_steps: int = 500
+
+
+@dataclass
+class TeacherConfig:
+    """Teacher velocity for distillation: a ``checkpoint`` made by ``flowmaps train``, or ``exact``
+    (the dataset's closed-form velocity; ``gmm`` data only)."""
+
+    checkpoint: str | None = None
+    exact: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 512
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    lr_decay_start: int | None = 1000
+    ema_decay: float | None = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    device: str = "cpu"
+    threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    steps: list = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    n_samples: int = 10_000
+    w2_samples: int = 2000
+    energy_samples: int = 4000
+    solvers: list = field(default_factory=lambda: ["euler", "heun", "rk4"])
+    dopri5: bool = True
+    rtol: float = 1e-5
+    seed: int = 99
+
+
+@dataclass
+class Config:
+    preset: str = "checkerboard"
+    data: DataConfig = field(default_factory=DataConfig)
+    interpolant: InterpolantConfig = field(default_factory=InterpolantConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+CHOICES = {
+    "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file"),
+    "interpolant.name": ("linear", "trigonometric"),
+    "model.activation": ("gelu", "silu", "tanh", "softplus"),
+    "objective.name": ("velocity", "fmm", "lmd", "emd", "pfmm"),
+    "objective.times": ("default", "triangle", "square"),
+    "objective.distribution": ("uniform", "logit_normal"),
+    "objective.emd_form": ("semigradient", "full", "v"),
+    "objective.pfmm_form": ("velocity", "map"),
+    "train.optimizer": ("adam", "adamw", "radam"),
+}
+POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.n_frequencies",
+            "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
+            "train.checkpoint_every", "eval.n_samples", "eval.w2_samples", "eval.energy_samples",
+            "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
+            "train.threads")
+
+
+def _validate(cfg: Config) -> None:
+    flat = _flatten(to_dict(cfg))
+    for key, options in CHOICES.items():
+        if flat[key] not in options:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(options)}")
+    for key in POSITIVE:
+        if flat[key] is not None and not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in ("interpolant.sigma0", "model.sigma_data"):
+        v = flat[key]
+        if isinstance(v, str) and v != "data" or not isinstance(v, str) and not v > 0:
+            raise ConfigError(f"{key}: must be a positive number or 'data', got {v!r}")
+    if cfg.train.ema_decay is not None and not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if not 0 < cfg.objective.initial_range <= 1:
+        raise ConfigError("objective.initial_range: must be in (0, 1]")
+    if cfg.objective.invertibility_weight < 0:
+        raise ConfigError("objective.invertibility_weight: must be >= 0")
+    if not cfg.eval.steps or any(not isinstance(k, int) or k < 1 for k in cfg.eval.steps):
+        raise ConfigError(f"eval.steps: must be a list of positive integers, got {cfg.eval.steps}")
+    bad = [s for s in cfg.eval.solvers if s not in ("euler", "heun", "rk4")]
+    if bad:
+        raise ConfigError(f"eval.solvers: unknown solver(s) {bad}; choose from euler, heun, rk4")
+    if cfg.data.name == "file" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.name is 'file'")
+
+
+# --- (de)serialisation with type checking -------------------------------------------------------
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "gmm":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as err:
+                errors.append(err)
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
+                            for o in options)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{where}; "
+                          f"known: {', '.join(sorted(names))}")
+    base = cls()
+    values = {}
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            values[name] = _check_type(key, data[name], hints[name])
+        else:
+            values[name] = getattr(base, name)
+    return cls(**values)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "gmm":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in ``flowmaps/presets``."""
+    folder = resources.files("flowmaps") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=2000")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        out = _merge(out, nested)
+    return out
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Preset (or the defaults) ← config file ← ``key=value`` overrides, then type-checked."""
+    data: dict = {}
+    if preset is not None:
+        if preset not in list_presets():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        text = (resources.files("flowmaps") / "presets" / f"{preset}.yaml").read_text()
+        data = _merge(data, _read_yaml(text, f"preset {preset}"))
+        data.setdefault("preset", preset)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = _merge(data, _read_yaml(path.read_text(), str(path)))
+    data = apply_overrides(data, overrides or [])
+    return _build(Config, data).validate()
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,182 @@
+"""Datasets for 2-D and vector experiments: generators in code, and user arrays from ``.npy``/``.csv``.
+
+Nothing downloads. Every generator is ``fn(n, generator=None) -> Tensor (n, 2)`` (float32) and draws all
+its randomness from ``generator``, so a seeded generator reproduces the data exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["checkerboard", "eight_gaussians", "moons", "spirals", "DATASETS", "make_dataset",
+           "load_array", "Standardizer"]
+
+
+def _rand(n: int, generator, *shape) -> Tensor:
+    return torch.rand((n, *shape), generator=generator)
+
+
+def _randn(n: int, generator, *shape) -> Tensor:
+    return torch.randn((n, *shape), generator=generator)
+
+
+def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """The 4×4 checkerboard on ``[−1, 1]²`` of spec Q12: uniform on the 8 cells ``(i, j)`` of the
+    ``[0, 1]²`` board with ``i + j`` even, mapped by ``2u − 1``. Sampled directly inside the cells (a
+    uniform cell, then a uniform point in it), so it is exact, with no rejection."""
+    cells = torch.tensor([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0],
+                         dtype=torch.float32)
+    idx = torch.randint(len(cells), (n,), generator=generator)
+    u = (cells[idx] + _rand(n, generator, 2)) / 4.0
+    return 2.0 * u - 1.0
+
+
+def eight_gaussians(n: int, generator: torch.Generator | None = None, radius: float = 2.0,
+                    std: float = 0.1) -> Tensor:
+    """Eight isotropic Gaussians (std ``std``) centred on a circle of radius ``radius``."""
+    angles = torch.arange(8, dtype=torch.float32) * (2 * math.pi / 8)
+    centres = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    idx = torch.randint(8, (n,), generator=generator)
+    return centres[idx] + std * _randn(n, generator, 2)
+
+
+def moons(n: int, generator: torch.Generator | None = None, noise: float = 0.05) -> Tensor:
+    """Two interleaving half circles (as scikit-learn's ``make_moons``), centred and scaled to unit
+    order: upper moon ``(cos θ, sin θ)``, lower moon ``(1 − cos θ, 0.5 − sin θ)``, then ``−(0.5, 0.25)``
+    and ×1.5, plus Gaussian noise of std ``noise``·1.5."""
+    theta = math.pi * _rand(n, generator)
+    lower = torch.randint(2, (n,), generator=generator).bool()
+    x = torch.where(lower, 1.0 - theta.cos(), theta.cos())
+    y = torch.where(lower, 0.5 - theta.sin(), theta.sin())
+    pts = torch.stack([x - 0.5, y - 0.25], dim=1)
+    return 1.5 * (pts + noise * _randn(n, generator, 2))
+
+
+def spirals(n: int, generator: torch.Generator | None = None, turns: float = 1.5,
+            noise: float = 0.05) -> Tensor:
+    """Two interleaved Archimedean spirals (the second rotated by π), radius up to 2, with noise.
+    The angle is drawn with density ∝ radius, so points are spread evenly along the arms."""
+    r = _rand(n, generator).sqrt()  # density ∝ r: even spacing along the arm
+    theta = 2 * math.pi * turns * r
+    arm = torch.randint(2, (n,), generator=generator).float()
+    phase = math.pi * arm
+    pts = 2.0 * r[:, None] * torch.stack([(theta + phase).cos(), (theta + phase).sin()], dim=1)
+    return pts + noise * _randn(n, generator, 2)
+
+
+DATASETS: dict[str, Callable[..., Tensor]] = {
+    "checkerboard": checkerboard, "eight_gaussians": eight_gaussians, "moons": moons,
+    "spirals": spirals,
+}
+
+
+def make_dataset(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` samples of the named 2-D dataset (see :data:`DATASETS`)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    if n < 1:
+        raise ValueError(f"number of samples must be >= 1, got {n}")
+    return DATASETS[name](n, generator)
+
+
+def load_array(path: str | Path) -> Tensor:
+    """Read a numeric ``.npy`` or ``.csv`` file into a float32 tensor of shape ``(N, d)``.
+
+    A 1-D array is one feature, ``(N, 1)``. ``.npy`` is read with ``allow_pickle=False``: object arrays
+    (pickles) are refused, never executed. A ``.csv`` may start with one header row. Raises
+    ``FileNotFoundError`` or ``ValueError`` with a one-line message naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            if "pickle" in str(err).lower():
+                raise ValueError(f"{path}: holds Python objects (a pickle); only numeric arrays are "
+                                 "accepted") from None
+            raise ValueError(f"{path}: not a valid .npy file ({err})") from None
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a valid .npy file ({err})") from None
+        if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+            raise ValueError(f"{path}: array of dtype {arr.dtype} is not numeric")
+    elif suffix == ".csv":
+        arr = _read_csv(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'}; use .npy or .csv")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D array (samples, features), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{path}: no data (shape {arr.shape})")
+    arr = arr.astype(np.float64)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise ValueError(f"{path}: {bad} NaN or infinite value(s)")
+    return torch.from_numpy(arr).float()
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text CSV file") from None
+    if not lines:
+        raise ValueError(f"{path}: empty file")
+
+    def parse(line: str) -> list[float]:
+        return [float(v) for v in line.split(",")]
+
+    try:
+        parse(lines[0])
+    except ValueError:
+        lines = lines[1:]  # a header row
+        if not lines:
+            raise ValueError(f"{path}: a header but no data rows") from None
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(parse(line))
+        except ValueError:
+            raise ValueError(f"{path}: non-numeric value in data row {i + 1}: {line[:60]!r}") from None
+    width = {len(r) for r in rows}
+    if len(width) != 1:
+        raise ValueError(f"{path}: rows have different numbers of columns {sorted(width)}")
+    return np.asarray(rows, dtype=np.float64)
+
+
+@dataclass
+class Standardizer:
+    """Per-dimension standardisation ``z = (x − mean) / std``; stored in checkpoints as JSON lists."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, x: Tensor, min_std: float = 1e-6) -> "Standardizer":
+        x = x.reshape(x.shape[0], -1).double()
+        return cls(x.mean(0).float(), x.std(0).clamp_min(min_std).float())
+
+    def transform(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z * self.std.to(z) + self.mean.to(z)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Standardizer":
+        return cls(torch.tensor(d["mean"], dtype=torch.float32),
+                   torch.tensor(d["std"], dtype=torch.float32))

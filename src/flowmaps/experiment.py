@@ -1,0 +1,213 @@
+"""Assemble a run from its :class:`~flowmaps.config.Config`: data, interpolant, network, teacher, objective,
+and rebuild a trained model from a checkpoint.
+
+Data live in *model space*: standardised when ``data.standardize`` is set (statistics kept in every
+checkpoint), raw otherwise. Scales given as ``"data"`` (``interpolant.sigma0``, ``model.sigma_data``) are
+resolved from the training set once and stored in the checkpoint as numbers, so a checkpoint rebuilds its
+model without the data. Time convention: ``t = 0`` base, ``t = 1`` data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, _build, to_dict
+from .data import Standardizer, load_array, make_dataset
+from .exact import ExactReference, GaussianMixture
+from .flowmap import FlowMap
+from .interpolants import Interpolant, make_interpolant
+from .networks import MLP
+from .objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
+
+__all__ = ["DataBundle", "build_data", "build_interpolant", "build_model", "build_objective",
+           "build_teacher", "Loaded", "load_model", "save_model"]
+
+
+@dataclass
+class DataBundle:
+    """Training samples (model space), held-out samples (data units), and what relates the two."""
+
+    train: Tensor
+    held_out: Tensor
+    standardizer: Standardizer | None
+    reference: ExactReference | None = None  # exact target in model space (gmm data)
+    kl: Callable[[Tensor], float] | None = None  # data-units KL oracle (checkerboard / gmm)
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[1]
+
+    def to_data_units(self, x: Tensor) -> Tensor:
+        return self.standardizer.inverse(x) if self.standardizer is not None else x
+
+
+def _gmm_reference(cfg: Config, interpolant: Interpolant | None = None) -> GaussianMixture:
+    spec = cfg.data.gmm
+    try:
+        return GaussianMixture(spec.means, covs=spec.covs, stds=spec.stds if spec.covs is None else None,
+                               weights=spec.weights, interpolant=interpolant)
+    except ValueError as err:
+        raise ConfigError(f"data.gmm: {err}") from None
+
+
+def build_data(cfg: Config) -> DataBundle:
+    """Generate or load the dataset; split off ``n_eval`` held-out samples."""
+    g = torch.Generator().manual_seed(cfg.data.seed)
+    d = cfg.data
+    if d.name == "file":
+        data = load_array(d.path)
+        if data.shape[0] < 2:
+            raise ConfigError(f"data.path: {d.path} has {data.shape[0]} row(s); need at least 2")
+        perm = torch.randperm(data.shape[0], generator=g)
+        n_eval = min(d.n_eval, max(1, data.shape[0] // 5))
+        held_out, train = data[perm[:n_eval]], data[perm[n_eval:]]
+    elif d.name == "gmm":
+        ref = _gmm_reference(cfg)
+        train, held_out = ref.sample(d.n_train, generator=g), ref.sample(d.n_eval, generator=g)
+    else:
+        train, held_out = make_dataset(d.name, d.n_train, g), make_dataset(d.name, d.n_eval, g)
+    standardizer = None
+    if d.standardize:
+        standardizer = Standardizer.fit(train)
+        train = standardizer.transform(train)
+    kl = None
+    if d.name == "checkerboard":
+        from .metrics import checkerboard_kl
+        kl = checkerboard_kl
+    return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
+
+
+def _resolve_scale(value, train: Tensor):
+    return train.std(dim=0).clamp_min(1e-6).tolist() if value == "data" else float(value)
+
+
+def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
+    """Numbers for every ``"data"`` scale, recorded in checkpoints."""
+    return {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle.train),
+            "sigma_data": _resolve_scale(cfg.model.sigma_data, bundle.train), "dim": bundle.dim}
+
+
+def build_interpolant(cfg: Config, scales: dict) -> Interpolant:
+    return make_interpolant(cfg.interpolant.name, torch.tensor(scales["sigma0"]))
+
+
+def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) -> None:
+    """For gmm data, the exact reference (velocity, flow map, density) under this interpolant."""
+    if cfg.data.name == "gmm" and bundle.standardizer is None:
+        bundle.reference = _gmm_reference(cfg, interpolant)
+        from .metrics import histogram_kl
+        ref = bundle.reference
+        bundle.kl = lambda x: histogram_kl(x, ref.log_prob, bins=50, low=-4.0, high=4.0)
+
+
+def build_model(cfg: Config, scales: dict) -> FlowMap:
+    m = cfg.model
+    net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
+              sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=m.n_frequencies,
+              max_frequency=m.max_frequency)
+    return FlowMap(net)
+
+
+def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
+    """The teacher velocity ``b(x, t)`` for distillation: exact (gmm) or a velocity checkpoint."""
+    t = cfg.teacher
+    if t.exact == bool(t.checkpoint):
+        raise ConfigError("teacher: set exactly one of teacher.checkpoint=PATH or teacher.exact=true")
+    if t.exact:
+        if bundle.reference is None:
+            raise ConfigError("teacher.exact: only the gmm dataset (without standardize) has an exact "
+                              "velocity")
+        return bundle.reference
+    loaded = load_model(t.checkpoint, device=device)
+    if loaded.scales["dim"] != scales["dim"]:
+        raise ConfigError(f"teacher.checkpoint: teacher has dimension {loaded.scales['dim']}, "
+                          f"the data has {scales['dim']}")
+    if loaded.standardizer is not None or bundle.standardizer is not None:
+        same = (loaded.standardizer is not None and bundle.standardizer is not None
+                and torch.allclose(loaded.standardizer.mean, bundle.standardizer.mean, atol=1e-5)
+                and torch.allclose(loaded.standardizer.std, bundle.standardizer.std, atol=1e-5))
+        if not same:
+            raise ConfigError("teacher.checkpoint: the teacher was trained on differently "
+                              "standardised data")
+    if not torch.allclose(torch.tensor(loaded.scales["sigma0"]), torch.tensor(scales["sigma0"]),
+                          atol=1e-5) or loaded.config.interpolant.name != cfg.interpolant.name:
+        raise ConfigError("teacher.checkpoint: the teacher used a different interpolant or base scale "
+                          f"({loaded.config.interpolant.name}, sigma0={loaded.scales['sigma0']})")
+    loaded.model.requires_grad_(False)
+    return loaded.model
+
+
+def build_objective(cfg: Config, interpolant: Interpolant, teacher=None) -> Objective:
+    o = cfg.objective
+    times = None if o.times == "default" else TimeSampler(o.times, o.distribution)
+    if times is None and o.distribution != "uniform":
+        domain = {"velocity": "diagonal", "fmm": "square"}.get(o.name, "triangle")
+        times = TimeSampler(domain, o.distribution)
+    needs_teacher = o.name in ("lmd", "emd", "pfmm")
+    if needs_teacher and teacher is None:
+        raise ConfigError(f"objective.name: {o.name} distils from a teacher; use `flowmaps distill`")
+    if o.name == "velocity":
+        return Velocity(interpolant, times)
+    if o.name == "fmm":
+        return FMM(interpolant, invertibility_weight=o.invertibility_weight, times=times)
+    if o.name == "lmd":
+        return LMD(interpolant, teacher, times=times, semigradient=o.semigradient)
+    if o.name == "emd":
+        return EMD(interpolant, teacher, times=times, form=o.emd_form)
+    return PFMM(interpolant, teacher, initial_range=o.initial_range, stage_steps=o.stage_steps,
+                form=o.pfmm_form)
+
+
+# --- checkpoints of trained models -----------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """A model rebuilt from a checkpoint, with everything needed to sample it in data units."""
+
+    model: FlowMap
+    interpolant: Interpolant
+    config: Config
+    scales: dict
+    standardizer: Standardizer | None
+    metadata: dict
+
+    def to_data_units(self, x: Tensor) -> Tensor:
+        return self.standardizer.inverse(x) if self.standardizer is not None else x
+
+
+def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Config, scales: dict,
+               standardizer: Standardizer | None, step: int, extra: dict | None = None) -> Path:
+    tensors = {"model": model.state_dict()}
+    if ema is not None:
+        tensors["ema"] = ema.state_dict()
+    meta = {"config": to_dict(cfg), "step": step, "objective": cfg.objective.name,
+            "interpolant": {"name": cfg.interpolant.name, "sigma0": scales["sigma0"]},
+            "scales": scales, "standardizer": standardizer.to_dict() if standardizer else None}
+    meta.update(extra or {})
+    return save_checkpoint(stem, tensors, meta)
+
+
+def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
+    """Rebuild the FlowMap of a checkpoint (EMA weights when present and ``use_ema``)."""
+    groups, meta = load_checkpoint(path)
+    try:
+        cfg = _build(Config, meta["config"])
+        scales = meta["scales"]
+    except (KeyError, ConfigError) as err:
+        raise CheckpointError(f"{path}: metadata is incomplete or from an incompatible version "
+                              f"({err})") from None
+    model = build_model(cfg, scales)
+    state = groups["ema"] if use_ema and "ema" in groups else groups["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(f"{path}: weights do not match the architecture in its metadata") from None
+    model.to(device).eval()
+    std = Standardizer.from_dict(meta["standardizer"]) if meta.get("standardizer") else None
+    return Loaded(model, build_interpolant(cfg, scales), cfg, scales, std, meta)
