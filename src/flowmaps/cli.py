@@ -324,7 +324,7 @@ def cmd_evaluate(args) -> int:
 # --- demo ----------------------------------------------------------------------------------------
 
 DEMO_BUDGET = {  # steps per model; sized so `make demo` ends within 10 minutes on 2 CPU cores
-    "teacher": 3000, "lmd": 2000, "emd": 2000, "fmm": 2500,
+    "teacher": 10000, "lmd": 6000, "emd": 6000, "fmm": 8000,
 }
 
 
@@ -335,7 +335,7 @@ def cmd_demo(args) -> int:
                           "--overwrite")
     scale = args.scale
     common = ["model.width=128", "model.depth=4", "train.batch_size=512", "train.log_every=100",
-              "train.checkpoint_every=100000", "eval.n_samples=10000"] + args.overrides
+              "train.checkpoint_every=100000"] + args.overrides
 
     def steps(key):
         return f"train.steps={max(10, int(DEMO_BUDGET[key] * scale))}"

@@ -226,6 +226,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                             for o in options)
         raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

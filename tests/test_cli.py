@@ -1,0 +1,162 @@
+"""The ``flowmaps`` command through its installed entry point: a tiny train → distill → sample → evaluate
+chain, config errors as one line with exit status 2, run directories that are never clobbered, and
+checkpoints that round-trip exactly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowmaps import experiment as ex
+from flowmaps.config import load_config
+
+torch.set_num_threads(1)
+
+TINY = ["model.width=32", "model.depth=2", "train.batch_size=64", "train.log_every=10",
+        "data.n_train=2000", "data.n_eval=500", "eval.n_samples=500", "eval.w2_samples=300",
+        "eval.energy_samples=300"]
+
+
+def flowmaps(*args, cwd=None):
+    exe = Path(sys.executable).parent / "flowmaps"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Teacher velocity and an LMD map on the gmm preset, through the real command."""
+    root = tmp_path_factory.mktemp("runs")
+    _ok(flowmaps("train", "--preset", "gmm", "--out", root / "teacher", "--quiet",
+                 "train.steps=60", *TINY))
+    _ok(flowmaps("distill", "--preset", "gmm", "--teacher", root / "teacher", "--out", root / "lmd",
+                 "--quiet", "train.steps=40", "train.checkpoint_every=20", *TINY))
+    return root
+
+
+def test_train_writes_a_complete_run_directory(chain):
+    run = chain / "teacher"
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/final.json",
+                 "checkpoints/final.safetensors", "plots/loss.png", "plots/samples.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    assert all(np.isfinite(r["loss"]) and "grad_norm" in r for r in records)
+    meta = json.loads((run / "checkpoints/final.json").read_text())
+    assert meta["step"] == 60 and meta["objective"] == "velocity"
+    assert meta["library_version"] and meta["interpolant"]["name"] == "linear"
+    # the intermediate checkpoint of the distillation run
+    assert (chain / "lmd" / "checkpoints" / "latest.json").is_file()
+
+
+def test_saved_config_reproduces_the_run(chain, tmp_path):
+    """Rerunning from a run's config.yaml gives bit-identical weights (same seed, same data)."""
+    _ok(flowmaps("train", "--config", chain / "teacher" / "config.yaml", "--out", tmp_path / "again",
+                 "--quiet"))
+    a = ex.load_model(chain / "teacher", use_ema=False).model.state_dict()
+    b = ex.load_model(tmp_path / "again", use_ema=False).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_writes_npy_and_png_for_each_step_count(chain, tmp_path):
+    out = tmp_path / "s"
+    r = _ok(flowmaps("sample", chain / "lmd", "--steps", "1,2,4", "--n", "300", "--out", out))
+    for k in (1, 2, 4):
+        x = np.load(out / f"samples_steps{k}.npy")
+        assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert (out / "samples.png").stat().st_size > 1000
+    assert "samples_steps4.npy" in r.stdout
+    # same seed -> same samples; the file exists now, so a rerun must be refused without --overwrite
+    again = flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--overwrite"))
+    grid = _ok(flowmaps("sample", chain / "lmd", "--grid", "0,0.5,1", "--n", "50", "--out", out))
+    assert "samples_grid.npy" in grid.stdout
+
+
+def test_evaluate_writes_table_json_and_plots(chain, tmp_path):
+    out = tmp_path / "eval"
+    r = _ok(flowmaps("evaluate", chain / "lmd" / "checkpoints" / "final", "--steps", "1,2,4",
+                     "--n", "400", "--out", out))
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    maps = [row for row in rows if row["sampler"] == "flow map"]
+    assert [row["steps"] for row in maps] == [1, 2, 4] and [row["nfe"] for row in maps] == [1, 2, 4]
+    solvers = {(row["sampler"], row["nfe"]) for row in rows if row["method"] == "teacher"}
+    assert {("euler", 1), ("euler", 4), ("heun", 2), ("heun", 4), ("rk4", 4)} <= solvers
+    assert any(row["sampler"] == "dopri5" and row["nfe"] > 4 for row in rows)
+    # gmm data has an exact map: the map error column is filled; W2/energy/KL are finite
+    assert all(row["map_error"] is not None and row["map_error"] >= 0 for row in rows)
+    assert all(np.isfinite([row["w2"], row["energy"], row["kl"]]).all() for row in rows)
+    for png in ("samples_grid.png", "trajectories.png", "w2_vs_nfe.png", "map_error_vs_nfe.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+    assert "| LMD | flow map | 1 | 1 |" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.stepz=3"], "unknown key stepz in train"),
+    (["train.steps=abc"], "train.steps: expected an integer"),
+    (["--config", "/nonexistent/config.yaml"], "config file not found"),
+    (["model.activation=relu6"], "model.activation: 'relu6' is not one of"),
+    (["train.lr=-1"], "train.lr: must be > 0"),
+    (["data.name=file", "data.path=/nonexistent.npy"], "data file not found"),
+    (["objective.name=lmd"], "use `flowmaps distill`"),
+    (["train.steps"], "expected key=value"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
+    r = flowmaps("train", "--out", tmp_path / "run", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flowmaps: error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_existing_run_directory_is_never_clobbered(chain):
+    before = (chain / "teacher" / "checkpoints" / "final.safetensors").read_bytes()
+    r = flowmaps("train", "--preset", "gmm", "--out", chain / "teacher", "train.steps=5", *TINY)
+    assert r.returncode == 2 and "already holds files" in r.stderr
+    assert (chain / "teacher" / "checkpoints" / "final.safetensors").read_bytes() == before
+
+
+def test_bad_checkpoints_are_refused_with_one_line(chain, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(chain / "lmd" / "checkpoints", bad)
+    weights = bad / "final.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    r = flowmaps("sample", bad / "final", "--n", "10", "--out", tmp_path / "s")
+    assert r.returncode == 2 and "not a valid safetensors file" in r.stderr
+    weights.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle header
+    r = flowmaps("sample", bad / "final", "--n", "10", "--out", tmp_path / "s")
+    assert r.returncode == 2 and "pickle" in r.stderr
+    r = flowmaps("sample", tmp_path / "missing", "--n", "10")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_checkpoint_round_trip_samples_identically(tmp_path):
+    cfg = load_config("checkerboard", overrides=["model.width=32", "model.depth=2",
+                                                 "data.n_train=1000", "data.n_eval=100"])
+    bundle = ex.build_data(cfg)
+    scales = ex.resolve_scales(cfg, bundle)
+    torch.manual_seed(3)
+    model = ex.build_model(cfg, scales)
+    with torch.no_grad():  # a non-trivial map: perturb the zero-initialised output layer
+        model.net.out.weight.normal_(0, 0.3)
+    ex.save_model(tmp_path / "ck", model, None, cfg, scales, bundle.standardizer, step=7)
+    loaded = ex.load_model(tmp_path / "ck")
+    x0 = loaded.interpolant.sample_base(torch.empty(256, 2), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.sample(x0, steps=3), loaded.model.sample(x0, steps=3))
+    assert loaded.metadata["step"] == 7
+    assert torch.allclose(loaded.interpolant.sigma0, torch.tensor(scales["sigma0"]))
