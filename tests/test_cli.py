@@ -159,4 +159,4 @@ def test_checkpoint_round_trip_samples_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.sample(x0, steps=3), loaded.model.sample(x0, steps=3))
     assert loaded.metadata["step"] == 7
-    assert torch.allclose(loaded.interpolant.sigma0, torch.tensor(scales["sigma0"]))
+    assert torch.allclose(loaded.interpolant.sigma0, torch.tensor(scales["sigma0"], dtype=torch.float64))
