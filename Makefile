@@ -25,3 +25,15 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
+.PHONY: bench-quality bench-cost bench-peers
+bench-quality: setup
+	$(BIN)/python benchmarks/quality_vs_cost.py
+
+bench-cost: setup
+	$(BIN)/python benchmarks/training_cost.py
+
+bench-peers: setup
+	$(BIN)/pip install --quiet --no-deps torchcfm==1.0.7 flow-matching==1.0.10
+	$(BIN)/python benchmarks/peers.py

@@ -1,0 +1,7 @@
+"""``python -m flowmaps`` is the ``flowmaps`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
