@@ -90,65 +90,97 @@ def load_array(path: str | Path) -> Tensor:
     """Read a numeric ``.npy`` or ``.csv`` file into a float32 tensor of shape ``(N, d)``.
 
     A 1-D array is one feature, ``(N, 1)``. ``.npy`` is read with ``allow_pickle=False``: object arrays
-    (pickles) are refused, never executed. A ``.csv`` may start with one header row. Raises
-    ``FileNotFoundError`` or ``ValueError`` with a one-line message naming the file and the problem.
+    (pickles) are refused, never executed. A ``.csv`` holds comma-separated numbers, one sample per line
+    (blank lines ignored); its first line is taken as a header and skipped when *none* of its fields is
+    a number (so a typo in the first data row is reported, not silently dropped).
+
+    Raises ``FileNotFoundError`` (missing file) or ``ValueError`` with a one-line message naming the file
+    and the problem: unsupported extension, empty file or zero rows, non-numeric or ragged CSV content,
+    not a valid/numeric ``.npy`` (pickles, object, structured or complex arrays), more than 2 dimensions,
+    NaN/infinite values (with their counts).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: is not a regular file")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            if "pickle" in str(err).lower():
-                raise ValueError(f"{path}: holds Python objects (a pickle); only numeric arrays are "
-                                 "accepted") from None
-            raise ValueError(f"{path}: not a valid .npy file ({err})") from None
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: not a valid .npy file ({err})") from None
-        if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
-            raise ValueError(f"{path}: array of dtype {arr.dtype} is not numeric")
-    elif suffix == ".csv":
-        arr = _read_csv(path)
-    else:
-        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'}; use .npy or .csv")
+    if suffix not in (".npy", ".csv"):
+        raise ValueError(f"{path}: unsupported file type {suffix or '(no extension)'}; use .npy or .csv")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    arr = _read_npy(path) if suffix == ".npy" else _read_csv(path)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array (samples, features), got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{path}: no data (shape {arr.shape})")
+        raise ValueError(f"{path}: no data (zero rows or columns, shape {arr.shape})")
     arr = arr.astype(np.float64)
-    bad = int((~np.isfinite(arr)).sum())
-    if bad:
-        raise ValueError(f"{path}: {bad} NaN or infinite value(s)")
+    n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+    if n_nan or n_inf:
+        raise ValueError(f"{path}: {n_nan + n_inf} NaN or infinite value(s) ({n_nan} NaN, {n_inf} "
+                         "infinite); only finite numbers are accepted")
     return torch.from_numpy(arr).float()
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if head != b"\x93NUMPY":  # not an .npy header; np.load would call it a pickle whatever it is
+        if head.startswith(b"\x80"):
+            kind = "a Python pickle, not a .npy array"
+        elif head.startswith(b"PK"):
+            kind = "a zip archive (.npz?); save one array with np.save"
+        else:
+            kind = "no NumPy .npy header"
+        raise ValueError(f"{path}: not a valid .npy file ({kind})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower() or "object" in str(err).lower():
+            raise ValueError(f"{path}: holds Python objects (an object array, needs pickle); only "
+                             "numeric arrays are accepted") from None
+        raise ValueError(f"{path}: not a valid .npy file ({_one_line(err)})") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a valid .npy file ({_one_line(err)})") from None
+    if arr.dtype != np.bool_ and not (np.issubdtype(arr.dtype, np.integer)
+                                      or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{path}: array of dtype {arr.dtype} is not real numeric")
+    return arr
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(path: Path) -> np.ndarray:
     try:
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text CSV file") from None
+        raise ValueError(f"{path}: not a UTF-8 text CSV file") from None
+    lines = [(k + 1, ln.strip()) for k, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
-        raise ValueError(f"{path}: empty file")
-
-    def parse(line: str) -> list[float]:
-        return [float(v) for v in line.split(",")]
-
-    try:
-        parse(lines[0])
-    except ValueError:
+        raise ValueError(f"{path}: empty file (no non-blank lines)")
+    if not any(_is_number(v) for v in lines[0][1].split(",")):
         lines = lines[1:]  # a header row
         if not lines:
-            raise ValueError(f"{path}: a header but no data rows") from None
+            raise ValueError(f"{path}: a header but no data rows")
     rows = []
-    for i, line in enumerate(lines):
+    for lineno, line in lines:
         try:
-            rows.append(parse(line))
+            rows.append([float(v) for v in line.split(",")])
         except ValueError:
-            raise ValueError(f"{path}: non-numeric value in data row {i + 1}: {line[:60]!r}") from None
+            raise ValueError(f"{path}: non-numeric value on line {lineno} (expected comma-separated "
+                             f"numbers): {line[:60]!r}") from None
     width = {len(r) for r in rows}
     if len(width) != 1:
         raise ValueError(f"{path}: rows have different numbers of columns {sorted(width)}")
@@ -157,20 +189,42 @@ def _read_csv(path: Path) -> np.ndarray:
 
 @dataclass
 class Standardizer:
-    """Per-dimension standardisation ``z = (x − mean) / std``; stored in checkpoints as JSON lists."""
+    """Per-dimension standardisation ``z = (x − mean) / std`` and back, ``x = z · std + mean``.
+
+    ``mean`` and ``std`` are float32 tensors of shape ``(d,)``; ``to_dict``/``from_dict`` store them as
+    JSON lists (e.g. in a checkpoint's metadata) so samples can be mapped back to data units.
+    """
 
     mean: Tensor
     std: Tensor
 
     @classmethod
     def fit(cls, x: Tensor, min_std: float = 1e-6) -> "Standardizer":
+        """Mean and (unbiased) std per dimension of ``x`` ``(N, d)``; std clamped to ``>= min_std`` so
+        constant features (and ``N = 1``) give a finite transform."""
+        x = torch.as_tensor(x)
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError("Standardizer.fit needs at least one sample of shape (N, d)")
         x = x.reshape(x.shape[0], -1).double()
-        return cls(x.mean(0).float(), x.std(0).clamp_min(min_std).float())
+        std = x.std(0) if x.shape[0] > 1 else torch.zeros_like(x[0])
+        return cls(x.mean(0).float(), std.clamp_min(min_std).float())
+
+    def __post_init__(self):
+        self.mean = torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(self.std, dtype=torch.float32).reshape(-1)
+        if self.mean.shape != self.std.shape:
+            raise ValueError(f"Standardizer: mean and std shapes differ ({tuple(self.mean.shape)} vs "
+                             f"{tuple(self.std.shape)})")
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()
+                and (self.std > 0).all()):
+            raise ValueError("Standardizer: mean must be finite and std finite and positive")
 
     def transform(self, x: Tensor) -> Tensor:
+        """``z = (x − mean) / std``."""
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def inverse(self, z: Tensor) -> Tensor:
+        """``x = z · std + mean`` (data units)."""
         return z * self.std.to(z) + self.mean.to(z)
 
     def to_dict(self) -> dict:
@@ -178,5 +232,9 @@ class Standardizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Standardizer":
-        return cls(torch.tensor(d["mean"], dtype=torch.float32),
-                   torch.tensor(d["std"], dtype=torch.float32))
+        try:
+            return cls(torch.tensor(d["mean"], dtype=torch.float32),
+                       torch.tensor(d["std"], dtype=torch.float32))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"Standardizer.from_dict needs numeric lists 'mean' and 'std' ({err})") \
+                from None
