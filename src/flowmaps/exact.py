@@ -122,13 +122,28 @@ class Gaussian(ExactReference):
         bs, bt = self.interpolant.beta(s)[:, None], self.interpolant.beta(t)[:, None]
         return bt * m + self._scale(x, t) / self._scale(x, s) * (x - bs * m)
 
-    def mean_velocity(self, x, s, t, eps: float = 1e-6):
+    def mean_velocity(self, x, s, t, eps: float = 1e-9):
+        """``v_{s,t}(x) = A m + K (x − β_s m)`` with ``A = (β_t − β_s)/(t − s)`` and
+        ``K = (c_t/c_s − 1)/(t − s)``. The time coefficients are formed in float64 (and replaced by their
+        limits ``β̇_s``, ``ċ_s/c_s`` for ``|t − s| ≤ eps``), so a float32 ``x`` suffers no cancellation."""
         s, t = batch_times(s, x), batch_times(t, x)
-        gap = t - s
+        s64, t64 = s.double(), t.double()
+        m = self.mean.to(device=x.device)
+        var, var0 = self.std.to(device=x.device) ** 2, self.sigma0.to(device=x.device) ** 2
+        it = self.interpolant
+        a_s, b_s, da_s, db_s = it.alpha(s64), it.beta(s64), it.dalpha(s64), it.dbeta(s64)
+        a_t, b_t = it.alpha(t64), it.beta(t64)
+        c_s = (a_s[:, None] ** 2 * var0 + b_s[:, None] ** 2 * var).sqrt()
+        c_t = (a_t[:, None] ** 2 * var0 + b_t[:, None] ** 2 * var).sqrt()
+        gap = t64 - s64
         far = gap.abs() > eps
-        safe_gap = torch.where(far, gap, torch.ones_like(gap))
-        chord = (self.flow(x, s, t) - x) / safe_gap[:, None]
-        return torch.where(far[:, None], chord, self.velocity(x, s))
+        safe = torch.where(far, gap, torch.ones_like(gap))
+        slope_a = torch.where(far, (b_t - b_s) / safe, db_s)
+        gain_s = ((a_s * da_s)[:, None] * var0 + (b_s * db_s)[:, None] * var) / c_s**2
+        slope_k = torch.where(far[:, None], (c_t / c_s - 1.0) / safe[:, None], gain_s)
+        a_x, k_x = slope_a[:, None].to(x.dtype), slope_k.to(x.dtype)
+        m_x, b_sx = m.to(x.dtype), b_s[:, None].to(x.dtype)
+        return a_x * m_x + k_x * (x - b_sx * m_x)
 
     def sample(self, n, generator=None, dtype=torch.float32, device=None):
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

@@ -5,13 +5,25 @@ Time convention: ``t = 0`` is the base (noise), ``t = 1`` the data. ``X_{s,t}`` 
 base). The parametrisation builds in ``X_{s,s} = id``, and the velocity is the diagonal,
 ``b_t(x) = v_{t,t}(x)`` (spec §2.2, [P2] eq. 6–7).
 
-Time derivatives are forward-mode JVPs (``torch.func.jvp``) of the network ``v``; the map's derivatives
-follow from the product rule, e.g. ``∂_t X_{s,t} = v_{s,t} + (t − s) ∂_t v_{s,t}``.
+Time derivatives are forward-mode JVPs of the network ``v``; the map's derivatives follow from the
+product rule, e.g. ``∂_t X_{s,t} = v_{s,t} + (t − s) ∂_t v_{s,t}``.
+
+Fused forward mode (optional network protocol). If ``net`` has a method
+``forward_and_jvp(x, s, t, dx, ds, dt, cond) -> (value, tangent)`` (``None`` tangents are zero, times and
+time tangents per-sample ``(B,)``) built from ordinary differentiable torch ops, :meth:`FlowMap.v_jvp`
+calls it instead of ``torch.func.jvp``: one pass computes the primal and the tangent, and reverse mode
+through both is plain autograd, which is much cheaper than reverse-over-``torch.func`` (see
+``benchmarks/training_cost.py``). A network may also provide
+``forward_and_jvps(x, s, t, tangents, cond, detach) -> (value, [tangent_k])`` to carry several tangents
+``(dx, ds, dt)`` on one primal pass, ``detach[k]`` marking tangents computed under stop-gradient
+(:meth:`FlowMap.v_jvps`). :class:`~flowmaps.networks.MLP` implements both. Any other network goes through
+``torch.func.jvp``, as does every network when ``fused_jvp=False``; the two paths give the same values
+and parameter gradients.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +40,17 @@ class FlowMap(nn.Module):
 
     ``net`` receives per-sample times of shape ``(B,)``; ``cond`` (optional conditioning tensor) is passed
     through as a keyword when given.
+
+    Args:
+        net: the network ``v_θ(x, s, t[, cond])``.
+        fused_jvp: use the network's own fused forward-mode pass (``net.forward_and_jvp``, see the
+            module docstring) when it has one (default); ``False`` always uses ``torch.func.jvp``.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, fused_jvp: bool = True):
         super().__init__()
         self.net = net
+        self.fused_jvp = bool(fused_jvp)
 
     # --- evaluation -----------------------------------------------------------------------------
     def v(self, x: Tensor, s: float | Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
@@ -54,6 +72,9 @@ class FlowMap(nn.Module):
         return self.net(x, s, t) if cond is None else self.net(x, s, t, cond=cond)
 
     # --- forward-mode derivatives ---------------------------------------------------------------
+    def _fused(self, method: str = "forward_and_jvp") -> bool:
+        return self.fused_jvp and callable(getattr(self.net, method, None))
+
     def v_jvp(self, x: Tensor, s: float | Tensor, t: float | Tensor, dx: Tensor | None = None,
               ds: Tensor | float | None = None, dt: Tensor | float | None = None,
               cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -61,18 +82,23 @@ class FlowMap(nn.Module):
 
         Tangents left as ``None`` are zero and are not traced. Times and tangents are per-sample, so
         ``ds = 1`` gives the per-sample partial ``∂_s v_{s,t}(x)``. Gradients with respect to the
-        parameters flow through both outputs (reverse-over-forward).
+        parameters flow through both outputs (reverse-over-forward). Uses the network's fused
+        ``forward_and_jvp`` when it has one (and ``fused_jvp`` is on), else ``torch.func.jvp``.
         """
         s, t = batch_times(s, x), batch_times(t, x)
+        ds = None if ds is None else batch_times(ds, x)
+        dt = None if dt is None else batch_times(dt, x)
+        if dx is None and ds is None and dt is None:
+            value = self._net(x, s, t, cond)
+            return value, torch.zeros_like(value)
+        if self._fused():
+            return self.net.forward_and_jvp(x, s, t, dx, ds, dt, cond)
         names, primals, tangents = [], [], []
         for name, primal, tangent in (("x", x, dx), ("s", s, ds), ("t", t, dt)):
             if tangent is not None:
                 names.append(name)
                 primals.append(primal)
-                tangents.append(tangent if name == "x" else batch_times(tangent, x))
-        if not names:
-            value = self._net(x, s, t, cond)
-            return value, torch.zeros_like(value)
+                tangents.append(tangent)
         fixed = {"x": x, "s": s, "t": t}
 
         def net_of(*args: Tensor) -> Tensor:
@@ -80,6 +106,36 @@ class FlowMap(nn.Module):
             return self._net(inputs["x"], inputs["s"], inputs["t"], cond)
 
         return _func_jvp(net_of, tuple(primals), tuple(tangents))
+
+    def v_jvps(self, x: Tensor, s: float | Tensor, t: float | Tensor,
+               tangents: Sequence[tuple[Any, Any, Any]], cond: Tensor | None = None,
+               detach: Sequence[bool] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``(v_{s,t}(x), [∂v·(dx_k, ds_k, dt_k)]_k)`` for several tangents ``(dx, ds, dt)`` at one point.
+
+        ``detach[k]`` puts tangent ``k`` under stop-gradient (same values as a :meth:`v_jvp` under
+        ``torch.no_grad()``). With a network that has ``forward_and_jvps`` this is one primal pass
+        carrying every tangent; otherwise one :meth:`v_jvp` per tangent. The returned value carries
+        gradients (in grad mode) whatever the flags.
+        """
+        detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
+        if len(detach) != len(tangents) or not tangents:
+            raise ValueError("give at least one tangent and one detach flag per tangent")
+        s, t = batch_times(s, x), batch_times(t, x)
+        norm = [(dx, None if ds is None else batch_times(ds, x),
+                 None if dt is None else batch_times(dt, x)) for dx, ds, dt in tangents]
+        if self._fused("forward_and_jvps"):
+            return self.net.forward_and_jvps(x, s, t, norm, cond, detach)
+        # Fallback, one JVP per tangent; the value (with its graph) comes from the first live tangent's
+        # pass, or from the first pass when every tangent is detached.
+        source = next((k for k, stop in enumerate(detach) if not stop), 0)
+        value, outs = None, []
+        for k, ((dx, ds, dt), stop) in enumerate(zip(norm, detach)):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (not stop or k == source)):
+                v, dv = self.v_jvp(x, s, t, dx=dx, ds=ds, dt=dt, cond=cond)
+            if k == source:
+                value = v
+            outs.append(dv.detach() if stop else dv)
+        return value, outs
 
     def jvp(self, x: Tensor, s: float | Tensor, t: float | Tensor, dx: Tensor | None = None,
             ds: Tensor | float | None = None, dt: Tensor | float | None = None,
@@ -90,6 +146,27 @@ class FlowMap(nn.Module):
         """
         s, t = batch_times(s, x), batch_times(t, x)
         value, dv = self.v_jvp(x, s, t, dx=dx, ds=ds, dt=dt, cond=cond)
+        return x + expand_as_data(t - s, x) * value, self._map_tangent(x, s, t, value, dv, dx, ds, dt)
+
+    def jvps(self, x: Tensor, s: float | Tensor, t: float | Tensor,
+             tangents: Sequence[tuple[Any, Any, Any]], cond: Tensor | None = None,
+             detach: Sequence[bool] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``(X_{s,t}(x), [∂X·(dx_k, ds_k, dt_k)]_k)``: :meth:`jvp` for several tangents at one point,
+        sharing one primal pass when the network supports it (see :meth:`v_jvps`). A detached tangent
+        equals :meth:`jvp` under ``torch.no_grad()``."""
+        s, t = batch_times(s, x), batch_times(t, x)
+        value, dvs = self.v_jvps(x, s, t, tangents, cond=cond, detach=detach)
+        detach = [False] * len(tangents) if detach is None else detach
+        d_maps = []
+        for (dx, ds, dt), dv, stop in zip(tangents, dvs, detach):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not stop):
+                d_maps.append(self._map_tangent(x, s, t, value.detach() if stop else value, dv,
+                                                dx, ds, dt))
+        return x + expand_as_data(t - s, x) * value, d_maps
+
+    @staticmethod
+    def _map_tangent(x: Tensor, s: Tensor, t: Tensor, value: Tensor, dv: Tensor, dx, ds, dt) -> Tensor:
+        """Product rule ``dX = dx + (dt − ds) v + (t − s) dv`` of ``X = x + (t − s) v``."""
         gap = expand_as_data(t - s, x)
         dgap = 0.0
         if dt is not None:
@@ -101,7 +178,7 @@ class FlowMap(nn.Module):
             d_map = d_map + expand_as_data(dgap, x) * value
         if dx is not None:
             d_map = d_map + dx
-        return x + gap * value, d_map
+        return d_map
 
     # --- sampling -------------------------------------------------------------------------------
     def sample(self, x0: Tensor, steps: int | None = None, grid: Tensor | None = None,

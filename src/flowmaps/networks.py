@@ -3,18 +3,97 @@
 Every network here takes per-sample times ``s, t`` of shape ``(B,)`` (``t = 0`` base, ``t = 1`` data),
 uses only smooth operations that have forward-mode rules (so ``torch.func.jvp`` works through it), and
 has a zero-initialised output layer, so ``FlowMap(net)`` starts as the identity map.
+
+:class:`MLP` also implements the optional fused forward-mode protocol of :class:`~flowmaps.FlowMap`:
+``forward_and_jvp(x, s, t, dx, ds, dt, cond) -> (value, tangent)`` propagates the tangent beside the
+primal layer by layer (Linear: ``W·dh``; activation: ``σ'(z)·dz``; Fourier features: ``cos``/``−sin``),
+built from ordinary differentiable torch ops, so reverse mode through it is plain autograd (no
+``torch.func`` transform; forward+backward about 0.6× the cost of reverse-over-``torch.func.jvp``); and
+``forward_and_jvps`` carries several tangents on one primal pass (some of them under stop-gradient).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["TimeFeatures", "MLP"]
 
 _ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "softplus": nn.Softplus}
+
+Tangent = tuple  # (dx, ds, dt): each a tensor or None (zero)
+
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class _GeluTangents(torch.autograd.Function):
+    """Exact (erf) GELU with tangents ``(gelu(z), g, dz_1·g, …)``, ``g = gelu'(z) = Φ(z) + zφ(z)``.
+
+    Backward: ``∂/∂z = gh·g + Σ_k gdh_k·q_k`` with ``q_k = dz_k·gelu''(z)``,
+    ``gelu''(z) = φ(z)(2 − z²)``, and ``∂/∂dz_k = gdh_k·g``. ``q_k`` is formed in the forward pass, and
+    only ``g`` and ``q_k`` are saved, so the backward is three elementwise passes; plain autograd through
+    ``gelu_backward`` would run PyTorch's composite ``gelu_double_backward`` (a dozen unfused passes,
+    several times slower on a CPU, where these passes are memory-bound). The values are those of
+    ``torch.func.jvp`` (``g`` is ``gelu_backward`` of ones). ``g`` is returned (non-differentiable) for
+    stop-gradient tangents. First-order only: a second backward through it raises.
+    """
+
+    # Old-style forward(ctx, ...): with a separate setup_context, Function.apply re-binds the
+    # arguments through inspect.signature on every call (~40 µs each here).
+    @staticmethod
+    def forward(ctx, z: Tensor, *dzs: Tensor):
+        g = torch.ops.aten.gelu_backward(torch.ones_like(z), z)
+        qs = []
+        if ctx.needs_input_grad[0] and any(ctx.needs_input_grad[1:]):
+            z2 = z * z
+            curvature = z2.mul(-0.5).exp_().mul_(z2.neg_().add_(2.0).mul_(_INV_SQRT_2PI))
+            del z2
+            qs = [dz * curvature if need else None
+                  for dz, need in zip(dzs, ctx.needs_input_grad[1:])]
+        ctx.save_for_backward(g, *qs)
+        ctx.mark_non_differentiable(g)
+        ctx.set_materialize_grads(False)
+        return (F.gelu(z), g, *[dz * g for dz in dzs])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh, _gg, *gdhs):
+        g, *qs = ctx.saved_tensors
+        need_z = ctx.needs_input_grad[0]
+        grad_z = gh * g if (gh is not None and need_z) else None
+        grads_dz = []
+        for k, gdh in enumerate(gdhs):
+            if gdh is None:
+                grads_dz.append(None)
+                continue
+            if need_z and qs and qs[k] is not None:
+                grad_z = gdh * qs[k] if grad_z is None else grad_z.addcmul_(gdh, qs[k])
+            grads_dz.append(gdh * g if ctx.needs_input_grad[1 + k] else None)
+        return (grad_z, *grads_dz)
+
+
+def activation_jvp(act: nn.Module, z: Tensor, value: Tensor, dz: Tensor) -> Tensor:
+    """Tangent ``σ'(z) · dz`` of an elementwise activation with ``value = σ(z)``.
+
+    Uses the same formulas as PyTorch's forward-mode rules (``gelu_backward`` is the exact erf GELU
+    derivative ``Φ(z) + z φ(z)``), written with differentiable ops so reverse mode works through them.
+    """
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_backward(dz, z, approximate=act.approximate)
+    if isinstance(act, nn.Tanh):
+        return torch.ops.aten.tanh_backward(dz, value)
+    if isinstance(act, nn.Softplus):
+        return torch.ops.aten.softplus_backward(dz, z, act.beta, act.threshold)
+    if isinstance(act, nn.SiLU):  # silu_backward has no derivative; this is PyTorch's
+        sig = torch.sigmoid(z)    # infinitely differentiable form of the same formula
+        return dz * sig * (1.0 + z * (1.0 - sig))
+    raise NotImplementedError(f"no forward-mode rule for {type(act).__name__}")
 
 
 class TimeFeatures(nn.Module):
@@ -34,6 +113,36 @@ class TimeFeatures(nn.Module):
     def forward(self, tau: Tensor) -> Tensor:
         angles = tau[:, None] * self.frequencies.to(tau.dtype)
         return torch.cat([tau[:, None], angles.sin(), angles.cos()], dim=1)
+
+    def forward_and_jvps(self, tau: Tensor, dtaus: Sequence[Tensor | None]
+                         ) -> tuple[Tensor, list[Tensor | None]]:
+        """``(φ(τ), [φ'(τ)·dτ_k])`` for per-sample tangents ``dτ_k`` of shape ``(B,)`` (``None``: 0).
+
+        ``φ' = [1, 2πf cos(2πf τ), −2πf sin(2πf τ)]``; ``sin``/``cos`` are shared with the primal.
+        """
+        freqs = self.frequencies.to(tau.dtype)
+        angles = tau[:, None] * freqs
+        sin, cos = angles.sin(), angles.cos()
+        value = torch.cat([tau[:, None], sin, cos], dim=1)
+        tangents: list[Tensor | None] = []
+        for dtau in dtaus:
+            if dtau is None:
+                tangents.append(None)
+                continue
+            d_angles = dtau[:, None] * freqs
+            tangents.append(torch.cat([dtau[:, None], d_angles * cos, -(d_angles * sin)], dim=1))
+        return value, tangents
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_forward_and_jvps():
+    """``torch.compile`` of :meth:`MLP._forward_and_jvps`, built on first use and shared by every MLP
+    (the module is an argument, so copies and EMA/frozen snapshots use their own weights)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(MLP._forward_and_jvps)
+    return _COMPILED["fn"]
 
 
 class MLP(nn.Module):
@@ -77,6 +186,7 @@ class MLP(nn.Module):
         self.out = nn.Linear(width, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.compiled_jvp = False  # see compile_jvp
 
     def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         shape = x.shape
@@ -92,3 +202,89 @@ class MLP(nn.Module):
             parts.append(cond.reshape(shape[0], -1).to(flat.dtype))
         out = self.out(self.body(torch.cat(parts, dim=1))) * sigma
         return out.reshape(shape)
+
+    # --- fused forward-mode pass (the optional protocol of FlowMap.v_jvp) ----------------------------
+    def forward_and_jvp(self, x: Tensor, s: Tensor, t: Tensor, dx: Tensor | None = None,
+                        ds: Tensor | None = None, dt: Tensor | None = None,
+                        cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(v(x, s, t), ∂v·(dx, ds, dt))`` in one pass; ``None`` tangents are zero.
+
+        Equals ``torch.func.jvp`` of :meth:`forward` (same per-op formulas), but is built from ordinary
+        differentiable ops, so gradients flow through both outputs with plain autograd.
+        """
+        value, (tangent,) = self.forward_and_jvps(x, s, t, [(dx, ds, dt)], cond)
+        return value, tangent
+
+    def forward_and_jvps(self, x: Tensor, s: Tensor, t: Tensor, tangents: Sequence[Tangent],
+                         cond: Tensor | None = None, detach: Sequence[bool] | None = None
+                         ) -> tuple[Tensor, list[Tensor]]:
+        """One primal pass carrying several tangents ``(dx, ds, dt)``; returns ``(value, [tangent_k])``.
+
+        ``detach[k]`` computes tangent ``k`` under stop-gradient (from detached weights and
+        activations, so no graph is recorded for it) — the same values as a separate JVP under
+        ``torch.no_grad()``, at the cost of the tangent propagation only (the primal is shared).
+        """
+        detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
+        if len(detach) != len(tangents):
+            raise ValueError("detach needs one flag per tangent")
+        tangents = [tuple(tangent) for tangent in tangents]
+        if getattr(self, "compiled_jvp", False):
+            return _compiled_forward_and_jvps()(self, x, s, t, tangents, cond, detach)
+        return self._forward_and_jvps(x, s, t, tangents, cond, detach)
+
+    def compile_jvp(self, enable: bool = True) -> "MLP":
+        """Opt-in: run the fused forward+JVP pass through ``torch.compile`` (fuses the elementwise work
+        of the tangent propagation and its backward). The first calls compile (tens of seconds on a
+        CPU, again for new batch sizes or tangent patterns); it pays off only for long runs — measure
+        with ``benchmarks/training_cost.py --compile``. Plain :meth:`forward` is not compiled."""
+        self.compiled_jvp = bool(enable)
+        return self
+
+    def _forward_and_jvps(self, x: Tensor, s: Tensor, t: Tensor, tangents: list, cond: Tensor | None,
+                          detach: list[bool]) -> tuple[Tensor, list[Tensor]]:
+        shape = x.shape
+        batch = shape[0]
+        flat = x.reshape(batch, -1)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"network expects {self.dim} features per sample, got {flat.shape[1]}")
+        dtype = flat.dtype
+        sigma = self.sigma_data.to(dtype)
+        cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+        tangents = [(dx, cast(ds), cast(dt)) for dx, ds, dt in tangents]
+        d_gaps = [None if dt is None and ds is None else dt if ds is None else
+                  -ds if dt is None else dt - ds for _, ds, dt in tangents]
+        phi_s, dphi_s = self.time_features.forward_and_jvps(s.to(dtype), [ds for _, ds, _ in tangents])
+        phi_gap, dphi_gap = self.time_features.forward_and_jvps((t - s).to(dtype), d_gaps)
+        parts = [flat / sigma, phi_s, phi_gap]
+        if self.cond_dim:
+            if cond is None:
+                raise ValueError("this network was built with cond_dim > 0 and needs cond")
+            parts.append(cond.reshape(batch, -1).to(dtype))
+        h = torch.cat(parts, dim=1)
+        dhs = []
+        for k, (dx, _, _) in enumerate(tangents):
+            tparts = [torch.zeros_like(flat) if dx is None else dx.reshape(batch, -1).to(dtype) / sigma,
+                      torch.zeros_like(phi_s) if dphi_s[k] is None else dphi_s[k],
+                      torch.zeros_like(phi_gap) if dphi_gap[k] is None else dphi_gap[k]]
+            if self.cond_dim:
+                tparts.append(torch.zeros_like(parts[-1]))
+            dh = torch.cat(tparts, dim=1)
+            dhs.append(dh.detach() if detach[k] else dh)
+        for layer in self.body:
+            if isinstance(layer, nn.Linear):
+                h = layer(h)
+                dhs = [F.linear(dh, layer.weight.detach() if stop else layer.weight)
+                       for dh, stop in zip(dhs, detach)]
+            elif isinstance(layer, nn.GELU) and layer.approximate == "none":
+                live = [k for k, stop in enumerate(detach) if not stop]
+                h, g, *live_dhs = _GeluTangents.apply(h, *[dhs[k] for k in live])
+                live_dhs = dict(zip(live, live_dhs))  # g carries no graph: stop-gradient tangents
+                dhs = [live_dhs[k] if k in live_dhs else dh * g for k, dh in enumerate(dhs)]
+            else:
+                z, h = h, layer(h)
+                dhs = [activation_jvp(layer, z.detach(), h.detach(), dh) if stop
+                       else activation_jvp(layer, z, h, dh) for dh, stop in zip(dhs, detach)]
+        value = (self.out(h) * sigma).reshape(shape)
+        outs = [(F.linear(dh, self.out.weight.detach() if stop else self.out.weight) * sigma
+                 ).reshape(shape) for dh, stop in zip(dhs, detach)]
+        return value, outs

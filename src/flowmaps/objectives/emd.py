@@ -14,7 +14,8 @@ class EMD(Objective):
     """Eulerian map distillation. With ``b = b̂_s(I_s)`` and ``(s, t)`` on the triangle by default:
 
     * ``form="semigradient"`` (default, eq. 29):
-      ``r = ∂_s X̂_{s,t}(I_s) + sg( ∇X̂_{s,t}(I_s) b )``; gradient through the JVP in ``s`` only.
+      ``r = ∂_s X̂_{s,t}(I_s) + sg( ∇X̂_{s,t}(I_s) b )``; gradient through the JVP in ``s`` only. With a
+      :class:`~flowmaps.FlowMap` both tangents ride on one primal pass (:meth:`~flowmaps.FlowMap.jvps`).
     * ``form="full"`` (eq. 28): ``r = ∂_s X̂_{s,t}(I_s) + ∇X̂_{s,t}(I_s) b``, one augmented JVP with tangent
       ``(ds, dx) = (1, b)``; convex in ``X̂`` but backpropagates through the spatial Jacobian.
     * ``form="v"`` (eq. 39, = continuous-time consistency distillation / AYF-EMD):
@@ -39,14 +40,23 @@ class EMD(Objective):
         i_s = self.interpolant.interpolate(x0, x1, s)
         b = teacher_no_grad(self.teacher, i_s, s)
         if self.form == "semigradient":
-            with torch.no_grad():
-                _, advection = model.jvp(i_s, s, t, dx=b, cond=cond)
-            _, ds_x = model.jvp(i_s, s, t, ds=1.0, cond=cond)
+            if hasattr(model, "jvps"):
+                # One primal pass carrying both tangents; the spatial one under stop-gradient.
+                _, (ds_x, advection) = model.jvps(i_s, s, t, [(None, 1.0, None), (b, None, None)],
+                                                  cond=cond, detach=(False, True))
+            else:
+                with torch.no_grad():
+                    _, advection = model.jvp(i_s, s, t, dx=b, cond=cond)
+                _, ds_x = model.jvp(i_s, s, t, ds=1.0, cond=cond)
             residual = ds_x + advection
         elif self.form == "full":
             _, residual = model.jvp(i_s, s, t, dx=b, ds=1.0, cond=cond)
         else:
-            v, dv = model.v_jvp(i_s, s, t, dx=b, ds=1.0, cond=cond)
+            if hasattr(model, "v_jvps"):
+                # The tangent only enters under sg: compute it without a graph (same values).
+                v, (dv,) = model.v_jvps(i_s, s, t, [(b, 1.0, None)], cond=cond, detach=(True,))
+            else:
+                v, dv = model.v_jvp(i_s, s, t, dx=b, ds=1.0, cond=cond)
             residual = v - (b + expand_as_data(t - s, v) * dv).detach()
         return {"eulerian": sq_norm(residual)}
 
