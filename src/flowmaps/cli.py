@@ -263,8 +263,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         else:
             maps[label] = item.model
     teacher_name = "teacher"
-    spec = teacher or (cfg.teacher.checkpoint if not maps or cfg.teacher.checkpoint else None) \
-        or ("exact" if cfg.teacher.exact else None)
+    spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
     if spec == "exact":
         if bundle.reference is None:
             raise ConfigError("--teacher exact: only gmm data has an exact velocity")
