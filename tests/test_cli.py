@@ -56,8 +56,13 @@ def test_train_writes_a_complete_run_directory(chain):
     meta = json.loads((run / "checkpoints/final.json").read_text())
     assert meta["step"] == 60 and meta["objective"] == "velocity"
     assert meta["library_version"] and meta["interpolant"]["name"] == "linear"
-    # the intermediate checkpoint of the distillation run
-    assert (chain / "lmd" / "checkpoints" / "latest.json").is_file()
+    # the intermediate (resumable) checkpoint of the distillation run, and the best one
+    ckpts = chain / "lmd" / "checkpoints"
+    assert (ckpts / "step-00000020.json").is_file() and (ckpts / "best.json").is_file()
+    events = [json.loads(line) for line in (chain / "lmd" / "metrics.jsonl").read_text().splitlines()]
+    saved = [r for r in events if r.get("event") == "checkpoint"]
+    assert [r["step"] for r in saved] == [20] and np.isfinite(saved[0]["validation_loss"])
+    assert all(np.isfinite(r["jvp_norm"]) for r in events if "event" not in r)
 
 
 def test_saved_config_reproduces_the_run(chain, tmp_path):

@@ -2,13 +2,30 @@
 
 A checkpoint named ``STEM`` is the pair ``STEM.safetensors`` (weights, prefixed ``model.`` and ``ema.``)
 and ``STEM.json`` (format version, library version, config, step, objective, interpolant, resolved data
-scales, standardiser). Both files are written atomically: to a temporary file in the same folder,
-flushed and fsynced, then renamed over the target, so a reader never sees a half-written checkpoint.
+scales, standardiser, SHA-256 of the weights file). Both files are written atomically: to a temporary
+file in the same folder, flushed and fsynced, then renamed over the target, so a reader never sees a
+half-written checkpoint; the JSON is written last, so its presence marks a complete checkpoint.
+
+Compatibility rule. The contract is the JSON's ``format`` (``"flowmaps-checkpoint"``) and its integer
+``format_version``; this library reads exactly :data:`FORMAT_VERSION` (older formats would be migrated
+here, should there ever be any; a newer one is refused with a message naming the library that wrote it,
+so the user knows to upgrade). ``library_version`` is informational only: any library version that
+writes format 1 is read, whatever its major number. Format 1 requires ``groups`` (the weight groups,
+e.g. ``["ema", "model"]``), ``config`` (a valid resolved config), ``scales`` (``dim``, ``sigma0``,
+``sigma_data``) and ``standardizer`` (``null`` or per-dimension ``mean``/``std``); ``weights_sha256``
+is checked when present (checkpoints written before it was added have none).
+
+Safety. Loading never executes code from a file: weights are parsed by safetensors (a JSON header plus
+raw tensor bytes) and metadata by :func:`json.loads`; ``pickle``/``torch.load`` are never used. A pickle
+or a ``torch.save`` zip offered as a checkpoint (``.pt``, ``.pth``, ``.ckpt``, or renamed
+``.safetensors``) is recognised by its first bytes and refused with a one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,23 +36,67 @@ from torch import Tensor
 FORMAT = "flowmaps-checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "checkpoint_stem"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "checkpoint_stem",
+           "checkpoint_files", "FORMAT", "FORMAT_VERSION"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
+def checkpoint_files(stem: str | Path) -> tuple[Path, Path]:
+    """``(STEM.json, STEM.safetensors)``; the suffixes are appended, so a stem may contain dots."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+
+
+def _sniff(head: bytes, tail: bytes = b"") -> str | None:
+    """What a file that is not a flowmaps checkpoint file looks like, from its first (and last) bytes."""
+    if len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5:
+        return "a Python pickle"
+    if head[:1] and head[:1] in b"(c])}ILSVNFiXUKJMG" and tail.rstrip()[-1:] == b".":  # opcode ... STOP
+        return "a Python pickle (protocol 0/1)"
+    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
+        return "a zip archive (e.g. torch.save, which holds a pickle)"
+    if head[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array"
+    return None
+
+
+def _safetensors_layout(raw: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON header that fits in the file."""
+    if len(raw) < 10:
+        return False
+    n = int.from_bytes(raw[:8], "little")
+    return 2 <= n <= len(raw) - 8 and raw[8:9] == b"{"
+
+
+def _head_tail(path: Path, n: int = 16) -> tuple[bytes, bytes]:
+    with open(path, "rb") as handle:
+        head = handle.read(n)
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(max(0, size - n))
+        return head, handle.read(n)
+
+
 def checkpoint_stem(path: str | Path) -> Path:
-    """Accept ``STEM``, ``STEM.json``, ``STEM.safetensors`` or a run directory (its ``checkpoints/final``)."""
+    """Accept ``STEM``, ``STEM.json``, ``STEM.safetensors`` or a run directory (its ``checkpoints/final``).
+
+    Any other existing file (``model.pt``, ``weights.ckpt``, ...) is refused: flowmaps checkpoints are
+    never pickles, and such a file is not opened beyond its first and last bytes.
+    """
     path = Path(path)
     if path.is_dir():
         final = path / "checkpoints" / "final"
-        if final.with_suffix(".json").exists():
+        if checkpoint_files(final)[0].exists():
             return final
         raise CheckpointError(f"{path}: a directory without checkpoints/final.json")
     if path.suffix in (".json", ".safetensors"):
         return path.with_suffix("")
+    if path.is_file() and not checkpoint_files(path)[0].exists():
+        kind = _sniff(*_head_tail(path)) or "not a flowmaps checkpoint"
+        raise CheckpointError(f"{path}: {kind}; refusing to load it (a flowmaps checkpoint is "
+                              "STEM.safetensors + STEM.json, never a pickle)")
     return path
 
 
@@ -73,10 +134,11 @@ def save_checkpoint(stem: str | Path, tensors: dict[str, dict[str, Tensor]], met
             for group, state in tensors.items() for name, t in state.items()}
     blob = save(flat)
     meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
-                groups=sorted(tensors))
+                groups=sorted(tensors), weights_sha256=hashlib.sha256(blob).hexdigest())
     text = json.dumps(meta, indent=2, default=_json_default).encode()
-    _atomic_write(stem.with_suffix(".safetensors"), lambda h: h.write(blob))
-    _atomic_write(stem.with_suffix(".json"), lambda h: h.write(text))
+    meta_path, weights_path = checkpoint_files(stem)
+    _atomic_write(weights_path, lambda h: h.write(blob))
+    _atomic_write(meta_path, lambda h: h.write(text))
     return stem
 
 
@@ -88,39 +150,117 @@ def _json_default(obj: Any):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_scale(where: Path, key: str, value: Any, dim: int) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(_is_number(v) and v > 0 for v in values) or len(values) not in (1, dim):
+        raise CheckpointError(f"{where}: scales.{key} must be a positive number or {dim} of them, "
+                              f"got {value!r}"[:300])
+
+
+def _check_metadata(where: Path, meta: dict) -> None:
+    """The format-1 schema (see the module docstring); every message names the file and the field."""
+    from .config import Config, ConfigError, _build
+
+    groups = meta.get("groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
+        raise CheckpointError(f"{where}: 'groups' must be a non-empty list of names, got {groups!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{where}: 'config' is missing or not a mapping")
+    try:
+        _build(Config, meta["config"]).validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: invalid config ({err})") from None
+    scales = meta.get("scales")
+    if not isinstance(scales, dict):
+        raise CheckpointError(f"{where}: 'scales' is missing or not a mapping")
+    dim = scales.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise CheckpointError(f"{where}: scales.dim must be a positive integer, got {dim!r}")
+    for key in ("sigma0", "sigma_data"):
+        _check_scale(where, key, scales.get(key), dim)
+    std = meta.get("standardizer")
+    if std is not None:
+        ok = isinstance(std, dict) and all(
+            isinstance(std.get(k), list) and len(std[k]) == dim and all(_is_number(v) for v in std[k])
+            for k in ("mean", "std"))
+        if not ok or not all(v > 0 for v in std["std"]):
+            raise CheckpointError(f"{where}: 'standardizer' must be null or hold {dim} finite means and "
+                                  "positive stds")
+    step = meta.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Read a checkpoint; returns ``({group: state_dict}, metadata)``. Raises :class:`CheckpointError`."""
+    """Read a checkpoint; returns ``({group: state_dict}, metadata)``. Raises :class:`CheckpointError`.
+
+    Everything is checked before any tensor is returned: the compatibility rule and schema of the JSON
+    (module docstring), that the weights file is safetensors (pickles and zips are refused unread), its
+    checksum, the weight groups, and that every floating-point weight is finite.
+    """
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     stem = checkpoint_stem(path)
-    meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint file not found: {p}")
+    meta_path, weights_path = checkpoint_files(stem)
+    if not meta_path.is_file() and not weights_path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (expected {meta_path.name} and "
+                              f"{weights_path.name}, or a run directory)")
+    if not meta_path.is_file():
+        kind = _sniff(*_head_tail(weights_path))
+        if kind is not None:
+            raise CheckpointError(f"{weights_path}: {kind}, not safetensors; refusing to load it")
+        raise CheckpointError(f"checkpoint file not found: {meta_path}")
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {weights_path}")
+    raw_meta = meta_path.read_bytes()
     try:
-        metadata = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{meta_path}: not valid JSON (truncated or corrupted)") from None
+        metadata = json.loads(raw_meta.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        kind = _sniff(raw_meta[:16], raw_meta[-16:])
+        what = f"{kind}, not JSON" if kind else "not valid JSON (truncated or corrupted)"
+        raise CheckpointError(f"{meta_path}: {what}; refusing to load it") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: not a flowmaps checkpoint")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: checkpoint format {metadata.get('format_version')} is not "
-                              f"supported by this library (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{meta_path}: not a flowmaps checkpoint (no \"format\": \"{FORMAT}\")")
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{meta_path}: format_version must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        writer = metadata.get("library_version")
+        hint = "; upgrade flowmaps to read it" if version > FORMAT_VERSION else ""
+        raise CheckpointError(f"{meta_path}: checkpoint format {version} (written by flowmaps "
+                              f"{writer}) is not supported by this library (reads format "
+                              f"{FORMAT_VERSION}){hint}")
+    _check_metadata(meta_path, metadata)
     raw = weights_path.read_bytes()
-    if raw[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or raw[:2] == b"PK":
-        raise CheckpointError(f"{weights_path}: a pickle/zip file, not safetensors; refusing to load it")
+    if not _safetensors_layout(raw):  # checked first: a valid header length may begin b"\x80\x02"
+        kind = _sniff(raw[:16], raw[-16:])
+        if kind is not None:
+            raise CheckpointError(f"{weights_path}: {kind}, not safetensors; refusing to load it")
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file (truncated or "
+                              "corrupted)")
+    digest = metadata.get("weights_sha256")
+    if digest is not None and digest != hashlib.sha256(raw).hexdigest():
+        raise CheckpointError(f"{weights_path}: checksum does not match {meta_path.name} (corrupted, "
+                              "or the two files come from different checkpoints)")
     try:
         flat = load(raw)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError):
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError):
         raise CheckpointError(f"{weights_path}: not a valid safetensors file (truncated or "
                               "corrupted)") from None
     groups: dict[str, dict[str, Tensor]] = {}
     for key, tensor in flat.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights_path}: tensor {key} holds NaN or infinite values "
+                                  "(corrupted, or saved from a diverged run)")
         group, _, name = key.partition(".")
         groups.setdefault(group, {})[name] = tensor
-    missing = set(metadata.get("groups", [])) - set(groups)
+    missing = set(metadata["groups"]) - set(groups)
     if missing:
         raise CheckpointError(f"{weights_path}: missing weight groups {sorted(missing)}")
     return groups, metadata
-

@@ -1,9 +1,14 @@
 """The ``flowmaps`` command: train, distill, sample, evaluate, demo, presets.
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
-``--config``), ``metrics.jsonl``, ``checkpoints/{latest,final}.{safetensors,json}`` and ``plots/``.
-Errors in the input are reported as one line, ``flowmaps: error: ...``, with exit status 2; nothing
-already on disk is overwritten unless ``--overwrite`` is given.
+``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
+safetensors + JSON pairs, see :mod:`flowmaps.resume`) and ``plots/``. ``train`` and ``distill`` run
+unchanged under ``torchrun --nproc_per_node=N`` (rank 0 writes), continue with ``--resume``, and stop
+cleanly on SIGTERM/SIGINT with a checkpoint (exit 0).
+
+Exit status: 0 success; 2 bad input, reported as one line ``flowmaps: error: ...`` with nothing on disk
+changed (nothing is overwritten unless ``--overwrite``); 3 training stopped by non-finite steps (the
+last good checkpoint is kept and named).
 """
 
 from __future__ import annotations
@@ -35,19 +40,31 @@ class RunDirError(ValueError):
 # --- run directories ------------------------------------------------------------------------------
 
 class RunDir:
-    """A run's folder. Refuses a folder that already holds files unless ``overwrite``."""
+    """A run's folder. Refuses a folder that already holds files unless ``overwrite`` (or ``resume``,
+    which continues the run in it). Nothing is created before :meth:`create` (rank 0 only)."""
 
     ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "plots", "samples", "results.json",
                  "table.md")
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    def __init__(self, path: str | Path, overwrite: bool = False, create: bool = True,
+                 resume: bool = False):
         self.path = Path(path)
+        self.overwrite, self.resume = overwrite, resume
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path}: exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not overwrite:
-                raise RunDirError(f"--out {self.path}: already holds files (another run?); choose a new "
-                                  "directory or pass --overwrite")
+        _check_parents(self.path)
+        if resume:
+            if not (self.path / "config.yaml").is_file():
+                raise RunDirError(f"--resume: {self.path} is not a run directory (no config.yaml)")
+        elif self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            hint = " or --resume to continue it" if (self.path / "config.yaml").is_file() else ""
+            raise RunDirError(f"--out {self.path}: already holds files (another run?); choose a new "
+                              f"directory or pass --overwrite{hint}")
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        if self.overwrite and not self.resume and self.path.is_dir():
             for name in self.ARTIFACTS:
                 target = self.path / name
                 if target.is_dir():
@@ -67,6 +84,37 @@ class RunDir:
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def _records(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        return records
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (written after the checkpoint a resume starts from)."""
+        from .checkpoint import _atomic_write
+
+        kept = [r for r in self._records() if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+        _atomic_write(self.path / "metrics.jsonl", lambda h: h.write(text))
+
+    def losses(self) -> list[float]:
+        """Logged training losses, in step order (for the loss plot of a resumed run too)."""
+        return [r["loss"] for r in self._records() if "event" not in r and "loss" in r]
+
+
+def _check_parents(path: Path) -> None:
+    """Refuse a path whose nearest existing ancestor is not a directory (mkdir would fail midway)."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise RunDirError(f"--out {path}: {parent} is not a directory")
 
 
 def _default_out(cfg: Config, what: str) -> Path:
@@ -104,20 +152,77 @@ def _setup_torch(cfg: Config) -> torch.device:
 
 # --- training ------------------------------------------------------------------------------------
 
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.threads", "train.device", "train.max_bad_steps")
+
+
+class TrainingStopped(Exception):
+    """Training ended early (non-finite steps); the message names the last good checkpoint."""
+
+
+def _resume_config(run: Path, cfg: Config) -> Config:
+    """The saved config of the run at ``run``, with the changes a resume may make taken from ``cfg``."""
+    from .config import _flatten, to_dict
+
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        raise RunDirError(f"--resume: {run} is not a run directory (no config.yaml)")
+    saved = load_config(None, saved_path)
+    if cfg is None:
+        return saved
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    changed = [k for k in a if a[k] != b.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"--resume: {k} is {b.get(k)!r} here but {a[k]!r} in the run being resumed; "
+                          f"only {', '.join(RESUMABLE_CHANGES)} may change")
+    for key in RESUMABLE_CHANGES:
+        section, name = key.split(".")
+        setattr(getattr(saved, section), name, getattr(getattr(cfg, section), name))
+    return saved
+
+
 def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
-                 progress: bool = True, label: str | None = None) -> Path:
-    """Train (or distil) the model ``cfg`` describes into a run directory; returns the directory."""
+                 progress: bool = True, label: str | None = None, resume: bool = False) -> Path:
+    """Train (or distil) the model ``cfg`` describes into a run directory; returns the directory.
+
+    Under torchrun every rank runs this; rank 0 alone writes files. With ``resume`` the run in ``out``
+    continues from its newest checkpoint, bit-identically to an uninterrupted run. SIGTERM/SIGINT end
+    the run after the current step with a checkpoint (the process then exits 0).
+    """
+    from . import distributed
     from . import experiment as ex
     from .plotting import plot_loss, plot_samples
+    from .resume import CheckpointRotation, StopOnSignal, latest_checkpoint
     from .solvers import solve_ode
     from .training import Trainer
 
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        cfg = _resume_config(Path(out), cfg)
     name = cfg.objective.name
     if distill and name in ("velocity", "fmm"):
         raise ConfigError(f"objective.name: {name} trains without a teacher; use `flowmaps train`")
     if not distill and name in ("lmd", "emd", "pfmm"):
         raise ConfigError(f"objective.name: {name} distils from a teacher; use `flowmaps distill`")
     device = _setup_torch(cfg)
+    dist = distributed.init(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    main_rank = dist.is_main
+    resumed = None
+    if resume:
+        skipped: list[str] = []
+        resumed = latest_checkpoint(Path(out) / "checkpoints", skipped=skipped)
+        if resumed is None:
+            why = f": {skipped[0]}" if skipped else ""
+            raise RunDirError(f"--resume: no resumable checkpoint in {Path(out) / 'checkpoints'}{why}")
+        for reason in skipped:
+            print(f"flowmaps: warning: {reason}", file=sys.stderr)
+        if resumed[2]["trainer"]["world_size"] != dist.world_size:
+            raise ConfigError(f"--resume: {resumed[0]} was written by {resumed[2]['trainer']['world_size']}"
+                              f" process(es); resume with the same number (now {dist.world_size})")
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     interpolant = ex.build_interpolant(cfg, scales)
@@ -126,46 +231,117 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     torch.manual_seed(cfg.train.seed)
     model = ex.build_model(cfg, scales).to(device)
     objective = ex.build_objective(cfg, interpolant, teacher)
-
-    run = RunDir(out or _default_out(cfg, name), overwrite)
-    (run.path / "config.yaml").write_text(dump_config(cfg))
     t = cfg.train
+    if resumed is not None and resumed[2]["step"] >= t.steps:
+        print(f"flowmaps: {out} is already at step {resumed[2]['step']} (train.steps={t.steps}); "
+              "nothing to do (raise train.steps to continue it)", file=sys.stderr)
+        return Path(out)
+
+    # Every rank checks the directory (read-only) before rank 0 creates anything.
+    run_path = Path(out) if out else _default_out(cfg, name)
+    if dist.enabled and not out:
+        raise ConfigError("under torchrun give --out (each rank must agree on the run directory)")
+    run = RunDir(run_path, overwrite, create=False, resume=resume)
+    distributed.barrier()
+    if main_rank:
+        run.create()
+        if not resume:
+            (run.path / "config.yaml").write_text(dump_config(cfg))
     trainer = Trainer(model, objective, bundle.train.to(device), batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                      lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed)
+                      lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed,
+                      max_bad_steps=t.max_bad_steps, grad_accum=t.grad_accum,
+                      precision=t.precision, compile=t.compile)
+    rotation = CheckpointRotation(run.checkpoints, keep=t.keep_checkpoints)
+    if resumed is not None:
+        stem, tensors, meta = resumed
+        try:
+            trainer.load_state_dict(tensors, meta["trainer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{stem}: cannot resume from it ({str(err).splitlines()[0]})") from None
+        rotation.best_loss = meta.get("best_validation_loss")
+        if main_rank:
+            run.truncate_metrics(trainer.step_count)
+            print(f"[{label or name}] resuming {run.path} from {stem.name} (step {trainer.step_count})",
+                  file=sys.stderr)
+    val_data = bundle.held_out[:2048]
+    if bundle.standardizer is not None:
+        val_data = bundle.standardizer.transform(val_data)
     start = time.perf_counter()
 
-    def save(stem: str) -> None:
-        ex.save_model(run.checkpoints / stem, model, trainer.ema, cfg, scales, bundle.standardizer,
-                      trainer.step_count)
+    def write_checkpoint(stem: Path, best_loss, state) -> None:
+        ex.save_model(stem, model, trainer.ema, cfg, scales, bundle.standardizer, trainer.step_count,
+                      extra={"best_validation_loss": best_loss}, trainer_state=state)
+
+    def checkpoint(final: bool = False) -> Path | None:
+        state = trainer.state_dict()  # collective under torchrun: every rank calls it
+        path = None
+        if main_rank:
+            if final:
+                path = run.checkpoints / "final"
+                write_checkpoint(path, rotation.best_loss, state)
+            else:
+                val = trainer.validation_loss(val_data, seed=cfg.eval.seed)
+                path = rotation.save(trainer.step_count,
+                                     lambda stem, best: write_checkpoint(stem, best, state), val)
+                run.log({"step": trainer.step_count, "event": "checkpoint", "path": str(path),
+                         "validation_loss": val})
+        distributed.barrier()
+        return path
 
     def callback(step: int, out) -> None:
-        if step % t.log_every == 0 or step == t.steps:
-            run.log({"step": step, "loss": out.loss.item(), **out.terms,
+        if main_rank and out.skipped:
+            run.log({"step": step, "event": "skipped", "non_finite": out.skipped,
+                     "loss": out.loss.item(), **out.terms, "grad_norm": trainer.last_grad_norm})
+            print(f"flowmaps: warning: step {step}: non-finite {out.skipped}, update skipped "
+                  f"(terms {out.terms})", file=sys.stderr)
+        if main_rank and (step % t.log_every == 0 or step == t.steps):
+            run.log({"step": step, "loss": out.loss.item(), **out.terms, **out.stats,
                      "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.last_grad_norm,
                      "seconds": round(time.perf_counter() - start, 3)})
         if step % t.checkpoint_every == 0 and step < t.steps:
-            save("latest")
+            checkpoint()
 
-    if progress:
+    if progress and main_rank:
+        world = f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""
         print(f"[{label or name}] {run.path}: {name} on {cfg.data.name}, {t.steps} steps, "
-              f"batch {t.batch_size}", file=sys.stderr)
-    history = trainer.run(t.steps, progress=progress, callback=callback)
-    save("final")
-    plot_loss(history, run.plots / "loss.png", title=f"{name} on {cfg.data.name}")
+              f"batch {t.batch_size}{world}", file=sys.stderr)
+    with StopOnSignal() as stop:
+        try:
+            history = trainer.run(t.steps - trainer.step_count, progress=progress, callback=callback,
+                                  should_stop=stop)
+        except FloatingPointError as err:
+            kept = latest_checkpoint(run.checkpoints) if main_rank else None
+            where = f"; the last good checkpoint is {kept[0]}" if kept else "; no checkpoint was written"
+            raise TrainingStopped(f"{err}{where}") from None
+    if trainer.stopped:
+        path = checkpoint()
+        if main_rank:
+            print(f"flowmaps: stopped by {stop.signal_name} at step {trainer.step_count}; checkpoint "
+                  f"{path}. Resume with: flowmaps {'distill' if distill else 'train'} --resume --out "
+                  f"{run.path}", file=sys.stderr)
+        return run.path
+    checkpoint(final=True)
     evaluated = trainer.ema if trainer.ema is not None else model
-    g = torch.Generator(device=device).manual_seed(cfg.eval.seed)
-    x0 = interpolant.sample_base(torch.empty(4000, bundle.dim, device=device), g)
+    # Evaluation samples are drawn in shards, one per rank, and gathered on rank 0.
+    n_plot = 4000 - 4000 % dist.world_size
+    g = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.eval.seed, dist.rank))
+    x0 = interpolant.sample_base(torch.empty(n_plot // dist.world_size, bundle.dim, device=device), g)
     with torch.no_grad():
         if name == "velocity":
             shown = {"RK4, 8 steps (NFE 32)": solve_ode(evaluated.velocity, x0, "rk4", steps=8).x}
         else:
             shown = {f"{k} step{'s' * (k > 1)}": evaluated.sample(x0, steps=k) for k in (1, 2, 4)}
-    plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()}, bundle.held_out,
-                 run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
-    if progress:
+    shown = {k: distributed.all_gather_rows(v) for k, v in shown.items()}
+    if main_rank:
+        plot_loss(history if resumed is None else run.losses(), run.plots / "loss.png",
+                  title=f"{name} on {cfg.data.name}")
+        plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()}, bundle.held_out,
+                     run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
+    if progress and main_rank:
+        final_loss = history[-1] if history else float("nan")
         print(f"[{label or name}] done in {time.perf_counter() - start:.0f}s, final loss "
-              f"{history[-1]:.4g}; checkpoint {run.checkpoints / 'final'}", file=sys.stderr)
+              f"{final_loss:.4g}; checkpoint {run.checkpoints / 'final'}", file=sys.stderr)
     return run.path
 
 
@@ -173,14 +349,25 @@ def cmd_train(args, distill: bool = False) -> int:
     overrides = []
     if args.objective:
         overrides.append(f"objective.name={args.objective}")
-    elif distill:
+    elif distill and not args.resume:
         overrides.append("objective.name=lmd")
     if distill and args.teacher:
         overrides += (["teacher.exact=true"] if args.teacher == "exact"
                       else [f"teacher.checkpoint={args.teacher}"])
-    cfg = load_config(args.preset if args.preset or args.config else "checkerboard", args.config,
-                      overrides + args.overrides)
-    run_training(cfg, args.out, args.overwrite, distill, progress=not args.quiet)
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError("--resume continues the run in --out with its saved config.yaml; "
+                              "drop --preset/--config (overrides such as train.steps=N are allowed)")
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise RunDirError(f"--resume: {args.out} is not a run directory (no config.yaml)")
+        cfg = load_config(None, saved, overrides + args.overrides)
+    else:
+        cfg = load_config(args.preset if args.preset or args.config else "checkerboard", args.config,
+                          overrides + args.overrides)
+    run_training(cfg, args.out, args.overwrite, distill, progress=not args.quiet, resume=args.resume)
     return 0
 
 
@@ -210,13 +397,22 @@ def cmd_sample(args) -> int:
                 loaded.model.velocity, x0, args.solver, steps=k).x))
         else:
             jobs.append((f"steps{k}", lambda x0, k=k: loaded.model.sample(x0, steps=k)))
+    dim = loaded.scales["dim"]
+    data = None
+    if args.data is not None:  # read and checked before any sample is written
+        data = _load_data(args.data)
+        if data.shape[1] != dim:
+            raise ConfigError(f"--data {args.data}: has dimension {data.shape[1]}, the checkpoint has "
+                              f"dimension {dim}")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out}: exists and is not a directory")
+    _check_parents(out)
     files = [out / f"samples_{label}.npy" for label, _ in jobs]
     clash = [str(f) for f in files if f.exists()]
     if clash and not args.overwrite:
         raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    dim = loaded.scales["dim"]
     x0 = loaded.interpolant.sample_base(torch.empty(args.n, dim), g)
     shown = {}
     with torch.no_grad():
@@ -225,7 +421,7 @@ def cmd_sample(args) -> int:
             np.save(path, x.numpy())
             shown[label] = x
             print(f"wrote {path} ({args.n} samples)")
-    png = plot_samples(shown, shown[next(iter(shown))] if args.data is None else _load_data(args.data),
+    png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
                        out / "samples.png", title=str(stem))
     print(f"wrote {png}")
     return 0
@@ -253,6 +449,10 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         if other.scales["dim"] != first.scales["dim"] or other.config.data != cfg.data:
             raise ConfigError(f"{path}: trained on different data than {checkpoints[0]}")
     bundle = ex.build_data(cfg)
+    dim = first.scales["dim"]
+    if bundle.dim != dim:
+        raise ConfigError(f"{cfg.data.path or cfg.data.name}: data has dimension {bundle.dim}, "
+                          f"{checkpoints[0]} was trained on dimension {dim}")
     interpolant = first.interpolant
     ex.attach_reference(cfg, bundle, interpolant)
     maps, velocity = {}, None
@@ -269,7 +469,11 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
             raise ConfigError("--teacher exact: only gmm data has an exact velocity")
         velocity, teacher_name = bundle.reference.velocity, "exact velocity"
     elif spec:
-        velocity = ex.load_model(spec).model.velocity
+        teacher_model = ex.load_model(spec)
+        if teacher_model.scales["dim"] != dim:
+            raise ConfigError(f"{spec}: teacher has dimension {teacher_model.scales['dim']}, the "
+                              f"checkpoints have dimension {dim}")
+        velocity = teacher_model.model.velocity
     run = RunDir(out, overwrite)
     e = cfg.eval
     steps = steps or e.steps
@@ -384,13 +588,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "runs/<preset>-<objective>-<time>); must be new or empty unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing its "
                    "run files")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest "
+                   "checkpoint (exactly as if uninterrupted); overrides may change train.steps and "
+                   "logging/checkpoint options only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line ``flowmaps: error: ...`` with status 2 (sub-commands
+    inherit the class), like every other input error, instead of the usage text."""
+
+    def error(self, message):
+        raise _UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flowmaps", formatter_class=fmt,
         description="Flow map generative models: train or distil the two-time flow map X_{s,t}, then "
                     "sample in 1, 2, 4... steps chosen after training (t=0 noise, t=1 data).")
@@ -476,10 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (argparse alone collects only the first group).
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    except _UsageError as err:
+        print(f"flowmaps: error: {' '.join(str(err).split())} (see flowmaps --help)", file=sys.stderr)
+        return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
@@ -490,9 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"flowmaps: error: {message}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"flowmaps: error: training stopped: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("flowmaps: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Leave the process group (torchrun): exiting with it alive aborts the process.
+        from .distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ types and out-of-range values raise :class:`ConfigError` with a one-line message
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +101,13 @@ class TeacherConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimisation and run options. ``batch_size`` is per process (a torchrun job of N processes
+    steps on N × batch_size samples), split into ``grad_accum`` micro-batches. ``checkpoint_every``
+    steps a resumable checkpoint ``checkpoints/step-K`` is written; the newest ``keep_checkpoints`` are
+    kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
+    steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
+    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps."""
+
     steps: int = 4000
     batch_size: int = 512
     lr: float = 1e-3
@@ -110,6 +119,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10
+    grad_accum: int = 1
+    precision: str = "fp32"
+    jvp_fp32: bool = True
+    compile: bool = False
     device: str = "cpu"
     threads: int | None = None
 
@@ -152,12 +167,17 @@ CHOICES = {
     "objective.emd_form": ("semigradient", "full", "v"),
     "objective.pfmm_form": ("velocity", "map"),
     "train.optimizer": ("adam", "adamw", "radam"),
+    "train.precision": ("fp32", "bf16"),
 }
 POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.n_frequencies",
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
             "train.checkpoint_every", "eval.n_samples", "eval.w2_samples", "eval.energy_samples",
             "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
-            "train.threads")
+            "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)\Z")
 
 
 def _validate(cfg: Config) -> None:
@@ -168,6 +188,14 @@ def _validate(cfg: Config) -> None:
     for key in POSITIVE:
         if flat[key] is not None and not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    if not _NAME.match(cfg.preset):
+        raise ConfigError(f"preset: {cfg.preset!r} is not a plain name (letters, digits, '_', '-', '.'); "
+                          "it names run directories")
+    if not _DEVICE.match(cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use cpu, cuda, cuda:N "
+                          "or mps")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be >= 0, got {cfg.train.weight_decay!r}")
     for key in ("interpolant.sigma0", "model.sigma_data"):
         v = flat[key]
         if isinstance(v, str) and v != "data" or not isinstance(v, str) and not v > 0:
@@ -178,11 +206,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("objective.initial_range: must be in (0, 1]")
     if cfg.objective.invertibility_weight < 0:
         raise ConfigError("objective.invertibility_weight: must be >= 0")
-    if not cfg.eval.steps or any(not isinstance(k, int) or k < 1 for k in cfg.eval.steps):
+    if not cfg.eval.steps or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
+                                 for k in cfg.eval.steps):
         raise ConfigError(f"eval.steps: must be a list of positive integers, got {cfg.eval.steps}")
     bad = [s for s in cfg.eval.solvers if s not in ("euler", "heun", "rk4")]
     if bad:
         raise ConfigError(f"eval.solvers: unknown solver(s) {bad}; choose from euler, heun, rk4")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size "
+                          f"{cfg.train.batch_size}")
     if cfg.data.name == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'file'")
 
@@ -233,6 +265,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -297,10 +331,11 @@ def list_presets() -> list[str]:
 def _read_yaml(text: str, where: str) -> dict:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except yaml.YAMLError as err:  # safe_load: tags such as !!python/object are refused, never run
         line = getattr(getattr(err, "problem_mark", None), "line", None)
-        at = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{where}: not valid YAML{at}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or "").split())[:120]
+        detail = "; ".join(x for x in (f"line {line + 1}" if line is not None else "", problem) if x)
+        raise ConfigError(f"{where}: not valid YAML" + (f" ({detail})" if detail else "")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -348,7 +383,18 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _merge(data, _read_yaml(path.read_text(), str(path)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text YAML file") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+        from_file = _read_yaml(text, str(path))
+        try:  # unknown keys and wrong types, reported against the file that holds them
+            _build(Config, from_file)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        data = _merge(data, from_file)
     data = apply_overrides(data, overrides or [])
     return _build(Config, data).validate()
 

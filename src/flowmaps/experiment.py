@@ -111,7 +111,7 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
               sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=m.n_frequencies,
               max_frequency=m.max_frequency)
-    return FlowMap(net)
+    return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
 
 
 def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
@@ -182,13 +182,20 @@ class Loaded:
 
 
 def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Config, scales: dict,
-               standardizer: Standardizer | None, step: int, extra: dict | None = None) -> Path:
+               standardizer: Standardizer | None, step: int, extra: dict | None = None,
+               trainer_state: tuple[dict, dict] | None = None) -> Path:
+    """Write a checkpoint: weights (and EMA), the resolved config and data scales; with
+    ``trainer_state = Trainer.state_dict()`` also everything needed to resume training exactly."""
     tensors = {"model": model.state_dict()}
     if ema is not None:
         tensors["ema"] = ema.state_dict()
+    if trainer_state is not None:
+        tensors = {group: state for group, state in trainer_state[0].items() if state}
     meta = {"config": to_dict(cfg), "step": step, "objective": cfg.objective.name,
             "interpolant": {"name": cfg.interpolant.name, "sigma0": scales["sigma0"]},
             "scales": scales, "standardizer": standardizer.to_dict() if standardizer else None}
+    if trainer_state is not None:
+        meta["trainer"] = trainer_state[1]
     meta.update(extra or {})
     return save_checkpoint(stem, tensors, meta)
 

@@ -35,6 +35,11 @@ from .solvers import uniform_grid
 __all__ = ["FlowMap"]
 
 
+def _fp32(*values):
+    """Cast floating tensors to float32 (other values unchanged): inputs of an fp32 JVP under autocast."""
+    return tuple(v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for v in values)
+
+
 class FlowMap(nn.Module):
     """Wrap any network ``net(x, s, t[, cond])`` into ``X_{s,t}(x) = x + (t − s) · net(x, s, t)``.
 
@@ -45,12 +50,16 @@ class FlowMap(nn.Module):
         net: the network ``v_θ(x, s, t[, cond])``.
         fused_jvp: use the network's own fused forward-mode pass (``net.forward_and_jvp``, see the
             module docstring) when it has one (default); ``False`` always uses ``torch.func.jvp``.
+        jvp_fp32: under a reduced-precision autocast (bf16 training), compute forward-mode JVPs with
+            autocast off, in fp32 (default). A bf16 tangent of a map loses the few significant digits
+            the Lagrangian/Eulerian residuals live in; plain forward passes still use the autocast.
     """
 
-    def __init__(self, net: nn.Module, fused_jvp: bool = True):
+    def __init__(self, net: nn.Module, fused_jvp: bool = True, jvp_fp32: bool = True):
         super().__init__()
         self.net = net
         self.fused_jvp = bool(fused_jvp)
+        self.jvp_fp32 = bool(jvp_fp32)
 
     # --- evaluation -----------------------------------------------------------------------------
     def v(self, x: Tensor, s: float | Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
@@ -72,6 +81,10 @@ class FlowMap(nn.Module):
         return self.net(x, s, t) if cond is None else self.net(x, s, t, cond=cond)
 
     # --- forward-mode derivatives ---------------------------------------------------------------
+    def _fp32_jvp(self, x: Tensor) -> bool:
+        return (self.jvp_fp32 and torch.is_autocast_enabled(x.device.type)
+                and torch.get_autocast_dtype(x.device.type) != torch.float32)
+
     def _fused(self, method: str = "forward_and_jvp") -> bool:
         return self.fused_jvp and callable(getattr(self.net, method, None))
 
@@ -85,6 +98,9 @@ class FlowMap(nn.Module):
         parameters flow through both outputs (reverse-over-forward). Uses the network's fused
         ``forward_and_jvp`` when it has one (and ``fused_jvp`` is on), else ``torch.func.jvp``.
         """
+        if self._fp32_jvp(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.v_jvp(*_fp32(x, s, t, dx, ds, dt, cond))
         s, t = batch_times(s, x), batch_times(t, x)
         ds = None if ds is None else batch_times(ds, x)
         dt = None if dt is None else batch_times(dt, x)
@@ -120,6 +136,11 @@ class FlowMap(nn.Module):
         detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
         if len(detach) != len(tangents) or not tangents:
             raise ValueError("give at least one tangent and one detach flag per tangent")
+        if self._fp32_jvp(x):
+            with torch.autocast(x.device.type, enabled=False):
+                x32, s32, t32, cond32 = _fp32(x, s, t, cond)
+                return self.v_jvps(x32, s32, t32, [_fp32(*tangent) for tangent in tangents],
+                                   cond=cond32, detach=detach)
         s, t = batch_times(s, x), batch_times(t, x)
         norm = [(dx, None if ds is None else batch_times(ds, x),
                  None if dt is None else batch_times(dt, x)) for dx, ds, dt in tangents]

@@ -111,8 +111,11 @@ class TimeFeatures(nn.Module):
         self.dim = 1 + 2 * n_frequencies
 
     def forward(self, tau: Tensor) -> Tensor:
-        angles = tau[:, None] * self.frequencies.to(tau.dtype)
-        return torch.cat([tau[:, None], angles.sin(), angles.cos()], dim=1)
+        # Kept in fp32 under autocast: high frequencies of a bf16 time lose the time's low digits.
+        with torch.autocast(tau.device.type, enabled=False):
+            tau = tau.float() if tau.dtype in (torch.bfloat16, torch.float16) else tau
+            angles = tau[:, None] * self.frequencies.to(tau.dtype)
+            return torch.cat([tau[:, None], angles.sin(), angles.cos()], dim=1)
 
     def forward_and_jvps(self, tau: Tensor, dtaus: Sequence[Tensor | None]
                          ) -> tuple[Tensor, list[Tensor | None]]:

@@ -1,13 +1,17 @@
-"""One-process training: a :class:`Trainer` that owns the optimisation state, and :func:`fit` on top of it.
+"""Training: a :class:`Trainer` that owns the optimisation state, and :func:`fit` on top of it.
 
 The step is shared by every objective (shortcut-model style): draw a batch of data ``x1``, let the
 objective draw ``x0``, ``(s, t)`` and compute its loss, clip gradients, step the optimiser and the
 learning-rate schedule, update the EMA. All randomness of data, base samples and times comes from one
-``torch.Generator`` seeded by ``seed``, so a run is reproducible from its seed.
+``torch.Generator`` per process seeded from ``seed``, so a run is reproducible from its seed, and
+:meth:`Trainer.state_dict` captures it for an exact resume. Under ``torchrun`` the same step runs on
+every rank inside DistributedDataParallel (see :mod:`flowmaps.distributed` for the forward-mode pitfall
+and its fix); non-finite steps are skipped on every rank alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -22,6 +26,7 @@ DataSource = Tensor | Callable[..., Tensor]
 
 __all__ = ["Trainer", "fit", "inverse_sqrt_schedule"]
 
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 
 
@@ -58,45 +63,108 @@ def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Call
     raise TypeError("data must be a tensor of samples (N, ...) or a callable n -> batch")
 
 
+class _ObjectiveLoss(nn.Module):
+    """``forward(x1, generator) = objective(model, x1, generator)``: the whole objective in one forward.
+
+    This is the module DistributedDataParallel wraps (see :mod:`flowmaps.distributed` for why): every
+    primal and forward-mode pass of the bare ``model`` happens inside ``DDP.forward``, so the backward of
+    the returned loss synchronises every parameter's gradient. The objective is held outside the module
+    tree, so a teacher network or a frozen snapshot it owns is never registered with DDP.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self._objective = (objective,)
+
+    def forward(self, x1: Tensor, generator: torch.Generator) -> tuple[Tensor, LossOutput]:
+        out = self._objective[0](self.model, x1, generator=generator)
+        return out.loss, out
+
+
 class Trainer:
-    """Optimisation state for one model and one objective.
+    """Optimisation state for one model and one objective, on one process or under torchrun.
 
     Args:
         model: a :class:`~flowmaps.FlowMap` (or a velocity network for :class:`~flowmaps.objectives.Velocity`).
         objective: any :class:`~flowmaps.objectives.Objective`.
         data: samples ``(N, ...)`` drawn with replacement, or a callable ``data(n[, generator=g])``.
-        batch_size, lr: batch size and base learning rate.
+        batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
+        lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
         grad_clip: global gradient-norm clip (``None``: off).
         lr_decay_start: start of the inverse-sqrt decay (``None``: constant rate).
         ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
             the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates.
-        seed: seeds the generator of data, base samples and times, and the global RNG (dropout).
-        max_bad_steps: consecutive non-finite losses tolerated (each update is skipped) before stopping.
+        seed: seeds the generator of data, base samples and times (rank ``r`` of a distributed run uses
+            :func:`~flowmaps.distributed.rank_seed`), and the global RNG.
+        max_bad_steps: consecutive non-finite steps tolerated (each update is skipped and reported in
+            ``LossOutput.skipped``) before :class:`FloatingPointError` stops training.
+        grad_accum: micro-batches per step; gradients are averaged (DDP synchronises on the last only).
+        precision: ``"fp32"`` (default) or ``"bf16"`` (autocast of the network's plain forward passes;
+            forward-mode JVPs and time features stay in fp32 unless the model's ``jvp_fp32`` is off).
+        compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
+        distributed: wrap in DistributedDataParallel; ``None`` (default): when a process group with
+            more than one rank is initialised (``flowmaps.distributed.init``).
+
+    Determinism: a run is a function of its seed; :meth:`state_dict` / :meth:`load_state_dict` capture
+    everything that evolves (weights, EMA, optimiser and schedule, every rank's generator, the global
+    RNG, the objective's own state such as PFMM's frozen teacher, counters), so a resumed run continues
+    bit-identically.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, data: DataSource, *,
                  batch_size: int = 256, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, grad_clip: float | None = None,
                  lr_decay_start: int | None = None, ema_decay: float | None = None, seed: int = 0,
-                 max_bad_steps: int = 10):
+                 max_bad_steps: int = 10, grad_accum: int = 1, precision: str = "fp32",
+                 compile: bool = False, distributed: bool | None = None):
+        from . import distributed as dist_
+
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if grad_accum < 1 or batch_size % grad_accum:
+            raise ValueError(f"grad_accum ({grad_accum}) must be >= 1 and divide batch_size "
+                             f"({batch_size})")
         if not lr > 0:
             raise ValueError("lr must be > 0")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        if max_bad_steps < 1:
+            raise ValueError("max_bad_steps must be >= 1")
         self.model, self.objective = model, objective
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.device = params[0].device
+        self.dist = dist_.info()
+        use_ddp = self.dist.enabled if distributed is None else bool(distributed)
+        if use_ddp and not self.dist.enabled:
+            raise ValueError("distributed=True needs an initialised process group with > 1 rank")
+        if compile:
+            net = getattr(model, "net", model)
+            if hasattr(net, "compile_jvp"):
+                net.compile_jvp()
+            net.compile()
         torch.manual_seed(seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            dist_.rank_seed(seed, self.dist.rank))
         self.draw = _batch_sampler(data, self.generator, self.device)
-        self.batch_size, self.grad_clip = batch_size, grad_clip
+        self.batch_size, self.grad_clip, self.grad_accum = batch_size, grad_clip, grad_accum
+        self.precision = precision
+        self.loss_fn: nn.Module = _ObjectiveLoss(model, objective)
+        self.ddp = None
+        if use_ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Broadcasts rank 0's parameters and buffers, so every replica starts identical.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = self.loss_fn = DistributedDataParallel(self.loss_fn, device_ids=ids)
         self.optimizer = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            inverse_sqrt_schedule(lr_decay_start))
@@ -109,22 +177,37 @@ class Trainer:
         self.bad_steps, self.max_bad_steps = 0, max_bad_steps
         self.last_grad_norm = float("nan")
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
     def step(self) -> LossOutput:
-        """One optimisation step; returns the objective's output (loss and logged terms)."""
+        """One optimisation step; returns the objective's output (loss and logged terms, averaged over
+        micro-batches and ranks)."""
         self.model.train()
         self.objective.begin_step(self.model, self.step_count)
-        batch = self.draw(self.batch_size)
-        out = self.objective(self.model, batch, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(out.loss):
-            return self._skip(out, "loss")
-        out.loss.backward()
+        micro = self.batch_size // self.grad_accum
+        outs = []
+        for i in range(self.grad_accum):
+            batch = self.draw(micro)
+            last = i == self.grad_accum - 1
+            with (contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()):
+                with self._autocast():
+                    loss, out = self.loss_fn(batch, self.generator)
+                # Backward even when the loss is non-finite: under DDP every rank must join the
+                # gradient all-reduce; the step is then skipped on every rank alike (below).
+                (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+            outs.append(out)
+        out = self._reduce(outs)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.grad_clip if self.grad_clip is not None else float("inf")
+        # Gradients are identical on every rank after DDP's all-reduce, so is their norm.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         self.last_grad_norm = float(grad_norm)
+        if not torch.isfinite(out.loss):
+            return self._skip(out, "loss")
         if not math.isfinite(self.last_grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
             return self._skip(out, "gradient")
         self.optimizer.step()
         self.scheduler.step()
@@ -133,12 +216,32 @@ class Trainer:
         self.step_count += 1
         return out
 
+    def _reduce(self, outs: list[LossOutput]) -> LossOutput:
+        """Average loss, terms and stats over micro-batches and (one all-reduce) over ranks."""
+        from . import distributed as dist_
+
+        keys_t, keys_s = list(outs[0].terms), list(outs[0].stats)
+        rows = [[o.loss.detach().float()] + [torch.tensor(float(o.terms[k])) for k in keys_t]
+                + [torch.tensor(float(o.stats[k])) for k in keys_s] for o in outs]
+        values = torch.stack([torch.stack([v.to(self.device) for v in row]) for row in rows]).mean(0)
+        if self.dist.enabled:
+            values = dist_.all_reduce_sum(values) / self.dist.world_size
+        values = values.cpu().tolist()
+        loss = outs[0].loss if len(outs) == 1 and not self.dist.enabled else \
+            torch.tensor(values[0])
+        return LossOutput(loss, dict(zip(keys_t, values[1:1 + len(keys_t)])),
+                          dict(zip(keys_s, values[1 + len(keys_t):])))
+
     def _skip(self, out: LossOutput, what: str) -> LossOutput:
+        self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         self.step_count += 1
+        out.skipped = what
         if self.bad_steps >= self.max_bad_steps:
-            raise FloatingPointError(f"non-finite {what} for {self.bad_steps} consecutive steps "
+            err = FloatingPointError(f"non-finite {what} for {self.bad_steps} consecutive steps "
                                      f"(last at step {self.step_count}, terms {out.terms}); stopping")
+            err.output = out
+            raise err
         return out
 
     @torch.no_grad()
@@ -154,25 +257,118 @@ class Trainer:
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
+    # --- checkpointing of the whole training state ------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, dict[str, Tensor]], dict]:
+        """``({group: {name: tensor}}, metadata)`` of everything a bit-exact resume needs.
+
+        Groups: ``model``, ``ema``, ``optim`` (optimiser state tensors), ``rng`` (every rank's data/time
+        generator and global RNG state, gathered: call on every rank), ``objective``. The metadata is
+        JSON: step, counters, world size, optimiser hyper-parameters, scheduler, objective state.
+        """
+        from . import distributed as dist_
+
+        optim = self.optimizer.state_dict()
+        flat_optim = {f"{idx}.{key}": value for idx, state in optim["state"].items()
+                      for key, value in state.items() if isinstance(value, Tensor)}
+        scalars = {f"{idx}.{key}": value for idx, state in optim["state"].items()
+                   for key, value in state.items() if not isinstance(value, Tensor)}
+        rng = {}
+        for r, state in enumerate(dist_.all_gather_bytes(self.generator.get_state())):
+            rng[f"generator.{r}"] = state
+        for r, state in enumerate(dist_.all_gather_bytes(torch.get_rng_state())):
+            rng[f"torch.{r}"] = state
+        if self.device.type == "cuda":
+            for r, state in enumerate(dist_.all_gather_bytes(torch.cuda.get_rng_state(self.device))):
+                rng[f"cuda.{r}"] = state
+        obj_tensors, obj_meta = self.objective.state_dict()
+        tensors = {"model": self.model.state_dict(), "optim": flat_optim, "rng": rng,
+                   "objective": obj_tensors}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        meta = {"step": self.step_count, "bad_steps": self.bad_steps,
+                "world_size": self.dist.world_size, "seed": self.seed,
+                "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
+                "scheduler": self.scheduler.state_dict(), "objective": obj_meta,
+                # Data are drawn with replacement by the generator above, so its state is the data
+                # position: the next batch follows from it exactly.
+                "data_position": {"sampler": "with replacement", "draws": self.step_count *
+                                  self.batch_size * self.dist.world_size}}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, dict[str, Tensor]], meta: dict) -> None:
+        """Restore :meth:`state_dict` (same world size, model and objective)."""
+        if meta["world_size"] != self.dist.world_size:
+            raise ValueError(f"the checkpoint was written by {meta['world_size']} process(es); resume "
+                             f"it with the same number (this run has {self.dist.world_size})")
+        self.model.load_state_dict(tensors["model"])
+        if self.ema is not None:
+            if "ema" not in tensors:
+                raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA")
+            self.ema.load_state_dict(tensors["ema"])
+        state: dict = {}
+        for key, value in tensors.get("optim", {}).items():
+            idx, _, name = key.partition(".")
+            state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
+        for key, value in meta["optimizer"]["scalars"].items():
+            idx, _, name = key.partition(".")
+            state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": meta["optimizer"]["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.objective.load_state_dict(self.model, tensors.get("objective", {}), meta["objective"])
+        rank = self.dist.rank
+        rng = tensors["rng"]
+        self.generator.set_state(rng[f"generator.{rank}"].to(torch.uint8))
+        torch.set_rng_state(rng[f"torch.{rank}"].to(torch.uint8))
+        if self.device.type == "cuda" and f"cuda.{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.{rank}"].to(torch.uint8), self.device)
+        self.step_count, self.bad_steps = int(meta["step"]), int(meta["bad_steps"])
+
+    @torch.no_grad()
+    def validation_loss(self, x1: Tensor, seed: int = 0) -> float:
+        """The objective on fixed held-out data with a fixed generator, on the EMA weights when kept:
+        comparable across steps (used to keep the best checkpoint). Leaves the training RNG alone."""
+        model = self.ema if self.ema is not None else self.model
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return float(self.objective(model, x1.to(self.device), generator=g).loss)
+
     def run(self, steps: int, progress: bool = True,
-            callback: Callable[[int, LossOutput], None] | None = None) -> list[float]:
-        """Run ``steps`` steps with a progress bar (loss, steps/s, ETA); returns the loss history."""
+            callback: Callable[[int, LossOutput], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[float]:
+        """Run ``steps`` more steps with a progress bar (loss, steps/s, ETA); returns the loss history.
+
+        ``should_stop`` is polled after every step (on every rank, agreed by an all-reduce): when it
+        returns true the loop ends after that step and ``self.stopped`` is set.
+        """
         from tqdm.auto import tqdm
+
+        from . import distributed as dist_
 
         if steps < 0:
             raise ValueError("steps must be >= 0")
         history: list[float] = []
+        self.stopped = False
         name = getattr(self.objective, "name", "train")
-        with tqdm(total=steps, desc=name, disable=not progress, dynamic_ncols=True,
-                  unit="step") as bar:
-            for _ in range(steps):
-                out = self.step()
+        end = self.step_count + steps
+        with tqdm(total=end, initial=self.step_count, desc=name, unit="step", dynamic_ncols=True,
+                  disable=not progress or not self.dist.is_main) as bar:
+            while self.step_count < end:
+                try:
+                    out = self.step()
+                except FloatingPointError as err:
+                    if callback is not None and hasattr(err, "output"):
+                        callback(self.step_count, err.output)  # the last skipped step is logged too
+                    raise
                 history.append(out.loss.item())
                 if callback is not None:
                     callback(self.step_count, out)
                 bar.update(1)
-                if self.step_count % 25 == 0 or self.step_count == steps:
+                if self.step_count % 25 == 0 or self.step_count == end:
                     bar.set_postfix(loss=f"{history[-1]:.4g}")
+                if should_stop is not None and dist_.broadcast_flag(should_stop(), self.device):
+                    self.stopped = True
+                    break
         return history
 
 
@@ -183,7 +379,7 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
 
     ``data`` is a tensor of samples ``(N, ...)`` or a callable drawing a batch (``data(n)`` or
     ``data(n, generator=g)``). Further ``options`` go to :class:`Trainer` (optimizer, grad_clip,
-    lr_decay_start, ema_decay, weight_decay, max_bad_steps).
+    lr_decay_start, ema_decay, weight_decay, max_bad_steps, grad_accum, precision, compile).
     """
     trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed, **options)
     return trainer.run(steps, progress=progress)

@@ -82,10 +82,15 @@ def as_time_sampler(times: TimeSampler | str) -> TimeSampler:
 
 @dataclass
 class LossOutput:
-    """``loss``: scalar to minimise; ``terms``: detached batch means of each term (for logging)."""
+    """``loss``: scalar to minimise; ``terms``: detached batch means of each term (for logging);
+    ``stats``: diagnostics that are not part of the loss (e.g. ``jvp_norm``, the mean norm of the
+    forward-mode tangent of JVP objectives); ``skipped``: set by the trainer when the update was
+    skipped (``"loss"`` or ``"gradient"`` was non-finite)."""
 
     loss: Tensor
     terms: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
 
 
 class Objective:
@@ -114,15 +119,31 @@ class Objective:
     def begin_step(self, model, step: int) -> None:
         """Called by the trainer before each optimisation step (stateful objectives override it)."""
 
+    def record(self, name: str, value: Tensor) -> None:
+        """Log a diagnostic from :meth:`terms`: the batch mean of the per-sample norm of ``value``."""
+        flat = value.detach().reshape(value.shape[0], -1).float()
+        if not hasattr(self, "_stats"):
+            self._stats = {}
+        self._stats[name] = flat.norm(dim=1).mean().item()
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """Training state beyond the model (tensors, JSON metadata); stateless objectives have none."""
+        return {}, {}
+
+    def load_state_dict(self, model, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore :meth:`state_dict` after ``model`` holds the checkpoint's weights."""
+
     def __call__(self, model, x1: Tensor, cond: Tensor | None = None,
                  generator: torch.Generator | None = None) -> LossOutput:
+        self._stats: dict[str, float] = {}
         x0 = self.interpolant.sample_base(x1, generator)
         s, t = self.times(x1.shape[0], x1, generator)
         terms = self.terms(model, x0, x1, s, t, cond)
         per_sample = sum(terms.values())
         if self.weight is not None:
             per_sample = self.weight(s, t) * per_sample
-        return LossOutput(per_sample.mean(), {k: v.detach().mean().item() for k, v in terms.items()})
+        return LossOutput(per_sample.mean(), {k: v.detach().mean().item() for k, v in terms.items()},
+                          dict(self._stats))
 
     def config(self) -> dict:
         return {"name": self.name, "times": self.times.config()}

@@ -48,15 +48,18 @@ class EMD(Objective):
                 with torch.no_grad():
                     _, advection = model.jvp(i_s, s, t, dx=b, cond=cond)
                 _, ds_x = model.jvp(i_s, s, t, ds=1.0, cond=cond)
+            self.record("jvp_norm", ds_x)
             residual = ds_x + advection
         elif self.form == "full":
             _, residual = model.jvp(i_s, s, t, dx=b, ds=1.0, cond=cond)
+            self.record("jvp_norm", residual)
         else:
             if hasattr(model, "v_jvps"):
                 # The tangent only enters under sg: compute it without a graph (same values).
                 v, (dv,) = model.v_jvps(i_s, s, t, [(b, 1.0, None)], cond=cond, detach=(True,))
             else:
                 v, dv = model.v_jvp(i_s, s, t, dx=b, ds=1.0, cond=cond)
+            self.record("jvp_norm", dv)
             residual = v - (b + expand_as_data(t - s, v) * dv).detach()
         return {"eulerian": sq_norm(residual)}
 

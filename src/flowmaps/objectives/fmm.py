@@ -33,6 +33,7 @@ class FMM(Objective):
         i_t, di_t = self.interpolant(x0, x1, t)
         y = model(i_t, t, s, cond)
         x_back, dt_x = model.jvp(y, s, t, dt=1.0, cond=cond)
+        self.record("jvp_norm", dt_x)
         out = {"lagrangian": sq_norm(dt_x - di_t)}
         if self.invertibility_weight:
             out["invertibility"] = self.invertibility_weight * sq_norm(x_back - i_t)

@@ -31,6 +31,7 @@ class LMD(Objective):
     def terms(self, model, x0, x1, s, t, cond):
         i_s = self.interpolant.interpolate(x0, x1, s)
         x_st, dt_x = model.jvp(i_s, s, t, dt=1.0, cond=cond)
+        self.record("jvp_norm", dt_x)
         if self.semigradient:
             target = teacher_no_grad(self.teacher, x_st, t)
         else:

@@ -61,6 +61,21 @@ class PFMM(Objective):
             self.stage = stage
             self.frozen = self.snapshot(model) if stage > 0 else None
 
+    def state_dict(self):
+        """The stage and the frozen teacher's weights: a resumed run must continue against the same
+        teacher snapshot (taken at the start of the stage), not a copy of the resumed student."""
+        tensors = {} if self.frozen is None else {f"frozen.{k}": v for k, v in
+                                                  self.frozen.state_dict().items()}
+        return tensors, {"stage": self.stage, "frozen": self.frozen is not None}
+
+    def load_state_dict(self, model, tensors, meta):
+        self.stage = int(meta["stage"])
+        self.frozen = None
+        if meta.get("frozen"):
+            self.frozen = self.snapshot(model)
+            self.frozen.load_state_dict({k[len("frozen."):]: v for k, v in tensors.items()
+                                         if k.startswith("frozen.")})
+
     @staticmethod
     def snapshot(model):
         frozen = copy.deepcopy(model).eval()

@@ -1,0 +1,145 @@
+"""Multi-process training on PyTorch's own engine: ``torchrun`` + ``torch.distributed``.
+
+``flowmaps train|distill`` run unchanged under ``torchrun --nproc_per_node=N``: :func:`init` reads the
+environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process group (``gloo`` on
+CPU, ``nccl`` on CUDA, chosen from the device) and the trainer wraps its loss in
+``DistributedDataParallel``. Each rank draws its own data, base samples and times from its own seed
+(:func:`rank_seed`); metrics and checkpoints are written by rank 0 only.
+
+**Forward-mode derivatives and DDP (the pitfall, and how it is handled here).** DDP synchronises
+gradients through autograd hooks that it arms in ``DDP.forward``. Two things go wrong with JVP
+objectives: ``torch.func.jvp`` applied to a DDP-wrapped module fails outright, and the tempting
+workaround — calling ``ddp.module`` (the bare network) inside the JVP so that the wrapper's forward is
+never run — trains *without any gradient synchronisation*: every rank steps on its own gradient and
+the replicas drift apart silently. The fix used by :class:`~flowmaps.training.Trainer`: DDP wraps a
+small module whose ``forward`` computes the *whole objective* (every primal pass and every JVP of the
+bare network happens inside one ``DDP.forward``), so the one ``backward`` of the returned loss fires
+DDP's hooks for every parameter, whether it was reached through the primal or through a tangent. The
+test ``tests/test_distributed.py`` runs two processes and asserts that the parameters are bit-identical
+across ranks after every step and equal a one-process run on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init", "info", "rank_seed", "all_reduce_sum", "barrier", "is_main",
+           "shutdown", "broadcast_flag", "all_gather_bytes", "all_gather_rows"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size`` (``1`` when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device | str = "cpu") -> DistInfo:
+    """Join the process group torchrun describes (no-op for a single process); returns :func:`info`.
+
+    The backend is ``nccl`` for CUDA devices and ``gloo`` otherwise; on CUDA each rank takes the device
+    ``cuda:LOCAL_RANK``.
+    """
+    device = torch.device(device)
+    if not launched_by_torchrun():
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return info()
+
+
+def info() -> DistInfo:
+    """The current process group's view (world size 1 when none is initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                    dist.get_backend())
+
+
+def is_main() -> bool:
+    return info().is_main
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of rank ``rank``'s data/time generator: ``seed`` itself on rank 0 (so a one-process run is
+    unchanged) and well-separated seeds on the others."""
+    return int(seed) + 1_000_003 * int(rank)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place; identity for one process)."""
+    if info().enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_flag(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. a stop request seen by one rank)."""
+    if not info().enabled:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_bytes(data: torch.Tensor) -> list[torch.Tensor]:
+    """Gather a 1-D ``uint8`` tensor of the same length from every rank (RNG states); rank order."""
+    if not info().enabled:
+        return [data]
+    device = _comm_device()
+    data = data.to(device)
+    out = [torch.empty_like(data) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, data)
+    return [o.cpu() for o in out]
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0 (gathered evaluation samples)."""
+    if not info().enabled:
+        return x
+    device = _comm_device()
+    x = x.to(device)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out).cpu()
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if info().enabled:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

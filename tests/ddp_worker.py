@@ -1,0 +1,87 @@
+"""Worker of tests/test_distributed.py, launched by ``torchrun --nproc_per_node=2``; also the shared
+builder of the one-process reference.
+
+Each case trains a tiny flow map (float64, exact GMM teacher) for ``STEPS`` steps through
+:class:`flowmaps.training.Trainer`, which wraps the loss in DistributedDataParallel. After every step
+the flattened parameters of all ranks are gathered and compared bit for bit; rank 0 writes the final
+parameters and the per-step verdicts to ``OUT/<case>.safetensors`` and ``OUT/verdicts.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flowmaps import distributed
+from flowmaps import experiment as ex
+from flowmaps.config import load_config
+
+STEPS = 4
+BATCH = 32
+# name -> (config overrides, Trainer options)
+CASES = {
+    "lmd": (["objective.name=lmd"], {}),
+    "lmd_accum2": (["objective.name=lmd"], {"grad_accum": 2}),
+    "emd_semigradient": (["objective.name=emd", "objective.emd_form=semigradient"], {}),
+    "emd_full": (["objective.name=emd", "objective.emd_form=full"], {}),
+    "emd_v": (["objective.name=emd", "objective.emd_form=v"], {}),
+    "fmm": (["objective.name=fmm"], {}),
+    "pfmm": (["objective.name=pfmm", "objective.stage_steps=2"], {}),
+    "velocity": (["objective.name=velocity"], {}),
+}
+TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
+
+
+def build(case: str):
+    """``(model, objective, data)`` of a case, identical on every process (float64)."""
+    overrides, _ = CASES[case]
+    cfg = load_config("gmm", None, ["model.width=16", "model.depth=2", "data.n_train=512",
+                                    "data.n_eval=64", "teacher.exact=true", *overrides])
+    bundle = ex.build_data(cfg)
+    scales = ex.resolve_scales(cfg, bundle)
+    interpolant = ex.build_interpolant(cfg, scales)
+    ex.attach_reference(cfg, bundle, interpolant)
+    teacher = None if cfg.objective.name in ("velocity", "fmm") else \
+        ex.build_teacher(cfg, bundle, scales, "cpu")
+    torch.manual_seed(0)
+    model = ex.build_model(cfg, scales).double()
+    objective = ex.build_objective(cfg, interpolant, teacher)
+    return model, objective, bundle.train.double()
+
+
+def flat_parameters(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def main(out: Path) -> int:
+    from safetensors.torch import save_file
+
+    from flowmaps.training import Trainer
+
+    torch.set_num_threads(1)
+    info = distributed.init("cpu")
+    assert info.world_size == 2 and info.backend == "gloo", info
+    verdicts = {}
+    for case, (_, options) in CASES.items():
+        model, objective, data = build(case)
+        trainer = Trainer(model, objective, data, **TRAIN, **options)
+        assert trainer.ddp is not None
+        same = []
+        for _ in range(STEPS):
+            trainer.step()
+            gathered = distributed.all_gather_rows(flat_parameters(model)[None])
+            same.append(bool(torch.equal(gathered[0], gathered[1])))
+        verdicts[case] = {"bit_identical_each_step": same, "skipped": trainer.bad_steps}
+        if info.is_main:
+            save_file({"params": flat_parameters(model).contiguous()}, str(out / f"{case}.safetensors"))
+    if info.is_main:
+        (out / "verdicts.json").write_text(json.dumps(verdicts))
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
