@@ -74,9 +74,21 @@ def main(out: Path) -> int:
             trainer.step()
             gathered = distributed.all_gather_rows(flat_parameters(model)[None])
             same.append(bool(torch.equal(gathered[0], gathered[1])))
+        trainer.check_replicas()  # the run-time guard agrees
         verdicts[case] = {"bit_identical_each_step": same, "skipped": trainer.bad_steps}
         if info.is_main:
             save_file({"params": flat_parameters(model).contiguous()}, str(out / f"{case}.safetensors"))
+    # The run-time guard catches replicas that drifted (as unsynchronised training would make them).
+    model, objective, data = build("lmd")
+    trainer = Trainer(model, objective, data, **TRAIN)
+    if info.rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+    try:
+        trainer.check_replicas()
+        verdicts["drift_detected"] = False
+    except RuntimeError as err:
+        verdicts["drift_detected"] = "ranks [1]" in str(err)
     if info.is_main:
         (out / "verdicts.json").write_text(json.dumps(verdicts))
     distributed.shutdown()

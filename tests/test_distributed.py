@@ -79,6 +79,10 @@ def test_ranks_stay_bit_identical_after_every_step(ddp_results, case):
     assert verdicts[case]["skipped"] == 0
 
 
+def test_the_run_time_replica_check_catches_drifted_parameters(ddp_results):
+    assert ddp_results[1]["drift_detected"] is True
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_equal_one_process_on_the_concatenated_batch(ddp_results, case):
     out, _ = ddp_results

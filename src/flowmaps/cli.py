@@ -274,6 +274,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
                       extra={"best_validation_loss": best_loss}, trainer_state=state)
 
     def checkpoint(final: bool = False) -> Path | None:
+        trainer.check_replicas()  # under torchrun: refuse to save replicas that drifted apart
         state = trainer.state_dict()  # collective under torchrun: every rank calls it
         path = None
         if main_rank:

@@ -326,6 +326,27 @@ class Trainer:
         self.step_count, self.bad_steps = int(meta["step"]), int(meta["bad_steps"])
 
     @torch.no_grad()
+    def check_replicas(self) -> None:
+        """Assert (under torchrun) that every rank holds bit-identical parameters: a SHA-256 of the
+        parameter bytes is gathered and compared; a mismatch raises ``RuntimeError`` naming the ranks.
+        Cheap enough to run at every checkpoint, where the trainer's caller does."""
+        import hashlib
+
+        from . import distributed as dist_
+
+        if not self.dist.enabled:
+            return
+        digest = hashlib.sha256()
+        for p in self.model.parameters():
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+        hashes = dist_.all_gather_bytes(mine)
+        bad = [r for r, h in enumerate(hashes) if not torch.equal(h, hashes[0])]
+        if bad:
+            raise RuntimeError(f"ranks {bad} hold different parameters than rank 0 at step "
+                               f"{self.step_count}: gradient synchronisation failed")
+
+    @torch.no_grad()
     def validation_loss(self, x1: Tensor, seed: int = 0) -> float:
         """The objective on fixed held-out data with a fixed generator, on the EMA weights when kept:
         comparable across steps (used to keep the best checkpoint). Leaves the training RNG alone."""
