@@ -182,6 +182,16 @@ def _check_metadata(where: Path, meta: dict) -> None:
         raise CheckpointError(f"{where}: scales.dim must be a positive integer, got {dim!r}")
     for key in ("sigma0", "sigma_data"):
         _check_scale(where, key, scales.get(key), dim)
+    shape = scales.get("shape")
+    if shape is not None and (not isinstance(shape, list) or not shape or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+            or math.prod(shape) != dim):
+        raise CheckpointError(f"{where}: scales.shape must be positive integers whose product is "
+                              f"scales.dim ({dim}), got {shape!r}"[:300])
+    classes = scales.get("num_classes", 0)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise CheckpointError(f"{where}: scales.num_classes must be a non-negative integer, "
+                              f"got {classes!r}")
     std = meta.get("standardizer")
     if std is not None:
         ok = isinstance(std, dict) and all(

@@ -247,11 +247,20 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
         run.create()
         if not resume:
             (run.path / "config.yaml").write_text(dump_config(cfg))
+    augment = None
+    if cfg.data.hflip:
+        if not bundle.image:
+            raise ConfigError("data.hflip: horizontal flips apply to image datasets only")
+        from .image_data import random_hflip
+        augment = random_hflip
+    conditional = scales["num_classes"] > 0
     trainer = Trainer(model, objective, bundle.train.to(device), batch_size=t.batch_size, lr=t.lr,
                       optimizer=t.optimizer, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                       lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed,
                       max_bad_steps=t.max_bad_steps, grad_accum=t.grad_accum,
-                      precision=t.precision, compile=t.compile)
+                      precision=t.precision, compile=t.compile,
+                      labels=bundle.labels if conditional else None, label_dropout=t.label_dropout,
+                      null_label=scales["num_classes"] if conditional else None, augment=augment)
     rotation = CheckpointRotation(run.checkpoints, keep=t.keep_checkpoints)
     if resumed is not None:
         stem, tensors, meta = resumed
@@ -264,7 +273,8 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
             run.truncate_metrics(trainer.step_count)
             print(f"[{label or name}] resuming {run.path} from {stem.name} (step {trainer.step_count})",
                   file=sys.stderr)
-    val_data = bundle.held_out[:2048]
+    val_data = bundle.held_out[:2048 if not bundle.image else 256]
+    val_cond = bundle.held_out_labels[:val_data.shape[0]] if conditional else None
     if bundle.standardizer is not None:
         val_data = bundle.standardizer.transform(val_data)
     start = time.perf_counter()
@@ -282,7 +292,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
                 path = run.checkpoints / "final"
                 write_checkpoint(path, rotation.best_loss, state)
             else:
-                val = trainer.validation_loss(val_data, seed=cfg.eval.seed)
+                val = trainer.validation_loss(val_data, seed=cfg.eval.seed, cond=val_cond)
                 path = rotation.save(trainer.step_count,
                                      lambda stem, best: write_checkpoint(stem, best, state), val)
                 run.log({"step": trainer.step_count, "event": "checkpoint", "path": str(path),
@@ -325,25 +335,43 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     checkpoint(final=True)
     evaluated = trainer.ema if trainer.ema is not None else model
     # Evaluation samples are drawn in shards, one per rank, and gathered on rank 0.
-    n_plot = 4000 - 4000 % dist.world_size
+    n_plot = 64 if bundle.image else 4000
+    n_plot -= n_plot % dist.world_size
     g = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.eval.seed, dist.rank))
-    x0 = interpolant.sample_base(torch.empty(n_plot // dist.world_size, bundle.dim, device=device), g)
+    x0 = interpolant.sample_base(torch.empty(n_plot // dist.world_size, *bundle.sample_shape,
+                                             device=device), g)
+    cond = class_labels(x0.shape[0], scales, device)
     with torch.no_grad():
         if name == "velocity":
-            shown = {"RK4, 8 steps (NFE 32)": solve_ode(evaluated.velocity, x0, "rk4", steps=8).x}
+            shown = {"RK4, 8 steps (NFE 32)": solve_ode(
+                lambda x, tt: evaluated.velocity(x, tt, cond), x0, "rk4", steps=8).x}
         else:
-            shown = {f"{k} step{'s' * (k > 1)}": evaluated.sample(x0, steps=k) for k in (1, 2, 4)}
+            shown = {f"{k} step{'s' * (k > 1)}": evaluated.sample(x0, steps=k, cond=cond)
+                     for k in (1, 2, 4)}
     shown = {k: distributed.all_gather_rows(v) for k, v in shown.items()}
     if main_rank:
         plot_loss(history if resumed is None else run.losses(), run.plots / "loss.png",
                   title=f"{name} on {cfg.data.name}")
-        plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()}, bundle.held_out,
-                     run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
+        if bundle.image:
+            from .image_data import save_labeled_grids
+            save_labeled_grids({"data": bundle.held_out[:n_plot],
+                                **{k: v.cpu().clamp(-1, 1) for k, v in shown.items()}},
+                               run.plots / "samples.png")
+        else:
+            plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()},
+                         bundle.held_out, run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
     if progress and main_rank:
         final_loss = history[-1] if history else float("nan")
         print(f"[{label or name}] done in {time.perf_counter() - start:.0f}s, final loss "
               f"{final_loss:.4g}; checkpoint {run.checkpoints / 'final'}", file=sys.stderr)
     return run.path
+
+
+def class_labels(n: int, scales: dict, device="cpu") -> torch.Tensor | None:
+    """Labels ``0, 1, …, K−1, 0, 1, …`` for ``n`` samples of a class-conditional model (else None):
+    class-balanced evaluation and sample sheets."""
+    k = scales.get("num_classes", 0)
+    return torch.arange(n, device=device) % k if k else None
 
 
 def cmd_train(args, distill: bool = False) -> int:
@@ -379,6 +407,7 @@ def cmd_sample(args) -> int:
 
     from .checkpoint import checkpoint_stem
     from .experiment import load_model
+    from .experiment import sample_shape as ex_sample_shape
     from .plotting import plot_samples
     from .solvers import solve_ode
 
@@ -386,19 +415,34 @@ def cmd_sample(args) -> int:
     stem = checkpoint_stem(args.checkpoint)
     out = Path(args.out) if args.out else stem.parent.parent / "samples"
     is_velocity = loaded.config.objective.name == "velocity"
-    jobs = []  # (label, callable)
+    num_classes = loaded.scales.get("num_classes", 0)
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise ConfigError(f"--label {args.label}: the checkpoint has "
+                          + (f"classes 0..{num_classes - 1}" if num_classes else "no classes"))
+    if args.guidance != 1.0 and not (is_velocity and num_classes):
+        raise ConfigError("--guidance: applies to class-conditional velocity checkpoints (a distilled "
+                          "map learned its guidance from its teacher)")
+    velocity = loaded.model.velocity
+    if args.guidance != 1.0:
+        from .objectives import GuidedVelocity
+        velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
+    jobs = []  # (label, callable of (x0, cond))
     if args.grid:
         if is_velocity:
             raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
         grid = torch.tensor(args.grid)
-        jobs.append(("grid", lambda x0: loaded.model.sample(x0, grid=grid)))
+        jobs.append(("grid", lambda x0, c: loaded.model.sample(x0, grid=grid, cond=c)))
     for k in args.steps or ([] if args.grid else [1, 2, 4]):
         if is_velocity:
-            jobs.append((f"{args.solver}{k}", lambda x0, k=k: solve_ode(
-                loaded.model.velocity, x0, args.solver, steps=k).x))
+            jobs.append((f"{args.solver}{k}", lambda x0, c, k=k: solve_ode(
+                lambda x, t: velocity(x, t, c), x0, args.solver, steps=k).x))
         else:
-            jobs.append((f"steps{k}", lambda x0, k=k: loaded.model.sample(x0, steps=k)))
+            jobs.append((f"steps{k}", lambda x0, c, k=k: loaded.model.sample(x0, steps=k, cond=c)))
     dim = loaded.scales["dim"]
+    image = len(ex_sample_shape(loaded.scales)) == 3
+    if image and args.data is not None:
+        raise ConfigError("--data: plotting data beside samples is for vector data; image samples are "
+                          "written as a grid")
     data = None
     if args.data is not None:  # read and checked before any sample is written
         data = _load_data(args.data)
@@ -414,16 +458,25 @@ def cmd_sample(args) -> int:
         raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    x0 = loaded.interpolant.sample_base(torch.empty(args.n, dim), g)
+    x0 = loaded.interpolant.sample_base(torch.empty(args.n, *ex_sample_shape(loaded.scales)), g)
+    cond = None
+    if num_classes:
+        cond = (torch.full((args.n,), args.label) if args.label is not None
+                else class_labels(args.n, loaded.scales))
     shown = {}
     with torch.no_grad():
         for (label, job), path in zip(jobs, files):
-            x = loaded.to_data_units(job(x0))
+            x = loaded.to_data_units(job(x0, cond))
             np.save(path, x.numpy())
             shown[label] = x
             print(f"wrote {path} ({args.n} samples)")
-    png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
-                       out / "samples.png", title=str(stem))
+    if image:
+        from .image_data import save_labeled_grids
+        png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
+                                 out / "samples.png")
+    else:
+        png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
+                           out / "samples.png", title=str(stem))
     print(f"wrote {png}")
     return 0
 
@@ -438,14 +491,23 @@ def _load_data(path):
 
 def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwrite: bool,
                   steps: list[int] | None, n: int | None, dopri5: bool | None,
-                  names: list[str] | None = None, progress: bool = True) -> dict:
+                  names: list[str] | None = None, progress: bool = True,
+                  overrides: list[str] | None = None) -> dict:
+    """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``."""
     from . import experiment as ex
+    from .config import _build, apply_overrides, to_dict
     from .evaluation import evaluate, markdown_table
-    from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
+    from .plotting import plot_quality_vs_nfe
 
     loaded = [ex.load_model(c) for c in checkpoints]
     first = loaded[0]
     cfg = first.config
+    if overrides:
+        bad = [o for o in overrides if not o.startswith("eval.")]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* overrides only (the rest "
+                              "comes from the checkpoints)")
+        cfg = _build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
     for other, path in zip(loaded[1:], checkpoints[1:]):
         if other.scales["dim"] != first.scales["dim"] or other.config.data != cfg.data:
             raise ConfigError(f"{path}: trained on different data than {checkpoints[0]}")
@@ -463,7 +525,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
             velocity = velocity or item.model.velocity
         else:
             maps[label] = item.model
-    teacher_name = "teacher"
+    teacher_name, teacher_model = "teacher", None
     spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
     if spec == "exact":
         if bundle.reference is None:
@@ -471,24 +533,43 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         velocity, teacher_name = bundle.reference.velocity, "exact velocity"
     elif spec:
         teacher_model = ex.load_model(spec)
+        if cfg.teacher.guidance != 1.0 and spec == cfg.teacher.checkpoint:
+            from .objectives import GuidedVelocity
+            teacher_name = f"teacher (guidance {cfg.teacher.guidance:g})"
         if teacher_model.scales["dim"] != dim:
             raise ConfigError(f"{spec}: teacher has dimension {teacher_model.scales['dim']}, the "
                               f"checkpoints have dimension {dim}")
         velocity = teacher_model.model.velocity
+        if teacher_name != "teacher":
+            velocity = GuidedVelocity(teacher_model.model, cfg.teacher.guidance,
+                                      null_label=teacher_model.scales.get("num_classes", 0))
+    num_classes = first.scales.get("num_classes", 0)
+    if any(item.scales.get("num_classes", 0) != num_classes for item in loaded):
+        raise ConfigError("checkpoints: mix class-conditional and unconditional models")
+    if teacher_model is not None and teacher_model.scales.get("num_classes", 0) != num_classes:
+        raise ConfigError(f"{spec}: the teacher's class conditioning differs from the checkpoints'")
     run = RunDir(out, overwrite)
     e = cfg.eval
     steps = steps or e.steps
     n = n or e.n_samples
     g = torch.Generator().manual_seed(e.seed)
-    x0 = interpolant.sample_base(torch.empty(n, first.scales["dim"]), g)
+    x0 = interpolant.sample_base(torch.empty(n, *ex.sample_shape(first.scales)), g)
+    cond = class_labels(n, first.scales)
     exact_map = None
     if bundle.reference is not None:
         exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
+    quality = None
+    if bundle.image:
+        from .image_evaluation import build_reference, load_reference
+        reference = (load_reference(cfg, Path(e.fid_stats)) if e.fid_stats else
+                     build_reference(cfg, bundle, run.path / "reference", progress=progress))
+        quality = reference.quality
     result = evaluate(maps, velocity, x0, bundle.held_out, bundle.to_data_units, steps=steps,
                       solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
                       exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
                       energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
-                      progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None)
+                      progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
+                      quality=quality, cond=cond)
     table = markdown_table(result.rows)
     (run.path / "table.md").write_text(table + "\n")
     meta = {"checkpoints": checkpoints, "teacher": spec, "n_samples": n, "steps": steps,
@@ -496,18 +577,15 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
             "load_average": os.getloadavg()}
     (run.path / "results.json").write_text(json.dumps(
         {"meta": meta, "rows": [r.as_dict() for r in result.rows]}, indent=2))
-    grid = {}
-    for (method, sampler, k), x in result.samples.items():
-        if sampler == "flow map":
-            grid.setdefault(method, {})[k] = x
-    extra = {f"{m} {s}" + (f" {k}" if k else ""): x for (m, s, k), x in result.samples.items()
-             if s == "dopri5" or (s == "euler" and k == max(steps))}
-    if grid or extra:
-        plot_sample_grid(grid or {"teacher": {}}, bundle.held_out, run.plots / "samples_grid.png",
-                         extra=extra or None)
-    paths = {k: bundle.to_data_units(v) for k, v in result.paths.items()}
-    plot_trajectories(paths, bundle.held_out, run.plots / "trajectories.png")
-    plot_quality_vs_nfe(result.rows, run.plots / "w2_vs_nfe.png", "w2", "W2 to held-out data")
+    if bundle.image:
+        _image_plots(result, bundle, steps, run.plots)
+    else:
+        _vector_plots(result, bundle, steps, run.plots)
+    if any(r.w2 is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, run.plots / "w2_vs_nfe.png", "w2", "W2 to held-out data")
+    if any(r.fd is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, run.plots / "fd_vs_nfe.png", "fd",
+                            f"Fréchet distance ({cfg.eval.features} features)")
     if any(r.kl is not None for r in result.rows):
         plot_quality_vs_nfe(result.rows, run.plots / "kl_vs_nfe.png", "kl", "histogram KL")
     if exact_map is not None:
@@ -518,10 +596,49 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     return {"rows": result.rows, "table": table, "dir": run.path}
 
 
+def _vector_plots(result, bundle, steps, folder: Path) -> None:
+    from .plotting import plot_sample_grid, plot_trajectories
+
+    grid = {}
+    for (method, sampler, k), x in result.samples.items():
+        if sampler == "flow map":
+            grid.setdefault(method, {})[k] = x
+    extra = {f"{m} {s}" + (f" {k}" if k else ""): x for (m, s, k), x in result.samples.items()
+             if s == "dopri5" or (s == "euler" and k == max(steps))}
+    if grid or extra:
+        plot_sample_grid(grid or {"teacher": {}}, bundle.held_out, folder / "samples_grid.png",
+                         extra=extra or None)
+    paths = {k: bundle.to_data_units(v) for k, v in result.paths.items()}
+    plot_trajectories(paths, bundle.held_out, folder / "trajectories.png")
+
+
+def _image_plots(result, bundle, steps, folder: Path, n: int = 32) -> None:
+    """Sample sheets: the data, then every method × step count (and the teacher's dopri5 and Euler at
+    the largest step count), the same base points in every row; and trajectories of a few samples."""
+    from .image_data import save_labeled_grids
+
+    rows = {"data (held out)": bundle.held_out[:n]}
+    for (method, sampler, k), x in result.samples.items():
+        if sampler == "flow map":
+            rows[f"{method}, {k} step{'s' * (k > 1)}"] = x[:n].clamp(-1, 1)
+        elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
+            rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
+    save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
+    paths = {name: path[:, :8].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
+             for name, path in result.paths.items()}
+    save_labeled_grids(paths, folder / "trajectories.png",
+                       nrow=next(iter(result.paths.values())).shape[0])
+
+
 def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    evaluate_runs(args.checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
-                  False if args.no_dopri5 else None)
+    # key=value arguments among the checkpoints are eval.* overrides (argparse's nargs="+" takes both)
+    overrides = [c for c in args.checkpoints if "=" in c and not Path(c).exists()] + args.overrides
+    checkpoints = [c for c in args.checkpoints if c not in overrides]
+    if not checkpoints:
+        raise ConfigError("evaluate: give at least one checkpoint")
+    evaluate_runs(checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
+                  False if args.no_dopri5 else None, overrides=overrides)
     return 0
 
 
@@ -570,6 +687,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fid_stats(args) -> int:
+    from . import experiment as ex
+    from .image_evaluation import build_reference
+
+    cfg = load_config(args.preset if args.preset or args.config else "digits", args.config,
+                      args.overrides)
+    bundle = ex.build_data(cfg)
+    if not bundle.image:
+        raise ConfigError(f"data.name: fid-stats is for image datasets; {cfg.data.name} is vector data")
+    out = Path(args.out) if args.out else Path("fid-stats") / cfg.data.name
+    run = RunDir(out, args.overwrite, create=False)
+    run.create()
+    (run.path / "config.yaml").write_text(dump_config(cfg))
+    reference = build_reference(cfg, bundle, run.path, progress=not args.quiet)
+    print(json.dumps(reference.info, indent=2))
+    print(f"use it with: eval.fid_stats={run.path}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     if args.show:
         print(dump_config(load_config(args.show)), end="")
@@ -581,7 +717,7 @@ def cmd_presets(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------------
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("--preset", choices=list_presets(), help="named preset (default: checkerboard)")
     p.add_argument("--config", metavar="FILE", help="YAML config (e.g. a run's config.yaml), applied "
                    "after the preset")
@@ -589,9 +725,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "runs/<preset>-<objective>-<time>); must be new or empty unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out, replacing its "
                    "run files")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest "
-                   "checkpoint (exactly as if uninterrupted); overrides may change train.steps and "
-                   "logging/checkpoint options only")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest "
+                       "checkpoint (exactly as if uninterrupted); overrides may change train.steps and "
+                       "logging/checkpoint options only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -650,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="rk4", choices=["euler", "heun", "rk4"],
                    help="ODE solver for velocity checkpoints (default rk4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base samples (default 0)")
+    p.add_argument("--label", type=int, help="class label for a class-conditional checkpoint "
+                   "(default: cycle through the classes)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w for "
+                   "a class-conditional velocity checkpoint (default 1: none)")
     p.add_argument("--data", metavar="FILE", help="optional .npy/.csv of data to plot beside samples")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
@@ -664,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Euler/Heun/RK4 at the same NFE and dopri5. Writes table.md, "
                                    "results.json and plots.")
     p.add_argument("checkpoints", nargs="+", help="flow-map checkpoints (and optionally a velocity "
-                   "checkpoint, used as the teacher)")
+                   "checkpoint, used as the teacher), and eval.* overrides as key=value (e.g. "
+                   "eval.fid_stats=DIR made by `flowmaps fid-stats`, eval.n_samples=5000)")
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
                    "first checkpoint was distilled from)")
     p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
@@ -672,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, overrides=[])
 
     p = sub.add_parser("demo", help="the main job: teacher, LMD, EMD, FMM on the checkerboard, "
                        "evaluated at 1, 2, 4, 8 steps", formatter_class=fmt,
@@ -686,6 +828,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (default 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all runs")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fid-stats", help="reference statistics of an image dataset for the Fréchet "
+                       "distance (trains the offline feature classifier)", formatter_class=fmt,
+                       epilog=EPILOG_OVERRIDES,
+                       description="Compute once per dataset what image evaluations compare against: "
+                                   "with eval.features=classifier (default) a small classifier trained "
+                                   "on the training split (accuracy on the held-out split recorded) and "
+                                   "the mean/covariance of its features over the dataset; with "
+                                   "eval.features=inception the Inception-v3 statistics (local weights "
+                                   "in eval.inception_weights). Evaluate with eval.fid_stats=DIR.")
+    _add_run_options(p, resume=False)
+    p.set_defaults(func=cmd_fid_stats)
 
     p = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     p.add_argument("--show", metavar="NAME", help="print the fully resolved config of a preset")
@@ -706,8 +860,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if extra:
         args.overrides = list(args.overrides) + extra
+    clean = False
     try:
-        return args.func(args)
+        status = args.func(args)
+        clean = status == 0
+        return status
     except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError) as err:
         if os.environ.get("FLOWMAPS_DEBUG"):
             raise
@@ -724,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         # Leave the process group (torchrun): exiting with it alive aborts the process.
         from .distributed import shutdown
 
-        shutdown()
+        shutdown(sync=clean)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,12 @@ class GMMSpec:
 @dataclass
 class DataConfig:
     """Dataset: a generator (``checkerboard``, ``eight_gaussians``, ``moons``, ``spirals``), ``gmm``
-    (exact velocity available), or ``file`` (``path`` to ``.npy``/``.csv``, any dimension)."""
+    (exact velocity available), ``file`` (``path`` to ``.npy``/``.csv``, any dimension), or images:
+    ``digits`` (scikit-learn's bundled 8×8 digits), ``mnist`` / ``fashion_mnist`` (IDX files in
+    ``path``), ``cifar10`` (the official binary version in ``path``), ``imagenet32`` (the official
+    ``.npz`` files in ``path``), ``image_folder`` (PNG/JPEG in ``path``, resized to ``image_size``).
+    Images are scaled to [−1, 1]; ``hflip`` augments by horizontal flips; ``limit`` keeps the first N
+    images; ``n_eval`` images are held out (for image data ``n_train`` is unused)."""
 
     name: str = "checkerboard"
     path: str | None = None
@@ -49,6 +54,9 @@ class DataConfig:
     n_eval: int = 10_000
     standardize: bool = False
     seed: int = 1234
+    image_size: int | None = None
+    hflip: bool = False
+    limit: int | None = None
     gmm: GMMSpec = field(default_factory=GMMSpec)
 
 
@@ -63,14 +71,25 @@ class InterpolantConfig:
 
 @dataclass
 class ModelConfig:
-    """Two-time MLP ``v(x, s, t)``; ``sigma_data``: a number or ``"data"`` (per-dimension data std)."""
+    """The network ``v(x, s, t)``: ``mlp`` (vectors: ``width``, ``depth``, ``activation``, Fourier time
+    features) or ``unet`` (images, spec §5.2.2: ``channels``, ``channel_mults``, ``blocks_per_level``,
+    ``attention_resolutions``, ``dropout``; positional embeddings of ``s`` and ``t − s``).
+    ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
+    dataset's labels (with a null label for classifier-free guidance)."""
 
+    name: str = "mlp"
     width: int = 256
     depth: int = 4
     activation: str = "gelu"
     n_frequencies: int = 8
     max_frequency: float = 8.0
     sigma_data: float | str = 1.0
+    channels: int = 32
+    channel_mults: list = field(default_factory=lambda: [1, 2])
+    blocks_per_level: int = 2
+    attention_resolutions: list = field(default_factory=list)
+    dropout: float = 0.0
+    class_conditional: bool = False
 
 
 @dataclass
@@ -97,6 +116,7 @@ class TeacherConfig:
 
     checkpoint: str | None = None
     exact: bool = False
+    guidance: float = 1.0
 
 
 @dataclass
@@ -125,12 +145,21 @@ class TrainConfig:
     precision: str = "fp32"
     jvp_fp32: bool = True
     compile: bool = False
+    label_dropout: float = 0.1
     device: str = "cpu"
     threads: int | None = None
 
 
 @dataclass
 class EvalConfig:
+    """Evaluation: flow maps at ``steps`` jumps against the teacher's ``solvers`` at equal NFE and
+    dopri5 (``rtol``), on ``n_samples`` samples from the base points of ``seed``. Vectors: W2 (on
+    ``w2_samples``), energy distance, KL where the density is known. Images: Fréchet distance on
+    ``features`` — ``classifier`` (a small classifier trained on the dataset for ``classifier_steps``,
+    offline) or ``inception`` (Inception-v3 from the local file ``inception_weights``; needs the
+    ``fid`` extra) — against reference statistics in ``fid_stats`` (made by ``flowmaps fid-stats``;
+    computed on the fly when unset); samples are drawn ``batch_size`` at a time."""
+
     steps: list = field(default_factory=lambda: [1, 2, 4, 8, 16])
     n_samples: int = 10_000
     w2_samples: int = 2000
@@ -139,6 +168,11 @@ class EvalConfig:
     dopri5: bool = True
     rtol: float = 1e-5
     seed: int = 99
+    features: str = "classifier"
+    inception_weights: str | None = None
+    fid_stats: str | None = None
+    classifier_steps: int = 1500
+    batch_size: int = 1000
 
 
 @dataclass
@@ -158,7 +192,10 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file"),
+    "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
+                  "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder"),
+    "model.name": ("mlp", "unet"),
+    "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
     "model.activation": ("gelu", "silu", "tanh", "softplus"),
     "objective.name": ("velocity", "fmm", "lmd", "emd", "pfmm"),
@@ -173,7 +210,9 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
             "train.checkpoint_every", "eval.n_samples", "eval.w2_samples", "eval.energy_samples",
             "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
-            "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum")
+            "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum",
+            "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
+            "eval.batch_size", "eval.classifier_steps")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -212,6 +251,14 @@ def _validate(cfg: Config) -> None:
     bad = [s for s in cfg.eval.solvers if s not in ("euler", "heun", "rk4")]
     if bad:
         raise ConfigError(f"eval.solvers: unknown solver(s) {bad}; choose from euler, heun, rk4")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    if not 0 <= cfg.train.label_dropout < 1:
+        raise ConfigError(f"train.label_dropout: must be in [0, 1), got {cfg.train.label_dropout}")
+    for key in ("model.channel_mults", "model.attention_resolutions"):
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in flat[key]) or (
+                key == "model.channel_mults" and not flat[key]):
+            raise ConfigError(f"{key}: must be a list of positive integers, got {flat[key]}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size "
                           f"{cfg.train.batch_size}")

@@ -140,6 +140,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group. With ``sync`` every rank first meets at a barrier: a rank that tears the
+    group down while a peer still finishes its last collective aborts the process ("terminate called
+    without an active exception"). After an error pass ``sync=False`` (the peers may never arrive)."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

@@ -25,23 +25,36 @@ from .interpolants import Interpolant, make_interpolant
 from .networks import MLP
 from .objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
 
-__all__ = ["DataBundle", "build_data", "build_interpolant", "build_model", "build_objective",
+__all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "build_data", "build_interpolant", "build_model", "build_objective",
            "build_teacher", "Loaded", "load_model", "save_model"]
+
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
 
 
 @dataclass
 class DataBundle:
-    """Training samples (model space), held-out samples (data units), and what relates the two."""
+    """Training samples (model space), held-out samples (data units), and what relates the two.
+
+    Vectors are ``(N, d)``; images ``(N, C, H, W)`` in [−1, 1] with optional class ``labels``."""
 
     train: Tensor
     held_out: Tensor
     standardizer: Standardizer | None
     reference: ExactReference | None = None  # exact target in model space (gmm data)
     kl: Callable[[Tensor], float] | None = None  # data-units KL oracle (checkerboard / gmm)
+    labels: Tensor | None = None  # class labels of train (image datasets that have them)
+    held_out_labels: Tensor | None = None
+    num_classes: int = 0
+    image: bool = False
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
 
     @property
     def dim(self) -> int:
-        return self.train.shape[1]
+        return int(torch.tensor(self.sample_shape).prod())
 
     def to_data_units(self, x: Tensor) -> Tensor:
         return self.standardizer.inverse(x) if self.standardizer is not None else x
@@ -60,6 +73,8 @@ def build_data(cfg: Config) -> DataBundle:
     """Generate or load the dataset; split off ``n_eval`` held-out samples."""
     g = torch.Generator().manual_seed(cfg.data.seed)
     d = cfg.data
+    if d.name in IMAGE_DATASETS:
+        return _build_images(cfg)
     if d.name == "file":
         data = load_array(d.path)
         if data.shape[0] < 2:
@@ -83,14 +98,45 @@ def build_data(cfg: Config) -> DataBundle:
     return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
 
 
-def _resolve_scale(value, train: Tensor):
-    return train.std(dim=0).clamp_min(1e-6).tolist() if value == "data" else float(value)
+def _build_images(cfg: Config) -> DataBundle:
+    from .image_data import load_image_dataset
+
+    d = cfg.data
+    options = {}
+    if d.limit:
+        options["limit"] = d.limit
+    if d.image_size:
+        options["size"] = d.image_size
+    dataset = load_image_dataset(d.name, d.path, **options)
+    n = dataset.images.shape[0]
+    if n < 2:
+        raise ConfigError(f"data: {d.name} has {n} image(s); need at least 2")
+    train, held_out = dataset.split(min(d.n_eval, max(1, n // 5)), seed=d.seed)
+    return DataBundle(train=train.images, held_out=held_out.images, standardizer=None,
+                      labels=train.labels, held_out_labels=held_out.labels,
+                      num_classes=dataset.num_classes, image=True)
+
+
+def _resolve_scale(value, bundle: DataBundle):
+    if value != "data":
+        return float(value)
+    if bundle.image:  # one scale for all pixels
+        return float(bundle.train.std().clamp_min(1e-6))
+    return bundle.train.std(dim=0).clamp_min(1e-6).tolist()
 
 
 def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
-    """Numbers for every ``"data"`` scale, recorded in checkpoints."""
-    return {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle.train),
-            "sigma_data": _resolve_scale(cfg.model.sigma_data, bundle.train), "dim": bundle.dim}
+    """Numbers for every ``"data"`` scale, recorded in checkpoints (with the sample shape and, for a
+    class-conditional model, the number of classes)."""
+    m = cfg.model
+    if m.name == "unet" and not bundle.image:
+        raise ConfigError(f"model.name: unet needs image data; {cfg.data.name} is vector data (use mlp)")
+    if m.class_conditional and not bundle.num_classes:
+        raise ConfigError(f"model.class_conditional: {cfg.data.name} has no class labels")
+    return {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
+            "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
+            "shape": list(bundle.sample_shape),
+            "num_classes": bundle.num_classes if m.class_conditional else 0}
 
 
 def build_interpolant(cfg: Config, scales: dict) -> Interpolant:
@@ -106,8 +152,24 @@ def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) 
         bundle.kl = lambda x: histogram_kl(x, ref.log_prob, bins=50, low=-4.0, high=4.0)
 
 
+def sample_shape(scales: dict) -> tuple[int, ...]:
+    """The shape of one sample recorded in a checkpoint's scales (older ones hold only ``dim``)."""
+    return tuple(scales.get("shape") or [scales["dim"]])
+
+
 def build_model(cfg: Config, scales: dict) -> FlowMap:
     m = cfg.model
+    if m.name == "unet":
+        from .unet import UNet
+
+        shape = sample_shape(scales)
+        if len(shape) != 3:
+            raise ConfigError(f"model.name: unet needs images (C, H, W); samples have shape {shape}")
+        net = UNet(shape, channels=m.channels, channel_mults=tuple(m.channel_mults),
+                   blocks_per_level=m.blocks_per_level,
+                   attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
+                   num_classes=scales.get("num_classes", 0), sigma_data=float(scales["sigma_data"]))
+        return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
               sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=m.n_frequencies,
               max_frequency=m.max_frequency)
@@ -140,6 +202,14 @@ def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
         raise ConfigError("teacher.checkpoint: the teacher used a different interpolant or base scale "
                           f"({loaded.config.interpolant.name}, sigma0={loaded.scales['sigma0']})")
     loaded.model.requires_grad_(False)
+    if t.guidance != 1.0:
+        null = loaded.scales.get("num_classes", 0)
+        if not null:
+            raise ConfigError("teacher.guidance: needs a class-conditional teacher "
+                              "(model.class_conditional=true)")
+        from .objectives import GuidedVelocity
+
+        return GuidedVelocity(loaded.model, t.guidance, null_label=null)
     return loaded.model
 
 

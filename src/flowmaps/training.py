@@ -51,6 +51,7 @@ def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Call
             idx = torch.randint(data.shape[0], (n,), generator=generator, device=generator.device)
             return data[idx.to(data.device)].to(device)
 
+        draw.data = data
         return draw
     if callable(data):
         try:
@@ -77,8 +78,9 @@ class _ObjectiveLoss(nn.Module):
         self.model = model
         self._objective = (objective,)
 
-    def forward(self, x1: Tensor, generator: torch.Generator) -> tuple[Tensor, LossOutput]:
-        out = self._objective[0](self.model, x1, generator=generator)
+    def forward(self, x1: Tensor, cond: Tensor | None, generator: torch.Generator
+                ) -> tuple[Tensor, LossOutput]:
+        out = self._objective[0](self.model, x1, cond, generator=generator)
         return out.loss, out
 
 
@@ -106,6 +108,10 @@ class Trainer:
         compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
         distributed: wrap in DistributedDataParallel; ``None`` (default): when a process group with
             more than one rank is initialised (``flowmaps.distributed.init``).
+        labels: class labels ``(N,)`` of tensor ``data`` (class-conditional training): each batch's
+            labels are passed to the objective as ``cond``; with probability ``label_dropout`` a label
+            is replaced by ``null_label`` (the unconditional label, for classifier-free guidance).
+        augment: ``augment(x, generator) -> x`` applied to every drawn batch (e.g. horizontal flips).
 
     Determinism: a run is a function of its seed; :meth:`state_dict` / :meth:`load_state_dict` capture
     everything that evolves (weights, EMA, optimiser and schedule, every rank's generator, the global
@@ -118,7 +124,10 @@ class Trainer:
                  weight_decay: float = 0.0, grad_clip: float | None = None,
                  lr_decay_start: int | None = None, ema_decay: float | None = None, seed: int = 0,
                  max_bad_steps: int = 10, grad_accum: int = 1, precision: str = "fp32",
-                 compile: bool = False, distributed: bool | None = None):
+                 compile: bool = False, distributed: bool | None = None,
+                 labels: Tensor | None = None, label_dropout: float = 0.0,
+                 null_label: int | None = None,
+                 augment: Callable[[Tensor, torch.Generator], Tensor] | None = None):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -154,7 +163,17 @@ class Trainer:
         self.seed = seed
         self.generator = torch.Generator(device=self.device).manual_seed(
             dist_.rank_seed(seed, self.dist.rank))
+        if labels is not None:
+            if not isinstance(data, Tensor) or labels.shape != (data.shape[0],):
+                raise ValueError("labels must be a (N,) tensor beside a data tensor of N samples")
+            if null_label is None:
+                raise ValueError("class-conditional training needs null_label (the unconditional "
+                                 "label used by label dropout and guidance)")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError("label_dropout must be in [0, 1)")
         self.draw = _batch_sampler(data, self.generator, self.device)
+        self.labels, self.label_dropout, self.null_label = labels, float(label_dropout), null_label
+        self.augment = augment
         self.batch_size, self.grad_clip, self.grad_accum = batch_size, grad_clip, grad_accum
         self.precision = precision
         self.loss_fn: nn.Module = _ObjectiveLoss(model, objective)
@@ -190,11 +209,11 @@ class Trainer:
         micro = self.batch_size // self.grad_accum
         outs = []
         for i in range(self.grad_accum):
-            batch = self.draw(micro)
+            batch, cond = self._draw_batch(micro)
             last = i == self.grad_accum - 1
             with (contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()):
                 with self._autocast():
-                    loss, out = self.loss_fn(batch, self.generator)
+                    loss, out = self.loss_fn(batch, cond, self.generator)
                 # Backward even when the loss is non-finite: under DDP every rank must join the
                 # gradient all-reduce; the step is then skipped on every rank alike (below).
                 (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
@@ -215,6 +234,22 @@ class Trainer:
         self.bad_steps = 0
         self.step_count += 1
         return out
+
+    def _draw_batch(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """A batch (and its labels, with label dropout) from the trainer's generator."""
+        if self.labels is None:
+            x, cond = self.draw(n), None
+        else:
+            g = self.generator
+            idx = torch.randint(self.labels.shape[0], (n,), generator=g, device=g.device).cpu()
+            x = self.draw.data[idx.to(self.draw.data.device)].to(self.device)
+            cond = self.labels[idx.to(self.labels.device)].to(self.device)
+            if self.label_dropout > 0:
+                drop = torch.rand(n, generator=g, device=g.device).to(self.device) < self.label_dropout
+                cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+        if self.augment is not None:
+            x = self.augment(x, self.generator)
+        return x, cond
 
     def _reduce(self, outs: list[LossOutput]) -> LossOutput:
         """Average loss, terms and stats over micro-batches and (one all-reduce) over ranks."""
@@ -347,12 +382,13 @@ class Trainer:
                                f"{self.step_count}: gradient synchronisation failed")
 
     @torch.no_grad()
-    def validation_loss(self, x1: Tensor, seed: int = 0) -> float:
+    def validation_loss(self, x1: Tensor, seed: int = 0, cond: Tensor | None = None) -> float:
         """The objective on fixed held-out data with a fixed generator, on the EMA weights when kept:
         comparable across steps (used to keep the best checkpoint). Leaves the training RNG alone."""
         model = self.ema if self.ema is not None else self.model
         g = torch.Generator(device=self.device).manual_seed(seed)
-        return float(self.objective(model, x1.to(self.device), generator=g).loss)
+        cond = None if cond is None else cond.to(self.device)
+        return float(self.objective(model, x1.to(self.device), cond, generator=g).loss)
 
     def run(self, steps: int, progress: bool = True,
             callback: Callable[[int, LossOutput], None] | None = None,

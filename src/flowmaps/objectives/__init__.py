@@ -7,11 +7,11 @@
 * :class:`PFMM` — progressive flow map matching (range doubling, refreshed teacher).
 """
 
-from .base import LossOutput, Objective, TimeSampler
+from .base import GuidedVelocity, LossOutput, Objective, TimeSampler
 from .emd import EMD
 from .fmm import FMM
 from .lmd import LMD
 from .pfmm import PFMM
 from .velocity import Velocity
 
-__all__ = ["Objective", "LossOutput", "TimeSampler", "Velocity", "FMM", "LMD", "EMD", "PFMM"]
+__all__ = ["Objective", "LossOutput", "TimeSampler", "GuidedVelocity", "Velocity", "FMM", "LMD", "EMD", "PFMM"]

@@ -24,7 +24,8 @@ from ..interpolants import Interpolant
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Weighting = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["TimeSampler", "Objective", "LossOutput", "Velocity", "Weighting"]
+__all__ = ["TimeSampler", "Objective", "LossOutput", "Velocity", "Weighting", "GuidedVelocity",
+           "call_teacher", "teacher_no_grad"]
 
 DOMAINS = ("diagonal", "triangle", "square")
 
@@ -162,7 +163,35 @@ def as_velocity(teacher) -> Velocity:
     raise TypeError(f"a teacher must be a callable b(x, t) or have .velocity(x, t); got {teacher!r}")
 
 
-def teacher_no_grad(teacher: Velocity, x: Tensor, t: Tensor) -> Tensor:
+def call_teacher(teacher: Velocity, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    """``b̂_t(x)``, or ``b̂_t(x | cond)`` for a conditional teacher (class labels; see
+    :class:`GuidedVelocity` for classifier-free guidance as a distillation input)."""
+    return teacher(x, t) if cond is None else teacher(x, t, cond)
+
+
+def teacher_no_grad(teacher: Velocity, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
     """Evaluate a teacher velocity under stop-gradient (no graph is built, saving memory)."""
     with torch.no_grad():
-        return teacher(x.detach(), t.detach())
+        return call_teacher(teacher, x.detach(), t.detach(), cond)
+
+
+class GuidedVelocity:
+    """Classifier-free guidance of a class-conditional velocity (label ``null_label`` = unconditional):
+
+        b^w_t(x | c) = b_t(x | ∅) + w [ b_t(x | c) − b_t(x | ∅) ],
+
+    ``w = 1`` is the plain conditional velocity. Used to sample a teacher with guidance, and as the
+    teacher of a distillation, so the student learns the guided flow map at this ``w``. Without a label
+    (``cond=None``) it is the unconditional velocity.
+    """
+
+    def __init__(self, velocity: Velocity, scale: float, null_label: int):
+        self.base, self.scale, self.null_label = as_velocity(velocity), float(scale), int(null_label)
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        null = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        uncond = self.base(x, t, null)
+        if cond is None or self.scale == 0.0:
+            return uncond
+        cond_v = self.base(x, t, cond)
+        return uncond + self.scale * (cond_v - uncond)

@@ -38,7 +38,7 @@ class EMD(Objective):
 
     def terms(self, model, x0, x1, s, t, cond):
         i_s = self.interpolant.interpolate(x0, x1, s)
-        b = teacher_no_grad(self.teacher, i_s, s)
+        b = teacher_no_grad(self.teacher, i_s, s, cond)
         if self.form == "semigradient":
             if hasattr(model, "jvps"):
                 # One primal pass carrying both tangents; the spatial one under stop-gradient.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._tensor import sq_norm
-from .base import Objective, as_velocity, teacher_no_grad
+from .base import Objective, as_velocity, call_teacher, teacher_no_grad
 
 
 class LMD(Objective):
@@ -33,9 +33,9 @@ class LMD(Objective):
         x_st, dt_x = model.jvp(i_s, s, t, dt=1.0, cond=cond)
         self.record("jvp_norm", dt_x)
         if self.semigradient:
-            target = teacher_no_grad(self.teacher, x_st, t)
+            target = teacher_no_grad(self.teacher, x_st, t, cond)
         else:
-            target = self.teacher(x_st, t)
+            target = call_teacher(self.teacher, x_st, t, cond)
         return {"lagrangian": sq_norm(dt_x - target)}
 
     def config(self):

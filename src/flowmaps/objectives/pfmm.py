@@ -7,7 +7,7 @@ import copy
 import torch
 
 from .._tensor import expand_as_data, sq_norm
-from .base import Objective, as_velocity
+from .base import Objective, as_velocity, call_teacher
 
 FORMS = ("velocity", "map")
 
@@ -85,7 +85,7 @@ class PFMM(Objective):
     def teacher_slope(self, x, s, t, cond):
         """The teacher's chord slope ``v̌_{s,t}(x)`` (Euler: ``b̂_s(x)``; later: the frozen student)."""
         if self.frozen is None:
-            return self.teacher(x, s)
+            return call_teacher(self.teacher, x, s, cond)
         return self.frozen.v(x, s, t, cond)
 
     def __call__(self, model, x1, cond=None, generator=None):

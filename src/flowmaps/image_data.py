@@ -1,0 +1,859 @@
+"""Image datasets read from files the user supplies, flip augmentation, and PNG sample grids.
+
+Nothing downloads and nothing is unpickled. The readers take local files in their official formats:
+
+* ``digits``: scikit-learn's bundled 8×8 digits (shipped inside scikit-learn, so it works offline);
+* ``mnist`` / ``fashion_mnist``: IDX files (``train-images-idx3-ubyte`` …), plain or gzip-compressed;
+* ``cifar10``: the official *binary* version (``data_batch_1.bin`` … ``test_batch.bin``), as a folder,
+  one ``.bin`` file or the ``cifar-10-binary.tar.gz`` archive (members read in memory, never extracted);
+* ``imagenet32``: the official downsampled-ImageNet ``.npz`` files, read with ``allow_pickle=False``;
+* ``image_folder``: any folder of PNG/JPEG images (class labels from its subfolders), via Pillow.
+
+Every reader returns an :class:`ImageDataset`: float32 images ``(N, C, H, W)`` with the 8-bit value
+``u`` mapped to ``u / 127.5 − 1`` (so 0 → −1 and 255 → 1 exactly), and int64 labels or ``None``.
+A file that cannot be used raises :class:`ImageDataError`, a :class:`ValueError` whose message is one
+line naming the file and the problem (the CLI prints it as ``flowmaps: error: <message>``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ImageDataset", "ImageDataError", "IMAGE_DATASETS", "load_image_dataset", "load_digits",
+           "read_idx", "read_cifar10", "read_imagenet32", "read_image_folder", "random_hflip",
+           "AugmentedImages", "to_uint8", "make_grid", "save_image_grid", "save_labeled_grids"]
+
+IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+_DIGIT_CLASSES = tuple(str(k) for k in range(10))
+
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N,)
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+# u / 127.5 − 1 for every byte value, computed in float64 and rounded once to float32: exact at the
+# ends (0 → −1, 255 → 1) whatever the division kernel does.
+_BYTE_TO_UNIT = torch.tensor([u / 127.5 - 1.0 for u in range(256)], dtype=torch.float32)
+
+
+class ImageDataError(ValueError):
+    """Image data that cannot be used; the message is one line naming the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class ImageDataset:
+    """Images ``(N, C, H, W)`` float32 in ``[−1, 1]``, optional int64 ``labels`` ``(N,)``.
+
+    ``num_classes`` is 0 for unlabeled data; ``class_names`` (optional) names each label.
+    """
+
+    images: Tensor
+    labels: Tensor | None = None
+    num_classes: int = 0
+    name: str = ""
+    class_names: list[str] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.images, Tensor) or self.images.ndim != 4:
+            shape = tuple(getattr(self.images, "shape", ()))
+            raise ValueError(f"ImageDataset {self.name!r}: images must be a tensor (N, C, H, W), "
+                             f"got shape {shape}")
+        if self.images.dtype != torch.float32:
+            self.images = self.images.float()
+        if self.labels is not None:
+            self.labels = torch.as_tensor(self.labels).long().reshape(-1)
+            if self.labels.shape[0] != self.images.shape[0]:
+                raise ValueError(f"ImageDataset {self.name!r}: {self.labels.shape[0]} labels for "
+                                 f"{self.images.shape[0]} images")
+            if self.labels.numel() and (int(self.labels.min()) < 0
+                                        or int(self.labels.max()) >= self.num_classes):
+                raise ValueError(f"ImageDataset {self.name!r}: labels must lie in [0, "
+                                 f"{self.num_classes}) (num_classes), got {int(self.labels.min())}.."
+                                 f"{int(self.labels.max())}")
+        elif self.num_classes:
+            raise ValueError(f"ImageDataset {self.name!r}: num_classes={self.num_classes} without "
+                             "labels")
+        if self.class_names is not None:
+            self.class_names = [str(c) for c in self.class_names]
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"ImageDataset {self.name!r}: {len(self.class_names)} class names for "
+                                 f"{self.num_classes} classes")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Tensor | Sequence[int] | slice) -> "ImageDataset":
+        """The images (and labels) at ``index``, with the same classes and name."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long)
+        labels = None if self.labels is None else self.labels[index]
+        return ImageDataset(self.images[index], labels, self.num_classes, self.name,
+                            self.class_names)
+
+    def split(self, n_eval: int, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
+        """``(train, held_out)``: ``n_eval`` images chosen by a permutation seeded with ``seed`` are
+        held out, the rest train. Both keep the original order of their images, so the split depends
+        only on ``(N, n_eval, seed)``. ``0 <= n_eval < N`` (the training part is never empty)."""
+        n = len(self)
+        if isinstance(n_eval, bool) or not isinstance(n_eval, (int, np.integer)) \
+                or not 0 <= n_eval < n:
+            raise ValueError(f"{self.name or 'image dataset'}: cannot hold out n_eval={n_eval!r} of "
+                             f"{n} images (need 0 <= n_eval < {n})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        held = perm[:n_eval].sort().values
+        train = perm[n_eval:].sort().values
+        return self.subset(train), self.subset(held)
+
+
+def _bytes_to_unit(arr: np.ndarray) -> Tensor:
+    """uint8 array → float32 tensor of the same shape, ``u / 127.5 − 1``, converted in chunks (no
+    full-size intermediate beyond the output)."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    out = torch.empty(arr.shape, dtype=torch.float32)
+    if arr.size == 0:
+        return out
+    flat_in, flat_out = arr.reshape(-1), out.view(-1)
+    step = 1 << 22
+    for i in range(0, flat_in.size, step):
+        chunk = torch.from_numpy(flat_in[i:i + step].astype(np.int32))
+        flat_out[i:i + step] = _BYTE_TO_UNIT[chunk]
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _check_limit(limit) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    return int(limit)
+
+
+def _require_exists(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ImageDataError(f"{path}: no such file or folder")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ digits
+
+
+def load_digits(limit: int | None = None) -> ImageDataset:
+    """scikit-learn's bundled 8×8 handwritten digits: 1797 images ``(1, 8, 8)``, 10 classes; values
+    0..16 map to ``v / 8 − 1`` (0 → −1, 16 → 1). Offline: the data ships inside scikit-learn."""
+    limit = _check_limit(limit)
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError:
+        raise ImageDataError("digits: needs scikit-learn, which is not installed "
+                             "(pip install scikit-learn)") from None
+    bunch = _sk_load_digits()
+    images = np.asarray(bunch.images, dtype=np.float64)[:limit]
+    x = torch.from_numpy(images / 8.0 - 1.0).float().unsqueeze(1)
+    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)[:limit])
+    return ImageDataset(x, y, 10, "digits", list(_DIGIT_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------- IDX
+
+
+def _open_maybe_gzip(path: Path):
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if path.suffix.lower() == ".gz":
+        raise ImageDataError(f"{path}: named .gz but not gzip-compressed")
+    return open(path, "rb")
+
+
+def _read_idx_file(path: Path, magic: int, what: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Dims and uint8 payload of one IDX file with the expected ``magic``; reads exactly the bytes the
+    header announces (so a gzip bomb cannot blow up memory) and refuses short or over-long files."""
+    if not path.is_file():
+        raise ImageDataError(f"{path}: no such file" if not path.exists() else
+                             f"{path}: is not a regular file")
+    ndim = magic & 0xFF
+    try:
+        with _open_maybe_gzip(path) as handle:
+            header = handle.read(4 + 4 * ndim)
+            if len(header) < 4:
+                raise ImageDataError(f"{path}: too short for an IDX file ({len(header)} bytes)")
+            got = int.from_bytes(header[:4], "big")
+            if got != magic:
+                hint = ""
+                if got == _IDX_LABELS_MAGIC and magic == _IDX_IMAGES_MAGIC:
+                    hint = "; this is an IDX labels file, expected images"
+                elif got == _IDX_IMAGES_MAGIC and magic == _IDX_LABELS_MAGIC:
+                    hint = "; this is an IDX images file, expected labels"
+                raise ImageDataError(f"{path}: wrong magic number {got} (0x{got:08x}); expected {magic} "
+                                     f"for an IDX {what} file{hint}")
+            if len(header) < 4 + 4 * ndim:
+                raise ImageDataError(f"{path}: truncated IDX header ({len(header)} of {4 + 4 * ndim} "
+                                     "bytes)")
+            dims = tuple(int.from_bytes(header[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+            if any(d == 0 for d in dims):
+                raise ImageDataError(f"{path}: IDX {what} file with an empty dimension {dims}")
+            expected = math.prod(dims)
+            payload = handle.read(expected + 1)
+    except ImageDataError:
+        raise
+    except EOFError as err:
+        raise ImageDataError(f"{path}: truncated gzip stream ({_one_line(err)})") from None
+    except (OSError, gzip.BadGzipFile) as err:
+        raise ImageDataError(f"{path}: cannot read ({_one_line(err)})") from None
+    if len(payload) < expected:
+        raise ImageDataError(f"{path}: truncated IDX {what} file: header announces {dims} = {expected} "
+                             f"bytes of data but only {len(payload)} follow")
+    if len(payload) > expected:
+        raise ImageDataError(f"{path}: IDX {what} file longer than its header announces {dims} "
+                             f"({expected} bytes of data); trailing bytes")
+    return dims, np.frombuffer(payload, dtype=np.uint8).reshape(dims)
+
+
+def read_idx(images_path: str | Path, labels_path: str | Path | None = None, *,
+             limit: int | None = None, num_classes: int | None = None,
+             name: str = "idx") -> ImageDataset:
+    """Read MNIST-style IDX files: images (magic 2051, uint8 ``N × H × W``) and optional labels (magic
+    2049, uint8 ``N``), each plain or gzip-compressed (detected from its first bytes). Returns
+    1-channel images in ``[−1, 1]``; ``num_classes`` defaults to ``max(label) + 1``. ``limit`` keeps
+    the first ``limit`` images. Wrong magic, empty dimensions, truncated or over-long files, a corrupt
+    gzip stream and a label count that differs from the image count raise :class:`ImageDataError`."""
+    limit = _check_limit(limit)
+    images_path = _require_exists(images_path)
+    (n, h, w), pixels = _read_idx_file(images_path, _IDX_IMAGES_MAGIC, "images")
+    labels, k = None, 0
+    if labels_path is not None:
+        labels_path = _require_exists(labels_path)
+        (m,), raw = _read_idx_file(labels_path, _IDX_LABELS_MAGIC, "labels")
+        if m != n:
+            raise ImageDataError(f"{labels_path}: {m} labels but {images_path.name} holds {n} images")
+        k = int(raw.max()) + 1 if num_classes is None else int(num_classes)
+        if int(raw.max()) >= k:
+            raise ImageDataError(f"{labels_path}: label {int(raw.max())} out of range for {k} classes")
+        labels = torch.from_numpy(raw[:limit].astype(np.int64))
+    images = _bytes_to_unit(pixels[:limit]).unsqueeze(1)
+    return ImageDataset(images, labels, k, name)
+
+
+# ---------------------------------------------------------------------------------------- CIFAR-10
+
+
+def _cifar_records(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
+        hint = ""
+        if len(raw) and len(raw) % (_CIFAR_RECORD + 1) == 0:
+            hint = " (CIFAR-100 binary records have 2 label bytes; only CIFAR-10 is read)"
+        raise ImageDataError(f"{source}: wrong record size: {len(raw)} bytes is not a whole number of "
+                             f"CIFAR-10 records of {_CIFAR_RECORD} bytes (1 label byte + 3x32x32 "
+                             f"pixels){hint}")
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = rec[:, 0]
+    if int(labels.max()) > 9:
+        bad = int(np.argmax(labels > 9))
+        raise ImageDataError(f"{source}: record {bad} has label byte {int(labels[bad])}, not 0..9; "
+                             "not a CIFAR-10 binary batch")
+    return rec[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def _batch_number(name: str) -> int:
+    m = re.fullmatch(r"data_batch_(\d+)\.bin", name)
+    return int(m.group(1)) if m else -1
+
+
+def _cifar_wanted(names: Iterable[str], split: str) -> list[str]:
+    if split == "test":
+        return [n for n in names if n == "test_batch.bin"]
+    return sorted((n for n in names if _batch_number(n) >= 0), key=_batch_number)
+
+
+def read_cifar10(path: str | Path, split: str = "train", *, limit: int | None = None) -> ImageDataset:
+    """Read the official CIFAR-10 *binary* version: records of 1 label byte + 3072 pixel bytes (R, G
+    then B planes of 32×32, row-major). ``path`` is a folder holding ``data_batch_1.bin`` …
+    ``data_batch_5.bin`` / ``test_batch.bin`` (directly or in ``cifar-10-batches-bin/``), one ``.bin``
+    file (read whatever ``split``), or the ``cifar-10-binary.tar.gz`` archive, whose members are read
+    in memory (nothing is extracted to disk). ``split`` is ``"train"`` (the data batches, in order)
+    or ``"test"``. A file whose size is not a whole number of records, or a label byte above 9, raises
+    :class:`ImageDataError`."""
+    limit = _check_limit(limit)
+    if split not in ("train", "test"):
+        raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
+    path = _require_exists(path)
+    expected = "test_batch.bin" if split == "test" else "data_batch_1.bin ... data_batch_5.bin"
+
+    def sources() -> Iterator[tuple[str, bytes]]:
+        if path.is_dir():
+            folder = path
+            if not _cifar_wanted((p.name for p in folder.iterdir()), split) \
+                    and (path / "cifar-10-batches-bin").is_dir():
+                folder = path / "cifar-10-batches-bin"
+            names = _cifar_wanted((p.name for p in folder.iterdir() if p.is_file()), split)
+            if not names:
+                raise ImageDataError(f"{path}: no CIFAR-10 {split} batch found (expected {expected})")
+            for name in names:
+                yield str(folder / name), (folder / name).read_bytes()
+        elif path.suffix.lower() == ".bin":
+            yield str(path), path.read_bytes()
+        else:
+            try:
+                is_tar = tarfile.is_tarfile(path)
+            except (OSError, EOFError):
+                is_tar = False
+            if not is_tar:
+                raise ImageDataError(f"{path}: not a CIFAR-10 .bin batch, folder or .tar.gz archive")
+            try:
+                with tarfile.open(path, "r:*") as tar:
+                    members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                    names = _cifar_wanted(members, split)
+                    if not names:
+                        raise ImageDataError(f"{path}: archive holds no CIFAR-10 {split} batch "
+                                             f"(expected {expected})")
+                    for name in names:
+                        handle = tar.extractfile(members[name])
+                        yield f"{path}:{members[name].name}", handle.read()
+            except ImageDataError:
+                raise
+            except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as err:
+                raise ImageDataError(f"{path}: cannot read archive ({_one_line(err)})") from None
+
+    xs, ys, count = [], [], 0
+    for source, raw in sources():
+        x, y = _cifar_records(raw, source)
+        xs.append(x)
+        ys.append(y)
+        count += len(y)
+        if limit is not None and count >= limit:
+            break
+    pixels = np.concatenate(xs)[:limit]
+    labels = torch.from_numpy(np.concatenate(ys)[:limit].astype(np.int64))
+    return ImageDataset(_bytes_to_unit(pixels), labels, 10, "cifar10", list(CIFAR10_CLASSES))
+
+
+# -------------------------------------------------------------------------------------- ImageNet-32
+
+
+def _imagenet_files(path: Path, split: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+
+    def number(p: Path) -> int:
+        m = re.fullmatch(r"train_data_batch_(\d+)\.npz", p.name)
+        return int(m.group(1)) if m else -1
+
+    if split == "train":
+        files = sorted((p for p in path.iterdir() if number(p) >= 0), key=number)
+        expected = "train_data_batch_1.npz, ..."
+    else:
+        files = [p for p in path.iterdir() if p.name == "val_data.npz"]
+        expected = "val_data.npz"
+    if not files:
+        raise ImageDataError(f"{path}: no ImageNet-32 {split} file found (expected {expected})")
+    return files
+
+
+def _read_imagenet_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:2] != b"PK":
+        kind = "a Python pickle" if head[:1] == b"\x80" else "no zip header"
+        raise ImageDataError(f"{path}: not a NumPy .npz archive ({kind})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            missing = [k for k in ("data", "labels") if k not in keys]
+            if missing:
+                raise ImageDataError(f"{path}: no {' or '.join(repr(k) for k in missing)} array in the "
+                                     f".npz (has {', '.join(sorted(keys)) or 'nothing'})")
+            data, labels = npz["data"], npz["labels"]
+    except ImageDataError:
+        raise
+    except ValueError as err:
+        if "pickle" in str(err).lower() or "object" in str(err).lower():
+            raise ImageDataError(f"{path}: holds Python objects (an object array, needs pickle); "
+                                 "refused, only numeric arrays are read") from None
+        raise ImageDataError(f"{path}: not a valid .npz file ({_one_line(err)})") from None
+    except Exception as err:  # zipfile.BadZipFile, OSError, EOFError, zlib errors ...
+        raise ImageDataError(f"{path}: not a valid .npz file ({_one_line(err)})") from None
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
+        raise ImageDataError(f"{path}: 'data' must be an integer array (N, 3*S*S), got {data.dtype} "
+                             f"{data.shape}")
+    side = math.isqrt(data.shape[1] // 3)
+    if data.shape[1] == 0 or 3 * side * side != data.shape[1]:
+        raise ImageDataError(f"{path}: 'data' rows of {data.shape[1]} values are not 3 square colour "
+                             "planes (3*S*S)")
+    if data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+        raise ImageDataError(f"{path}: 'data' values outside 0..255")
+    labels = np.asarray(labels).reshape(-1)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ImageDataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    if labels.shape[0] != data.shape[0]:
+        raise ImageDataError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    if labels.size and (int(labels.min()) < 1 or int(labels.max()) > 1000):
+        raise ImageDataError(f"{path}: labels must be 1-based class numbers 1..1000, found "
+                             f"{int(labels.min())}..{int(labels.max())}")
+    return data.reshape(-1, 3, side, side).astype(np.uint8, copy=False), labels.astype(np.int64) - 1
+
+
+def read_imagenet32(path: str | Path, split: str = "train", *,
+                    limit: int | None = None) -> ImageDataset:
+    """Read the official downsampled-ImageNet ``.npz`` files (Imagenet32: ``data`` ``(N, 3072)``
+    uint8, channel-major R, G, B planes of 32×32; ``labels`` 1-based 1..1000, returned 0-based; the
+    16×16 and 64×64 variants of the same format are read too). ``path`` is one file, or a folder of
+    ``train_data_batch_<k>.npz`` (``split="train"``, in batch order) or ``val_data.npz``
+    (``split="val"``, also accepted as ``"test"``). Files are opened with ``allow_pickle=False``: an
+    object array is refused, never unpickled."""
+    limit = _check_limit(limit)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"imagenet32: split must be 'train' or 'val', got {split!r}")
+    path = _require_exists(path)
+    xs, ys, count = [], [], 0
+    for file in _imagenet_files(path, "train" if split == "train" else "val"):
+        x, y = _read_imagenet_npz(file)
+        if xs and x.shape[1:] != xs[0].shape[1:]:
+            raise ImageDataError(f"{file}: images of shape {x.shape[1:]} but earlier files hold "
+                                 f"{xs[0].shape[1:]}")
+        xs.append(x)
+        ys.append(y)
+        count += len(y)
+        if limit is not None and count >= limit:
+            break
+    pixels = np.concatenate(xs)[:limit]
+    labels = torch.from_numpy(np.concatenate(ys)[:limit])
+    if len(labels) == 0:
+        raise ImageDataError(f"{path}: no images")
+    return ImageDataset(_bytes_to_unit(pixels), labels, 1000, "imagenet32")
+
+
+# ------------------------------------------------------------------------------------ image folder
+
+
+def _size_hw(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (int(size), int(size))
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an int or (H, W), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return h, w
+
+
+def _check_channels(channels) -> int:
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _open_image(file: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 ``(H, W, C)``: decoded, EXIF-oriented, converted, centre-cropped to the
+    target aspect ratio and resized (bicubic) when ``size`` is given."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey → 8-bit
+                arr = np.asarray(img, dtype=np.float64) / 257.0
+                img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None:
+                h, w = size
+                W, H = img.size
+                if W * h > H * w:  # too wide: crop the width
+                    cw = max(1, round(H * w / h))
+                    left = (W - cw) // 2
+                    img = img.crop((left, 0, left + cw, H))
+                elif W * h < H * w:  # too tall: crop the height
+                    ch = max(1, round(W * h / w))
+                    top = (H - ch) // 2
+                    img = img.crop((0, top, W, top + ch))
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+        raise ImageDataError(f"{file}: cannot read image ({_one_line(err)})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = None, channels: int = 3,
+                      *, limit: int | None = None) -> ImageDataset:
+    """Read every PNG/JPEG under ``path`` (recursively; hidden files and folders skipped), in sorted
+    relative-path order. If every image lies in a subfolder, the top-level subfolder names (sorted)
+    are the classes and each image is labeled by its subfolder; images directly in ``path`` make the
+    data unlabeled. ``channels`` is 1 (grey) or 3 (RGB). With ``size`` (``int`` or ``(H, W)``) each
+    image is centre-cropped to that aspect ratio (a square for an ``int``) and resized (bicubic);
+    with ``size=None`` all images must share one size. No images, an unreadable image, or a size
+    mismatch raises :class:`ImageDataError` naming the folder or file."""
+    limit = _check_limit(limit)
+    size = _size_hw(size)
+    channels = _check_channels(channels)
+    path = _require_exists(path)
+    if not path.is_dir():
+        raise ImageDataError(f"{path}: is not a folder (image_folder needs a folder of PNG/JPEG files)")
+    rels = sorted((p.relative_to(path) for p in path.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                  key=lambda r: r.as_posix())
+    rels = [r for r in rels if not _hidden(r)]
+    if not rels:
+        raise ImageDataError(f"{path}: no PNG or JPEG images found (searched recursively for "
+                             f"{', '.join(IMAGE_EXTENSIONS)})")
+    labeled = all(len(r.parts) > 1 for r in rels)
+    classes = sorted({r.parts[0] for r in rels}) if labeled else []
+    rels = rels[:limit]
+    out: np.ndarray | None = None
+    first: Path | None = None
+    for i, rel in enumerate(rels):
+        file = path / rel
+        arr = _open_image(file, channels, size)
+        if out is None:
+            out = np.empty((len(rels), *arr.shape), dtype=np.uint8)
+            first = file
+        elif arr.shape != out.shape[1:]:
+            raise ImageDataError(f"{file}: image is {arr.shape[0]}x{arr.shape[1]} (HxW) but {first} is "
+                                 f"{out.shape[1]}x{out.shape[2]}; give a size to resize them all")
+        out[i] = arr
+    images = _bytes_to_unit(out.transpose(0, 3, 1, 2))
+    if not labeled:
+        return ImageDataset(images, None, 0, "image_folder")
+    index = {c: k for k, c in enumerate(classes)}
+    labels = torch.tensor([index[r.parts[0]] for r in rels], dtype=torch.long)
+    return ImageDataset(images, labels, len(classes), "image_folder", classes)
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+
+def _idx_files(folder: Path, prefix: str) -> tuple[Path | None, Path | None]:
+    def find(kind: str) -> Path | None:
+        for stem in (f"{prefix}-{kind}", f"{prefix}-{kind}".replace("-idx", ".idx")):
+            for name in (stem, stem + ".gz"):
+                if (folder / name).is_file():
+                    return folder / name
+        return None
+
+    return find("images-idx3-ubyte"), find("labels-idx1-ubyte")
+
+
+def _read_mnist_like(name: str, path, split: str, limit: int | None,
+                     labels_path=None) -> ImageDataset:
+    if split not in ("train", "test"):
+        raise ValueError(f"{name}: split must be 'train' or 'test', got {split!r}")
+    if path is None:
+        raise ImageDataError(f"{name}: needs a path (a folder with the IDX files, or an images file)")
+    path = _require_exists(path)
+    if path.is_dir():
+        prefix = "train" if split == "train" else "t10k"
+        images, labels = _idx_files(path, prefix)
+        if images is None:
+            raise ImageDataError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file in this folder")
+    else:
+        images = path
+        guess = path.with_name(path.name.replace("images-idx3", "labels-idx1").replace("images.idx3",
+                                                                                       "labels.idx1"))
+        labels = guess if guess != path and guess.is_file() else None
+    if labels_path is not None:
+        labels = Path(labels_path)
+    ds = read_idx(images, labels, limit=limit, num_classes=10 if labels is not None else None,
+                  name=name)
+    if ds.labels is not None:
+        ds.class_names = list(FASHION_MNIST_CLASSES if name == "fashion_mnist" else _DIGIT_CLASSES)
+    return ds
+
+
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize of ``(N, C, H, W)`` in [−1, 1] (in chunks), clamped to [−1, 1]."""
+    if tuple(images.shape[-2:]) == size:
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.float32)
+    for i in range(0, images.shape[0], 1024):
+        out[i:i + 1024] = torch.nn.functional.interpolate(
+            images[i:i + 1024], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.clamp_(-1.0, 1.0)
+
+
+def _set_channels(images: Tensor, channels: int) -> Tensor:
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    if c == 3 and channels == 1:  # ITU-R 601 luma, as Pillow's "L"
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+        return (images * weights).sum(1, keepdim=True)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def load_image_dataset(name: str, path: str | Path | None = None, **options) -> ImageDataset:
+    """Load the image dataset ``name`` (one of :data:`IMAGE_DATASETS`) from ``path``.
+
+    ``digits`` needs no path. ``mnist``/``fashion_mnist``: ``path`` is a folder holding the standard
+    files (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, ``t10k-…`` for
+    ``split="test"``; a missing labels file gives unlabeled data) or an images file (its labels file is
+    found by name). ``cifar10``, ``imagenet32``: see :func:`read_cifar10`, :func:`read_imagenet32`.
+    ``image_folder``: see :func:`read_image_folder`.
+
+    Options: ``split`` (``"train"`` default; ``"test"`` for mnist/fashion_mnist/cifar10, ``"val"`` for
+    imagenet32), ``limit`` (keep the first N images), ``size`` (int or ``(H, W)``: resize; for
+    image_folder a centre crop then bicubic, otherwise bilinear antialiased), ``channels`` (1 or 3:
+    for image_folder the decoding mode, default 3; otherwise a conversion, default native), and
+    ``labels_path`` (mnist/fashion_mnist: an explicit labels file). Unknown names or options raise
+    :class:`ValueError`; missing or malformed files raise :class:`ImageDataError`.
+    """
+    allowed = {"split", "limit", "size", "channels"}
+    if name in ("mnist", "fashion_mnist"):
+        allowed.add("labels_path")
+    unknown = sorted(set(options) - allowed)
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: "
+                         f"{', '.join(sorted(allowed))}")
+    split = options.get("split") or "train"
+    limit = _check_limit(options.get("limit"))
+    size = _size_hw(options.get("size"))
+    channels = options.get("channels")
+    if channels is not None:
+        channels = _check_channels(channels)
+
+    if name == "image_folder":
+        if split != "train":
+            raise ValueError(f"image_folder has no {split!r} split; hold images out with "
+                             "ImageDataset.split")
+        if path is None:
+            raise ImageDataError("image_folder: needs a path (a folder of PNG/JPEG images)")
+        return read_image_folder(path, size, 3 if channels is None else channels, limit=limit)
+    if name == "digits":
+        if split != "train":
+            raise ValueError(f"digits has no {split!r} split; hold images out with ImageDataset.split")
+        ds = load_digits(limit)
+    elif name in ("mnist", "fashion_mnist"):
+        ds = _read_mnist_like(name, path, split, limit, options.get("labels_path"))
+    else:
+        if path is None:
+            raise ImageDataError(f"{name}: needs a path to the dataset files")
+        reader = read_cifar10 if name == "cifar10" else read_imagenet32
+        ds = reader(path, split, limit=limit)
+    if size is not None:
+        ds.images = _resize(ds.images, size)
+    if channels is not None:
+        ds.images = _set_channels(ds.images, channels)
+    return ds
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+
+def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
+    """Flip each image of ``x`` ``(N, C, H, W)`` along its width with probability ``p``, independently.
+    The choice is ``torch.rand(N, generator=generator) < p``, so a seeded generator reproduces it.
+    Returns a new tensor; ``x`` is not modified. (Also fits a trainer's ``augment(x, generator)``.)"""
+    if x.ndim < 2:
+        raise ValueError(f"random_hflip expects a batch of images (N, ..., W), got shape "
+                         f"{tuple(x.shape)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"random_hflip: p must lie in [0, 1], got {p}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand(x.shape[0], generator=generator, device=device) < p
+    flip = flip.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(flip, x.flip(-1), x)
+
+
+class AugmentedImages:
+    """A trainer data source: ``data(n, generator=g)`` draws ``n`` images with replacement (indices
+    from ``torch.randint(..., generator=g)``) and, with ``hflip``, flips each with probability ``p``
+    (:func:`random_hflip`, same generator). ``images`` is a tensor ``(N, C, H, W)`` or an
+    :class:`ImageDataset`."""
+
+    def __init__(self, images: Tensor | ImageDataset, hflip: bool = True, p: float = 0.5):
+        if isinstance(images, ImageDataset):
+            images = images.images
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"AugmentedImages needs images (N, C, H, W) with N > 0, got shape "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"AugmentedImages: p must lie in [0, 1], got {p}")
+        self.images, self.hflip, self.p = images, bool(hflip), float(p)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        device = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randint(self.images.shape[0], (n,), generator=generator, device=device)
+        x = self.images[idx.to(self.images.device)]
+        return random_hflip(x, generator, self.p) if self.hflip else x
+
+
+# ---------------------------------------------------------------------------------- image writing
+
+
+def to_uint8(images: Tensor | np.ndarray) -> np.ndarray:
+    """``[−1, 1]`` floats → uint8 channels-last: ``(C, H, W)`` → ``(H, W, C)`` and ``(N, C, H, W)`` →
+    ``(N, H, W, C)``; ``round((x + 1) · 127.5)`` clipped to 0..255 (NaN → 128), the inverse of the
+    readers' scaling."""
+    if isinstance(images, Tensor):
+        images = images.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"to_uint8 expects (C, H, W) or (N, C, H, W), got shape {x.shape}")
+    x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    u = np.clip(np.rint((x.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.moveaxis(u, -3, -1)
+
+
+def make_grid(images: Tensor | np.ndarray, nrow: int | None = None, padding: int = 1,
+              pad_value: float = 0.0) -> np.ndarray:
+    """Tile images ``(N, C, H, W)`` in ``[−1, 1]`` (C = 1 or 3) into one uint8 array ``(H', W', C)``:
+    ``nrow`` images per row (default ``ceil(sqrt(N))``), ``padding`` pixels around and between them
+    filled with ``pad_value`` (in the images' ``[−1, 1]`` scale; 0 is mid-grey)."""
+    tiles = to_uint8(images)
+    if tiles.ndim == 3:
+        tiles = tiles[None]
+    n, h, w, c = tiles.shape
+    if n == 0:
+        raise ValueError("make_grid: no images")
+    if c not in (1, 3):
+        raise ValueError(f"make_grid: images need 1 or 3 channels, got {c}")
+    if padding < 0:
+        raise ValueError(f"make_grid: padding must be >= 0, got {padding}")
+    ncol = max(1, min(n, int(nrow) if nrow else math.ceil(math.sqrt(n))))
+    nrows = math.ceil(n / ncol)
+    fill = int(to_uint8(np.full((1, 1, 1), pad_value, dtype=np.float32))[0, 0, 0])
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), fill,
+                   dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[y:y + h, x:x + w] = tiles[k]
+    return grid
+
+
+def _auto_scale(height: int, width: int, min_side: int = 256) -> int:
+    return max(1, math.ceil(min_side / max(height, width, 1)))
+
+
+def _check_scale(scale) -> int | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    return int(scale)
+
+
+def _upscale(grid: np.ndarray, scale: int) -> np.ndarray:
+    return grid if scale == 1 else grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _pil_image(grid: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(grid[:, :, 0], "L") if grid.shape[2] == 1 else Image.fromarray(grid, "RGB")
+
+
+def save_image_grid(images: Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
+                    scale: int | None = None, padding: int = 1, pad_value: float = 0.0) -> Path:
+    """Write :func:`make_grid` of ``images`` as a PNG at ``path`` (parent folders created), upscaled by
+    the integer ``scale`` with nearest-neighbour pixels (default: the smallest scale that makes the
+    grid's longer side at least 256 px, so 8×8 digits are visible). Returns the path."""
+    scale = _check_scale(scale)
+    grid = make_grid(images, nrow, padding, pad_value)
+    grid = _upscale(grid, scale or _auto_scale(*grid.shape[:2]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _pil_image(grid).save(path, format="PNG")
+    return path
+
+
+def _label_font(height: int):
+    from PIL import ImageFont
+
+    try:  # Pillow >= 10.1 scales its built-in font when FreeType is available
+        return ImageFont.load_default(size=max(10, min(28, height // 3)))
+    except (TypeError, ImportError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def save_labeled_grids(rows: dict[str, Tensor | np.ndarray], path: str | Path,
+                       nrow: int | None = None, scale: int | None = None, padding: int = 1,
+                       pad_value: float = 0.0, gap: int = 4) -> Path:
+    """Stack one grid per entry of ``rows`` vertically, each with its key written to its left (e.g.
+    ``{"fmm, 1 step": x1, "fmm, 4 steps": x4}`` for a method × step-count sheet), and write a PNG.
+
+    Each grid has ``nrow`` images per line (default: all of that entry's images in one line, up to 16).
+    ``scale`` (integer, nearest-neighbour) defaults to the smallest making the widest grid at least
+    256 px wide and each band at least 48 px tall. Grey grids are drawn in RGB beside colour ones;
+    ``gap`` pixels separate the bands. Labels use Pillow's default font. Returns the path."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("save_labeled_grids: no rows")
+    scale = _check_scale(scale)
+    grids = []
+    for label, images in rows.items():
+        n = 1 if np.ndim(images) == 3 else len(images)
+        grid = make_grid(images, nrow or min(max(n, 1), 16), padding, pad_value)
+        grids.append((str(label), np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid))
+    if scale is None:
+        widest = max(g.shape[1] for _, g in grids)
+        lowest = min(g.shape[0] for _, g in grids)
+        scale = max(_auto_scale(1, widest), math.ceil(48 / max(lowest, 1)))
+    grids = [(label, _upscale(g, scale)) for label, g in grids]
+    font = _label_font(min(g.shape[0] for _, g in grids))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), label, font=font) for label, _ in grids]
+    margin = 8
+    label_w = max(b[2] - b[0] for b in boxes) + 2 * margin
+    width = label_w + max(g.shape[1] for _, g in grids) + margin
+    height = sum(g.shape[0] for _, g in grids) + gap * (len(grids) + 1)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = gap
+    for (label, grid), box in zip(grids, boxes):
+        canvas.paste(Image.fromarray(grid, "RGB"), (label_w, y))
+        text_y = y + (grid.shape[0] - (box[3] - box[1])) // 2 - box[1]
+        draw.text((margin - box[0], text_y), label, fill=(0, 0, 0), font=font)
+        y += grid.shape[0] + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
