@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import F64, RK4_TOL, build_gaussian, build_gmm
-from flowmaps import FlowMap
+from flowmaps import FlowMap, Linear
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, TimeSampler, Velocity
 from flowmaps.objectives.pfmm import _BandSampler
 
@@ -363,3 +363,21 @@ def test_pfmm_stages_band_and_teacher_refresh():
     s, t = _BandSampler(0.25)(10_000, x, torch.Generator().manual_seed(0))
     assert (s <= t).all() and (s >= 0).all() and (t <= 1).all() and (t - s).max() <= 0.25
     assert (t - s).max() > 0.24                           # the band is used up to its width
+
+
+def test_pfmm_band_samplers_weight_long_jumps_as_documented():
+    """'gap' draws the jump length uniformly on [0, δ]; [C1]'s 'clip' band makes long jumps rare
+    (at δ = 1, P(t − s > 0.9) = 2 · 0.1 · 0.05 = 0.01 instead of 0.1)."""
+    like = torch.empty(0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    s, t = _BandSampler(1.0, "gap")(n, like, g)
+    assert (s >= 0).all() and (t <= 1).all() and (s <= t).all()
+    gap = t - s
+    assert abs(float((gap > 0.9).double().mean()) - 0.1) < 0.005
+    assert abs(float(gap.mean()) - 0.5) < 0.005
+    s_half, t_half = _BandSampler(0.25, "gap")(n, like, g)
+    assert float((t_half - s_half).max()) <= 0.25 and abs(float((t_half - s_half).mean()) - 0.125) < 0.002
+    s, t = _BandSampler(1.0, "clip")(n, like, g)
+    assert abs(float((t - s > 0.9).double().mean()) - 0.01) < 0.002
+    assert PFMM(Linear(), lambda x, t: x).band == "gap"

@@ -107,6 +107,7 @@ class ObjectiveConfig:
     invertibility_weight: float = 1.0
     initial_range: float = 0.0625
     stage_steps: int = 500
+    pfmm_band: str = "gap"
 
 
 @dataclass
@@ -203,6 +204,7 @@ CHOICES = {
     "objective.distribution": ("uniform", "logit_normal"),
     "objective.emd_form": ("semigradient", "full", "v"),
     "objective.pfmm_form": ("velocity", "map"),
+    "objective.pfmm_band": ("clip", "gap"),
     "train.optimizer": ("adam", "adamw", "radam"),
     "train.precision": ("fp32", "bf16"),
 }

@@ -231,7 +231,7 @@ def build_objective(cfg: Config, interpolant: Interpolant, teacher=None) -> Obje
     if o.name == "emd":
         return EMD(interpolant, teacher, times=times, form=o.emd_form)
     return PFMM(interpolant, teacher, initial_range=o.initial_range, stage_steps=o.stage_steps,
-                form=o.pfmm_form)
+                form=o.pfmm_form, band=o.pfmm_band)
 
 
 # --- checkpoints of trained models -----------------------------------------------------------------
