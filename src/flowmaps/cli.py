@@ -160,6 +160,11 @@ class TrainingStopped(Exception):
     """Training ended early (non-finite steps); the message names the last good checkpoint."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT: the run wrote a checkpoint and said how to resume; the command exits 0 (and a
+    multi-run command such as ``demo`` stops instead of starting its next run)."""
+
+
 def _resume_config(run: Path, cfg: Config) -> Config:
     """The saved config of the run at ``run``, with the changes a resume may make taken from ``cfg``."""
     from .config import _flatten, to_dict
@@ -327,11 +332,9 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
             raise TrainingStopped(f"{err}{where}") from None
     if trainer.stopped:
         path = checkpoint()
-        if main_rank:
-            print(f"flowmaps: stopped by {stop.signal_name} at step {trainer.step_count}; checkpoint "
-                  f"{path}. Resume with: flowmaps {'distill' if distill else 'train'} --resume --out "
-                  f"{run.path}", file=sys.stderr)
-        return run.path
+        raise TrainingInterrupted(
+            f"stopped by {stop.signal_name} at step {trainer.step_count}; checkpoint {path}. Resume "
+            f"with: flowmaps {'distill' if distill else 'train'} --resume --out {run.path}")
     checkpoint(final=True)
     evaluated = trainer.ema if trainer.ema is not None else model
     # Evaluation samples are drawn in shards, one per rank, and gathered on rank 0.
@@ -733,6 +736,12 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
+def is_main_process() -> bool:
+    from .distributed import is_main
+
+    return is_main()
+
+
 class _UsageError(Exception):
     pass
 
@@ -871,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"flowmaps: error: {message}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        if is_main_process():
+            print(f"flowmaps: {err}", file=sys.stderr)
+        clean = True
+        return 0
     except TrainingStopped as err:
         print(f"flowmaps: error: training stopped: {err}", file=sys.stderr)
         return 3
