@@ -41,15 +41,20 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n", type=int, default=2000, help="samples per row of the table")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-evaluate the runs already in the results folder (e.g. after "
+                             "`flowmaps distill --resume --out .../lmd train.steps=N` extended one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start, load_start = time.time(), os.getloadavg()
     stats = ROOT / "reference"
-    if flowmaps_main(["fid-stats", "--preset", "digits", "--out", str(stats), "--overwrite",
-                      "--quiet"]) != 0:
+    if not args.evaluate_only and flowmaps_main(["fid-stats", "--preset", "digits", "--out",
+                                                 str(stats), "--overwrite", "--quiet"]) != 0:
         return 1
 
     def train(out, overrides, distill, label):
+        if args.evaluate_only:
+            return out
         cfg = load_config("digits", None, overrides)
         return run_training(cfg, out, overwrite=True, distill=distill, label=label)
 
@@ -61,6 +66,8 @@ def main() -> int:
             "objective.name=lmd", f"teacher.checkpoint={ckpt}", "train.lr=1e-3"], True, "LMD"),
         "FMM": train(ROOT / "fmm", budget(2500, args.scale) + ["objective.name=fmm"], False, "FMM"),
     }
+    steps_trained = {name: json.loads((p / "checkpoints" / "final.json").read_text())["step"]
+                     for name, p in runs.items()}
     result = evaluate_runs([str(p / "checkpoints" / "final") for p in runs.values()], ckpt,
                            ROOT / "eval", True, [1, 2, 4, 8, 16], args.n, True, names=list(runs),
                            overrides=[f"eval.fid_stats={stats}"])
@@ -75,6 +82,7 @@ def main() -> int:
                          "ratio_4step_to_dopri5": fd[4] / dopri.fd,
                          "target_4step_within_20pct_of_dopri5": fd[4] <= 1.2 * dopri.fd}
     summary["meta"] = {"command": " ".join(["images_digits.py"] + sys.argv[1:]), "threads": args.threads,
+                       "steps_trained": steps_trained,
                        "scale": args.scale, "seconds": round(time.time() - start),
                        "load_average_start": load_start, "load_average_end": os.getloadavg(),
                        "classifier": json.loads((stats / "reference.json").read_text())}
