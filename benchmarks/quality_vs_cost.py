@@ -84,7 +84,7 @@ def gmm(scale: float) -> dict:
         "LMD": train("gmm", out / "lmd", net + budget(8000, scale) + [
             "objective.name=lmd", "teacher.exact=true"], True, "LMD"),
         "EMD": train("gmm", out / "emd", net + budget(8000, scale) + [
-            "objective.name=emd", "teacher.exact=true", "train.lr=3e-4"], True, "EMD (semigradient)"),
+            "objective.name=emd", "teacher.exact=true", "train.lr=1e-4"], True, "EMD (semigradient)"),
         "EMD-full": train("gmm", out / "emd_full", net + budget(8000, scale) + [
             "objective.name=emd", "objective.emd_form=full", "teacher.exact=true"], True,
             "EMD (full)"),
