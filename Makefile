@@ -27,7 +27,7 @@ clean:
 	rm -rf $(VENV) runs
 
 # Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
-.PHONY: bench-quality bench-cost bench-peers
+.PHONY: bench-quality bench-cost bench-peers bench-images
 bench-quality: setup
 	$(BIN)/python benchmarks/quality_vs_cost.py
 
@@ -37,3 +37,6 @@ bench-cost: setup
 bench-peers: setup
 	$(BIN)/pip install --quiet --no-deps torchcfm==1.0.7 flow-matching==1.0.10
 	$(BIN)/python benchmarks/peers.py
+
+bench-images: setup
+	$(BIN)/python benchmarks/images_digits.py
