@@ -205,12 +205,14 @@ def _check_metadata(where: Path, meta: dict) -> None:
         raise CheckpointError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict]:
+def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """Read a checkpoint; returns ``({group: state_dict}, metadata)``. Raises :class:`CheckpointError`.
 
     Everything is checked before any tensor is returned: the compatibility rule and schema of the JSON
     (module docstring), that the weights file is safetensors (pickles and zips are refused unread), its
-    checksum, the weight groups, and that every floating-point weight is finite.
+    checksum, the weight groups, and that every floating-point weight is finite. ``check(meta_path,
+    metadata)`` replaces the schema check of generative-model checkpoints for other kinds of file kept
+    in the same format (e.g. the feature classifier of :mod:`flowmaps.image_metrics`).
     """
     import torch
     from safetensors import SafetensorError
@@ -246,7 +248,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dic
         raise CheckpointError(f"{meta_path}: checkpoint format {version} (written by flowmaps "
                               f"{writer}) is not supported by this library (reads format "
                               f"{FORMAT_VERSION}){hint}")
-    _check_metadata(meta_path, metadata)
+    (check or _check_metadata)(meta_path, metadata)
     raw = weights_path.read_bytes()
     if not _safetensors_layout(raw):  # checked first: a valid header length may begin b"\x80\x02"
         kind = _sniff(raw[:16], raw[-16:])

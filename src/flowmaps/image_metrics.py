@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, _atomic_write, _head_tail,
-                         _safetensors_layout, _sniff, checkpoint_files, checkpoint_stem, save_checkpoint)
+from .checkpoint import (CheckpointError, _atomic_write, checkpoint_files, checkpoint_stem,
+                         load_checkpoint, save_checkpoint)
 from .metrics import _as_tensor, _sqrtm_psd, _subsample
 
 __all__ = ["frechet_distance", "FeatureStats", "FeatureStatsError", "precision_recall",
@@ -459,65 +459,45 @@ def save_feature_classifier(model: FeatureClassifier, stem: str | Path, metadata
                             "fingerprint": _weights_fingerprint(state), "info": dict(metadata or {})})
 
 
+_ARCHITECTURE = ("in_channels", "num_classes", "width", "feature_dim")
+
+
+def _check_classifier_meta(where: Path, meta: dict) -> None:
+    """Schema of a feature-classifier checkpoint (in place of the generative-model schema)."""
+    if meta.get("kind") != CLASSIFIER_KIND:
+        raise FeatureClassifierError(f"{where}: not a flowmaps feature-classifier checkpoint (needs "
+                                     f"\"kind\": \"{CLASSIFIER_KIND}\")")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict) or set(arch) != set(_ARCHITECTURE):
+        raise FeatureClassifierError(f"{where}: 'architecture' must hold exactly {list(_ARCHITECTURE)}, "
+                                     f"got {arch!r}"[:300])
+    if meta.get("groups") != ["classifier"] or not isinstance(meta.get("weights_sha256"), str):
+        raise FeatureClassifierError(f"{where}: a feature classifier has one weight group "
+                                     "'classifier' and a weights_sha256")
+    try:
+        FeatureClassifier(**arch)
+    except (TypeError, ValueError) as err:
+        raise FeatureClassifierError(f"{where}: {err}") from None
+
+
 def load_feature_classifier(stem: str | Path) -> FeatureClassifier:
     """Load a classifier saved by :func:`save_feature_classifier`; returns it on the CPU in eval mode, with
     the saved ``info`` as ``model.info``. Raises :class:`FeatureClassifierError` (one line) for a missing,
     corrupted or mismatched file: invalid JSON, another kind of checkpoint, bad architecture fields,
-    weights that are not safetensors (pickles are refused unread), a checksum mismatch, or weights that do
-    not fit the architecture in the JSON.
-
-    The file layout and safety checks are those of :mod:`flowmaps.checkpoint`; its ``load_checkpoint``
-    itself is not used because it validates the generative-model schema (config, scales).
+    weights that are not safetensors (pickles are refused unread), a checksum mismatch, non-finite
+    weights, or weights that do not fit the architecture in the JSON. The reading and its safety checks
+    are :func:`flowmaps.checkpoint.load_checkpoint`'s, with this file kind's schema.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
-        stem = checkpoint_stem(stem)
+        groups, meta = load_checkpoint(stem, check=_check_classifier_meta)
+    except FeatureClassifierError:
+        raise
     except CheckpointError as err:
         raise FeatureClassifierError(str(err)) from None
-    meta_path, weights_path = checkpoint_files(stem)
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise FeatureClassifierError(f"feature classifier file not found: {p}")
-    raw_meta = meta_path.read_bytes()
-    try:
-        meta = json.loads(raw_meta.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        kind = _sniff(raw_meta[:16], raw_meta[-16:])
-        what = f"{kind}, not JSON" if kind else "not valid JSON (truncated or corrupted)"
-        raise FeatureClassifierError(f"{meta_path}: {what}; refusing to load it") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") != CLASSIFIER_KIND:
-        raise FeatureClassifierError(f"{meta_path}: not a flowmaps feature-classifier checkpoint (needs "
-                                     f"\"format\": \"{FORMAT}\" and \"kind\": \"{CLASSIFIER_KIND}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FeatureClassifierError(f"{meta_path}: checkpoint format {meta.get('format_version')!r} is "
-                                     f"not supported (this library reads {FORMAT_VERSION})")
-    arch = meta.get("architecture")
-    keys = ("in_channels", "num_classes", "width", "feature_dim")
-    if not isinstance(arch, dict) or set(arch) != set(keys):
-        raise FeatureClassifierError(f"{meta_path}: 'architecture' must hold exactly {list(keys)}, got "
-                                     f"{arch!r}"[:300])
-    try:
-        model = FeatureClassifier(**arch)
-    except ValueError as err:
-        raise FeatureClassifierError(f"{meta_path}: {err}") from None
-    raw = weights_path.read_bytes()
-    if not _safetensors_layout(raw):
-        kind = _sniff(*_head_tail(weights_path)) or "not a valid safetensors file (truncated or corrupted)"
-        raise FeatureClassifierError(f"{weights_path}: {kind}; refusing to load it")
-    if meta.get("weights_sha256") != hashlib.sha256(raw).hexdigest():
-        raise FeatureClassifierError(f"{weights_path}: checksum does not match {meta_path.name} "
-                                     "(corrupted, or the two files come from different checkpoints)")
-    try:
-        flat = load(raw)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError):
-        raise FeatureClassifierError(f"{weights_path}: not a valid safetensors file (truncated or "
-                                     "corrupted)") from None
-    prefix = "classifier."
-    state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in state.values()):
-        raise FeatureClassifierError(f"{weights_path}: weights hold NaN or infinite values")
+    meta_path, weights_path = checkpoint_files(checkpoint_stem(stem))
+    arch = meta["architecture"]
+    model = FeatureClassifier(**arch)
+    state = groups["classifier"]
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state)) or sorted(
         k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape))
