@@ -193,7 +193,8 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
 
     Under torchrun every rank runs this; rank 0 alone writes files. With ``resume`` the run in ``out``
     continues from its newest checkpoint, bit-identically to an uninterrupted run. SIGTERM/SIGINT end
-    the run after the current step with a checkpoint (the process then exits 0).
+    the run after the current step with a checkpoint and raise :class:`TrainingInterrupted` (``main``
+    prints how to resume and exits 0); non-finite steps raise :class:`TrainingStopped` (exit 3).
     """
     from . import distributed
     from . import experiment as ex
