@@ -148,12 +148,17 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _check_limit(limit) -> int | None:
-    if limit is None:
+def _optional_positive_int(value, what: str) -> int | None:
+    """``None`` or a positive integer (bools refused); ``what`` names it in the error."""
+    if value is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    return int(limit)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what}, got {value!r}")
+    return int(value)
+
+
+def _check_limit(limit) -> int | None:
+    return _optional_positive_int(limit, "limit must be a positive integer or None")
 
 
 def _require_exists(path) -> Path:
@@ -773,11 +778,7 @@ def _auto_scale(height: int, width: int, min_side: int = 256) -> int:
 
 
 def _check_scale(scale) -> int | None:
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    return int(scale)
+    return _optional_positive_int(scale, "scale must be a positive integer")
 
 
 def _upscale(grid: np.ndarray, scale: int) -> np.ndarray:
