@@ -8,13 +8,12 @@ Layers, each importing only downward: ``interpolants`` → ``solvers`` → ``flo
 """
 
 from . import exact, objectives
+from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
 from .networks import MLP
 from .solvers import ODESolution, solve_ode
 from .training import Trainer, fit
-
-__version__ = "0.1.0"
 
 __all__ = ["FlowMap", "MLP", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
            "solve_ode", "ODESolution", "exact", "objectives", "__version__"]

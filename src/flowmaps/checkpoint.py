@@ -13,7 +13,10 @@ so the user knows to upgrade). ``library_version`` is informational only: any li
 writes format 1 is read, whatever its major number. Format 1 requires ``groups`` (the weight groups,
 e.g. ``["ema", "model"]``), ``config`` (a valid resolved config), ``scales`` (``dim``, ``sigma0``,
 ``sigma_data``) and ``standardizer`` (``null`` or per-dimension ``mean``/``std``); ``weights_sha256``
-is checked when present (checkpoints written before it was added have none).
+is checked when present (checkpoints written before it was added have none). This module knows the
+file format only: whether ``config`` is a valid resolved config is checked by the caller that knows the
+config schema (:func:`flowmaps.experiment.check_model_checkpoint` passes that check to
+:func:`check_model_metadata`), so the format depends on no layer above it.
 
 Safety. Loading never executes code from a file: weights are parsed by safetensors (a JSON header plus
 raw tensor bytes) and metadata by :func:`json.loads`; ``pickle``/``torch.load`` are never used. A pickle
@@ -33,11 +36,13 @@ from typing import Any
 
 from torch import Tensor
 
+from ._version import __version__
+
 FORMAT = "flowmaps-checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "checkpoint_stem",
-           "checkpoint_files", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_model_metadata", "CheckpointError",
+           "checkpoint_stem", "checkpoint_files", "FORMAT", "FORMAT_VERSION"]
 
 
 class CheckpointError(ValueError):
@@ -127,8 +132,6 @@ def save_checkpoint(stem: str | Path, tensors: dict[str, dict[str, Tensor]], met
     """
     from safetensors.torch import save
 
-    from . import __version__
-
     stem = Path(stem)
     flat = {f"{group}.{name}": t.detach().contiguous().cpu()
             for group, state in tensors.items() for name, t in state.items()}
@@ -161,19 +164,17 @@ def _check_scale(where: Path, key: str, value: Any, dim: int) -> None:
                               f"got {value!r}"[:300])
 
 
-def _check_metadata(where: Path, meta: dict) -> None:
-    """The format-1 schema (see the module docstring); every message names the file and the field."""
-    from .config import Config, ConfigError, _build
-
+def check_model_metadata(where: Path, meta: dict, check_config=None) -> None:
+    """The format-1 schema of a model checkpoint (see the module docstring); every message names the
+    file and the field. ``check_config(where, config)`` validates the ``config`` mapping (raising
+    :class:`CheckpointError`); without it only its presence is checked."""
     groups = meta.get("groups")
     if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
         raise CheckpointError(f"{where}: 'groups' must be a non-empty list of names, got {groups!r}")
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{where}: 'config' is missing or not a mapping")
-    try:
-        _build(Config, meta["config"]).validate()
-    except ConfigError as err:
-        raise CheckpointError(f"{where}: invalid config ({err})") from None
+    if check_config is not None:
+        check_config(where, meta["config"])
     scales = meta.get("scales")
     if not isinstance(scales, dict):
         raise CheckpointError(f"{where}: 'scales' is missing or not a mapping")
@@ -211,8 +212,10 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
     Everything is checked before any tensor is returned: the compatibility rule and schema of the JSON
     (module docstring), that the weights file is safetensors (pickles and zips are refused unread), its
     checksum, the weight groups, and that every floating-point weight is finite. ``check(meta_path,
-    metadata)`` replaces the schema check of generative-model checkpoints for other kinds of file kept
-    in the same format (e.g. the feature classifier of :mod:`flowmaps.image_metrics`).
+    metadata)`` is the schema check of the file's kind: by default :func:`check_model_metadata` without
+    the config check (model checkpoints of runs are loaded with
+    :func:`flowmaps.experiment.check_model_checkpoint`, which adds it); other kinds of file kept in
+    the same format pass their own (e.g. the feature classifier of :mod:`flowmaps.image_metrics`).
     """
     import torch
     from safetensors import SafetensorError
@@ -248,7 +251,7 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
         raise CheckpointError(f"{meta_path}: checkpoint format {version} (written by flowmaps "
                               f"{writer}) is not supported by this library (reads format "
                               f"{FORMAT_VERSION}){hint}")
-    (check or _check_metadata)(meta_path, metadata)
+    (check or check_model_metadata)(meta_path, metadata)
     raw = weights_path.read_bytes()
     if not _safetensors_layout(raw):  # checked first: a valid header length may begin b"\x80\x02"
         kind = _sniff(raw[:16], raw[-16:])

@@ -220,7 +220,8 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     resumed = None
     if resume:
         skipped: list[str] = []
-        resumed = latest_checkpoint(Path(out) / "checkpoints", skipped=skipped)
+        resumed = latest_checkpoint(Path(out) / "checkpoints", skipped=skipped,
+                                    check=ex.check_model_checkpoint)
         if resumed is None:
             why = f": {skipped[0]}" if skipped else ""
             raise RunDirError(f"--resume: no resumable checkpoint in {Path(out) / 'checkpoints'}{why}")
@@ -328,7 +329,8 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
             history = trainer.run(t.steps - trainer.step_count, progress=progress, callback=callback,
                                   should_stop=stop)
         except FloatingPointError as err:
-            kept = latest_checkpoint(run.checkpoints) if main_rank else None
+            kept = (latest_checkpoint(run.checkpoints, check=ex.check_model_checkpoint) if main_rank
+                    else None)
             where = f"; the last good checkpoint is {kept[0]}" if kept else "; no checkpoint was written"
             raise TrainingStopped(f"{err}{where}") from None
     if trainer.stopped:
@@ -761,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowmaps", formatter_class=fmt,
         description="Flow map generative models: train or distil the two-time flow map X_{s,t}, then "
                     "sample in 1, 2, 4... steps chosen after training (t=0 noise, t=1 data).")
-    from . import __version__
+    from ._version import __version__
     parser.add_argument("--version", action="version", version=f"flowmaps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, _build, to_dict
 from .data import Standardizer, load_array, make_dataset
 from .exact import ExactReference, GaussianMixture
@@ -26,7 +26,7 @@ from .networks import MLP
 from .objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "build_data", "build_interpolant", "build_model", "build_objective",
-           "build_teacher", "Loaded", "load_model", "save_model"]
+           "build_teacher", "Loaded", "load_model", "save_model", "check_model_checkpoint"]
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
@@ -270,9 +270,22 @@ def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Confi
     return save_checkpoint(stem, tensors, meta)
 
 
+def _check_config(where: Path, config: dict) -> None:
+    try:
+        _build(Config, config).validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: invalid config ({err})") from None
+
+
+def check_model_checkpoint(where: Path, meta: dict) -> None:
+    """The schema check of a run's model checkpoint: the format-1 schema of
+    :func:`~flowmaps.checkpoint.check_model_metadata` with its config validated as a :class:`Config`."""
+    check_model_metadata(where, meta, check_config=_check_config)
+
+
 def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     """Rebuild the FlowMap of a checkpoint (EMA weights when present and ``use_ema``)."""
-    groups, meta = load_checkpoint(path)
+    groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = _build(Config, meta["config"])
         scales = meta["scales"]

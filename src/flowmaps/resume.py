@@ -38,13 +38,14 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(folder: str | Path, skipped: list[str] | None = None
+def latest_checkpoint(folder: str | Path, skipped: list[str] | None = None, check=None
                       ) -> tuple[Path, dict, dict] | None:
     """The newest resumable checkpoint in ``folder`` as ``(stem, tensors, metadata)``, or ``None``.
 
     Candidates are ``final`` and every ``step-K``, newest step first; one that fails to load (corrupted
     by something outside this library) is reported on stderr (or appended to ``skipped``, when given,
-    for the caller to report) and the next older one is used.
+    for the caller to report) and the next older one is used. ``check`` is the schema check passed to
+    :func:`~flowmaps.checkpoint.load_checkpoint`.
     """
 
     def skip(reason: str) -> None:
@@ -60,7 +61,7 @@ def latest_checkpoint(folder: str | Path, skipped: list[str] | None = None
         candidates.append((float("inf"), final))
     for _, stem in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
-            tensors, meta = load_checkpoint(stem)
+            tensors, meta = load_checkpoint(stem, check=check)
         except CheckpointError as err:
             skip(f"skipping unusable checkpoint ({err})")
             continue
