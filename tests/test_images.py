@@ -16,7 +16,7 @@ from flowmaps.cli import main
 from flowmaps.config import load_config
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, GuidedVelocity, Velocity
 from flowmaps.training import Trainer
-from flowmaps.unet import UNet
+from flowmaps import UNet
 
 torch.set_num_threads(1)
 

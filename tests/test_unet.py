@@ -1,4 +1,4 @@
-"""The image U-Net ``v_θ(x, s, t[, cond])`` (flowmaps.unet).
+"""The image U-Net ``v_θ(x, s, t[, cond])`` (flowmaps.nets.unet).
 
 What must hold: output shape equals input shape for 8×8, 28×28 (odd sizes after downsampling) and 32×32
 images; the output is exactly zero at initialisation, so ``FlowMap(UNet(...))`` is the identity; once the
@@ -18,7 +18,7 @@ import torch
 from torch.func import jvp as func_jvp
 
 from flowmaps import FlowMap
-from flowmaps.unet import UNET_PRESETS, UNet, unet_preset
+from flowmaps.nets.unet import UNET_PRESETS, UNet, unet_preset
 
 F64 = torch.float64
 EPS = 1e-6          # central finite-difference step (float64)

@@ -11,9 +11,9 @@ from . import exact, objectives
 from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
-from .networks import MLP
+from .nets import MLP, UNet
 from .solvers import ODESolution, solve_ode
 from .training import Trainer, fit
 
-__all__ = ["FlowMap", "MLP", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
+__all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
            "solve_ode", "ODESolution", "exact", "objectives", "__version__"]

@@ -22,7 +22,7 @@ from .data import Standardizer, load_array, make_dataset
 from .exact import ExactReference, GaussianMixture
 from .flowmap import FlowMap
 from .interpolants import Interpolant, make_interpolant
-from .networks import MLP
+from .nets.mlp import MLP
 from .objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "build_data", "build_interpolant", "build_model", "build_objective",
@@ -160,7 +160,7 @@ def sample_shape(scales: dict) -> tuple[int, ...]:
 def build_model(cfg: Config, scales: dict) -> FlowMap:
     m = cfg.model
     if m.name == "unet":
-        from .unet import UNet
+        from .nets.unet import UNet
 
         shape = sample_shape(scales)
         if len(shape) != 3:

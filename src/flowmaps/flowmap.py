@@ -16,7 +16,7 @@ through both is plain autograd, which is much cheaper than reverse-over-``torch.
 ``benchmarks/training_cost.py``). A network may also provide
 ``forward_and_jvps(x, s, t, tangents, cond, detach) -> (value, [tangent_k])`` to carry several tangents
 ``(dx, ds, dt)`` on one primal pass, ``detach[k]`` marking tangents computed under stop-gradient
-(:meth:`FlowMap.v_jvps`). :class:`~flowmaps.networks.MLP` implements both. Any other network goes through
+(:meth:`FlowMap.v_jvps`). :class:`~flowmaps.nets.mlp.MLP` implements both. Any other network goes through
 ``torch.func.jvp``, as does every network when ``fused_jvp=False``; the two paths give the same values
 and parameter gradients.
 """

@@ -1,0 +1,7 @@
+"""Two-time networks ``v_θ(x, s, t)`` for :class:`~flowmaps.FlowMap`: :mod:`~flowmaps.nets.mlp` for vectors
+(with the fused forward-mode JVP path), :mod:`~flowmaps.nets.unet` for images."""
+
+from .mlp import MLP, TimeFeatures
+from .unet import UNET_PRESETS, UNet, unet_preset
+
+__all__ = ["MLP", "TimeFeatures", "UNet", "unet_preset", "UNET_PRESETS"]
