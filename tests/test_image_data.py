@@ -1,7 +1,7 @@
-"""Image datasets (flowmaps.image_data): every reader on tiny files written here in the official
-formats (IDX plain/gzip, CIFAR-10 binary records and tar.gz, ImageNet-32 .npz, a PNG/JPEG folder),
-malformed inputs refused with a one-line ImageDataError naming the file, flip augmentation, grids.
-Self-contained (no conftest fixtures); nothing is downloaded."""
+"""Image datasets (flowmaps.data.images) and grids (flowmaps.data.grids): every reader on tiny files
+written here in the official formats (IDX plain/gzip, CIFAR-10 binary records and tar.gz, ImageNet-32
+.npz, a PNG/JPEG folder), malformed inputs refused with a one-line ImageDataError naming the file, flip
+augmentation, grids. Self-contained (no conftest fixtures); nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flowmaps.image_data import (AugmentedImages, ImageDataError, ImageDataset, load_digits,
-                                 load_image_dataset, make_grid, random_hflip, read_cifar10,
-                                 read_idx, read_image_folder, read_imagenet32, save_image_grid,
-                                 save_labeled_grids, to_uint8)
+from flowmaps.data.grids import make_grid, save_image_grid, save_labeled_grids, to_uint8
+from flowmaps.data.images import (AugmentedImages, ImageDataError, ImageDataset, load_digits,
+                                  load_image_dataset, random_hflip, read_cifar10, read_idx,
+                                  read_image_folder, read_imagenet32)
 
 torch.set_num_threads(1)
 

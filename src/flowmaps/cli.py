@@ -258,7 +258,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     if cfg.data.hflip:
         if not bundle.image:
             raise ConfigError("data.hflip: horizontal flips apply to image datasets only")
-        from .image_data import random_hflip
+        from .data.images import random_hflip
         augment = random_hflip
     conditional = scales["num_classes"] > 0
     trainer = Trainer(model, objective, bundle.train.to(device), batch_size=t.batch_size, lr=t.lr,
@@ -359,7 +359,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
         plot_loss(history if resumed is None else run.losses(), run.plots / "loss.png",
                   title=f"{name} on {cfg.data.name}")
         if bundle.image:
-            from .image_data import save_labeled_grids
+            from .data.grids import save_labeled_grids
             save_labeled_grids({"data": bundle.held_out[:n_plot],
                                 **{k: v.cpu().clamp(-1, 1) for k, v in shown.items()}},
                                run.plots / "samples.png")
@@ -477,7 +477,7 @@ def cmd_sample(args) -> int:
             shown[label] = x
             print(f"wrote {path} ({args.n} samples)")
     if image:
-        from .image_data import save_labeled_grids
+        from .data.grids import save_labeled_grids
         png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
                                  out / "samples.png")
     else:
@@ -488,7 +488,7 @@ def cmd_sample(args) -> int:
 
 
 def _load_data(path):
-    from .data import load_array
+    from .data.points import load_array
 
     return load_array(path)
 
@@ -621,7 +621,7 @@ def _vector_plots(result, bundle, steps, folder: Path) -> None:
 def _image_plots(result, bundle, steps, folder: Path, n: int = 32) -> None:
     """Sample sheets: the data, then every method × step count (and the teacher's dopri5 and Euler at
     the largest step count), the same base points in every row; and trajectories of a few samples."""
-    from .image_data import save_labeled_grids
+    from .data.grids import save_labeled_grids
 
     rows = {"data (held out)": bundle.held_out[:n]}
     for (method, sampler, k), x in result.samples.items():

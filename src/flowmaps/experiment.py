@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, _build, to_dict
-from .data import Standardizer, load_array, make_dataset
+from .data.points import Standardizer, load_array, make_dataset
 from .exact import ExactReference, GaussianMixture
 from .flowmap import FlowMap
 from .interpolants import Interpolant, make_interpolant
@@ -99,7 +99,7 @@ def build_data(cfg: Config) -> DataBundle:
 
 
 def _build_images(cfg: Config) -> DataBundle:
-    from .image_data import load_image_dataset
+    from .data.images import load_image_dataset
 
     d = cfg.data
     options = {}
