@@ -1,7 +1,8 @@
-"""Image metrics (flowmaps.image_metrics): the Fréchet distance against closed forms and an independent
-reference, feature statistics files, k-NN precision / recall and density / coverage, the offline feature
-classifier trained on sklearn's 8×8 digits, and the Inception (torch-fidelity) wrapper against a fake
-torch-fidelity module (the real one needs torchvision, which does not import here).
+"""Image metrics (flowmaps.metrics.images, .features, .classifier): the Fréchet distance against closed
+forms and an independent reference, feature statistics files, k-NN precision / recall and density /
+coverage, the offline feature classifier trained on sklearn's 8×8 digits, and the Inception
+(torch-fidelity) wrapper against a fake torch-fidelity module (the real one needs torchvision, which does
+not import here).
 
 Seeds are fixed, so every test is deterministic; Monte-Carlo tolerances are derived in the comments."""
 
@@ -19,11 +20,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from flowmaps.image_metrics import (ClassifierFeatures, FeatureClassifier, FeatureClassifierError,
-                                    FeatureExtractor, FeatureStats, FeatureStatsError, InceptionFeatures,
-                                    InceptionUnavailableError, compute_feature_stats, compute_features,
-                                    density_coverage, frechet_distance, load_feature_classifier,
-                                    precision_recall, save_feature_classifier, train_feature_classifier)
+from flowmaps.metrics.images import (FeatureClassifier, FeatureClassifierError, load_feature_classifier,
+                                         save_feature_classifier, train_feature_classifier)
+from flowmaps.metrics.images import (ClassifierFeatures, FeatureExtractor, InceptionFeatures,
+                                       InceptionUnavailableError, compute_feature_stats, compute_features)
+from flowmaps.metrics.images import (FeatureStats, FeatureStatsError, density_coverage, frechet_distance,
+                                     precision_recall)
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .flowmap import FlowMap
-from .metrics import energy_distance, mean_map_error, wasserstein2
+from .metrics.points import energy_distance, mean_map_error, wasserstein2
 from .solvers import solve_ode
 
 __all__ = ["Row", "evaluate", "markdown_table"]

@@ -93,7 +93,7 @@ def build_data(cfg: Config) -> DataBundle:
         train = standardizer.transform(train)
     kl = None
     if d.name == "checkerboard":
-        from .metrics import checkerboard_kl
+        from .metrics.points import checkerboard_kl
         kl = checkerboard_kl
     return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
 
@@ -147,7 +147,7 @@ def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) 
     """For gmm data, the exact reference (velocity, flow map, density) under this interpolant."""
     if cfg.data.name == "gmm" and bundle.standardizer is None:
         bundle.reference = _gmm_reference(cfg, interpolant)
-        from .metrics import histogram_kl
+        from .metrics.points import histogram_kl
         ref = bundle.reference
         bundle.kl = lambda x: histogram_kl(x, ref.log_prob, bins=50, low=-4.0, high=4.0)
 

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, _atomic_write, checkpoint_files, checkpoint_stem,
-                         load_checkpoint, save_checkpoint)
-from .metrics import _as_tensor, _sqrtm_psd, _subsample
+from ..checkpoint import (CheckpointError, _atomic_write, checkpoint_files, checkpoint_stem,
+                          load_checkpoint, save_checkpoint)
+from .points import _as_tensor, _sqrtm_psd, _subsample
 
 __all__ = ["frechet_distance", "FeatureStats", "FeatureStatsError", "precision_recall",
            "density_coverage", "PrecisionRecall", "DensityCoverage", "FeatureClassifier",
