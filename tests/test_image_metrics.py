@@ -20,9 +20,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from flowmaps.metrics.images import (FeatureClassifier, FeatureClassifierError, load_feature_classifier,
+from flowmaps.metrics.classifier import (FeatureClassifier, FeatureClassifierError, load_feature_classifier,
                                          save_feature_classifier, train_feature_classifier)
-from flowmaps.metrics.images import (ClassifierFeatures, FeatureExtractor, InceptionFeatures,
+from flowmaps.metrics.features import (ClassifierFeatures, FeatureExtractor, InceptionFeatures,
                                        InceptionUnavailableError, compute_feature_stats, compute_features)
 from flowmaps.metrics.images import (FeatureStats, FeatureStatsError, density_coverage, frechet_distance,
                                      precision_recall)

@@ -215,7 +215,7 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
     metadata)`` is the schema check of the file's kind: by default :func:`check_model_metadata` without
     the config check (model checkpoints of runs are loaded with
     :func:`flowmaps.experiment.check_model_checkpoint`, which adds it); other kinds of file kept in
-    the same format pass their own (e.g. the feature classifier of :mod:`flowmaps.metrics.images`).
+    the same format pass their own (e.g. the feature classifier of :mod:`flowmaps.metrics.classifier`).
     """
     import torch
     from safetensors import SafetensorError

@@ -63,9 +63,9 @@ def reference_files(folder: Path, features: str) -> dict[str, Path]:
 
 def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, device="cpu"):
     """The configured feature extractor; trains (and saves) the classifier when ``bundle`` is given."""
-    from .metrics.images import (load_feature_classifier, save_feature_classifier,
+    from .metrics.classifier import (load_feature_classifier, save_feature_classifier,
                                      train_feature_classifier)
-    from .metrics.images import ClassifierFeatures, InceptionFeatures
+    from .metrics.features import ClassifierFeatures, InceptionFeatures
 
     e = cfg.eval
     if e.features == "inception":
@@ -92,7 +92,7 @@ def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, de
 
 def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True) -> ImageReference:
     """Train/load the extractor and write the dataset's reference statistics into ``folder``."""
-    from .metrics.images import compute_features
+    from .metrics.features import compute_features
     from .metrics.images import FeatureStats
 
     folder = Path(folder)
