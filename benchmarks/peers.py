@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from flowmaps.config import load_config
 from flowmaps.experiment import build_data
 from flowmaps.metrics import wasserstein2
-from flowmaps.training import inverse_sqrt_schedule
+from flowmaps.train.trainer import inverse_sqrt_schedule
 
 HERE = Path(__file__).resolve().parent
 OURS = HERE / "results" / "quality_vs_cost" / "checkerboard"

@@ -2,7 +2,7 @@
 builder of the one-process reference.
 
 Each case trains a tiny flow map (float64, exact GMM teacher) for ``STEPS`` steps through
-:class:`flowmaps.training.Trainer`, which wraps the loss in DistributedDataParallel. After every step
+:class:`flowmaps.train.trainer.Trainer`, which wraps the loss in DistributedDataParallel. After every step
 the flattened parameters of all ranks are gathered and compared bit for bit; rank 0 writes the final
 parameters and the per-step verdicts to ``OUT/<case>.safetensors`` and ``OUT/verdicts.json``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flowmaps import distributed
+from flowmaps.train import distributed
 from flowmaps import experiment as ex
 from flowmaps.config import load_config
 
@@ -59,7 +59,7 @@ def flat_parameters(model) -> torch.Tensor:
 def main(out: Path) -> int:
     from safetensors.torch import save_file
 
-    from flowmaps.training import Trainer
+    from flowmaps.train.trainer import Trainer
 
     torch.set_num_threads(1)
     info = distributed.init("cpu")

@@ -1,6 +1,6 @@
 """Two-process training on torchrun (gloo): every JVP objective stays synchronised under DDP.
 
-The pitfall (see flowmaps.distributed): forward-mode passes that bypass DDP's forward skip gradient
+The pitfall (see flowmaps.train.distributed): forward-mode passes that bypass DDP's forward skip gradient
 synchronisation silently. These tests run the real trainer in two processes and assert
 
 (a) the parameters are bit-identical across the two ranks after every step, and
@@ -27,8 +27,8 @@ import ddp_worker
 from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters
 from flowmaps import experiment as ex
 from flowmaps.checkpoint import load_checkpoint
-from flowmaps.distributed import rank_seed
-from flowmaps.training import inverse_sqrt_schedule
+from flowmaps.train.distributed import rank_seed
+from flowmaps.train.trainer import inverse_sqrt_schedule
 
 BIN = Path(sys.executable).parent
 

@@ -15,7 +15,7 @@ from flowmaps import experiment as ex
 from flowmaps.cli import main
 from flowmaps.config import load_config
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, GuidedVelocity, Velocity
-from flowmaps.training import Trainer
+from flowmaps.train.trainer import Trainer
 from flowmaps import UNet
 
 torch.set_num_threads(1)

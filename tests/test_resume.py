@@ -23,8 +23,8 @@ from flowmaps.checkpoint import load_checkpoint
 from flowmaps.cli import main
 from flowmaps.config import load_config
 from flowmaps.objectives.base import LossOutput
-from flowmaps.resume import CheckpointRotation, latest_checkpoint
-from flowmaps.training import Trainer
+from flowmaps.train.resume import CheckpointRotation, latest_checkpoint
+from flowmaps.train.trainer import Trainer
 
 EXE = Path(sys.executable).parent / "flowmaps"
 TINY = ["model.width=16", "model.depth=2", "train.batch_size=64", "data.n_train=2000",

@@ -13,7 +13,7 @@ from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
 from .nets import MLP, UNet
 from .solvers import ODESolution, solve_ode
-from .training import Trainer, fit
+from .train import Trainer, fit
 
 __all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
            "solve_ode", "ODESolution", "exact", "objectives", "__version__"]

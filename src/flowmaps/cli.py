@@ -2,7 +2,7 @@
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
 ``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
-safetensors + JSON pairs, see :mod:`flowmaps.resume`) and ``plots/``. ``train`` and ``distill`` run
+safetensors + JSON pairs, see :mod:`flowmaps.train.resume`) and ``plots/``. ``train`` and ``distill`` run
 unchanged under ``torchrun --nproc_per_node=N`` (rank 0 writes), continue with ``--resume``, and stop
 cleanly on SIGTERM/SIGINT with a checkpoint (exit 0).
 
@@ -196,12 +196,12 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     the run after the current step with a checkpoint and raise :class:`TrainingInterrupted` (``main``
     prints how to resume and exits 0); non-finite steps raise :class:`TrainingStopped` (exit 3).
     """
-    from . import distributed
+    from .train import distributed
     from . import experiment as ex
     from .plotting import plot_loss, plot_samples
-    from .resume import CheckpointRotation, StopOnSignal, latest_checkpoint
+    from .train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
     from .solvers import solve_ode
-    from .training import Trainer
+    from .train.trainer import Trainer
 
     if resume:
         if out is None:
@@ -740,7 +740,7 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
 
 
 def is_main_process() -> bool:
-    from .distributed import is_main
+    from .train.distributed import is_main
 
     return is_main()
 
@@ -896,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         # Leave the process group (torchrun): exiting with it alive aborts the process.
-        from .distributed import shutdown
+        from .train.distributed import shutdown
 
         shutdown(sync=clean)
 

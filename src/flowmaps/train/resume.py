@@ -4,7 +4,7 @@ A run directory's ``checkpoints/`` holds
 
 * ``step-00001000.{safetensors,json}`` … — the newest ``keep`` training checkpoints, each complete (model,
   EMA, optimiser, every rank's RNG state, the objective's state, counters; see
-  :meth:`flowmaps.training.Trainer.state_dict`);
+  :meth:`flowmaps.train.trainer.Trainer.state_dict`);
 * ``best.*`` — the training checkpoint with the lowest validation loss so far;
 * ``final.*`` — written when the run completes (also resumable: raise ``train.steps`` to extend a run).
 
@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["CheckpointRotation", "latest_checkpoint", "StopOnSignal"]
 

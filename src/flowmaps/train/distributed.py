@@ -11,7 +11,7 @@ gradients through autograd hooks that it arms in ``DDP.forward``. Two things go 
 objectives: ``torch.func.jvp`` applied to a DDP-wrapped module fails outright, and the tempting
 workaround — calling ``ddp.module`` (the bare network) inside the JVP so that the wrapper's forward is
 never run — trains *without any gradient synchronisation*: every rank steps on its own gradient and
-the replicas drift apart silently. The fix used by :class:`~flowmaps.training.Trainer`: DDP wraps a
+the replicas drift apart silently. The fix used by :class:`~flowmaps.train.trainer.Trainer`: DDP wraps a
 small module whose ``forward`` computes the *whole objective* (every primal pass and every JVP of the
 bare network happens inside one ``DDP.forward``), so the one ``backward`` of the returned loss fires
 DDP's hooks for every parameter, whether it was reached through the primal or through a tangent. The

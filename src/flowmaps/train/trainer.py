@@ -5,7 +5,7 @@ objective draw ``x0``, ``(s, t)`` and compute its loss, clip gradients, step the
 learning-rate schedule, update the EMA. All randomness of data, base samples and times comes from one
 ``torch.Generator`` per process seeded from ``seed``, so a run is reproducible from its seed, and
 :meth:`Trainer.state_dict` captures it for an exact resume. Under ``torchrun`` the same step runs on
-every rank inside DistributedDataParallel (see :mod:`flowmaps.distributed` for the forward-mode pitfall
+every rank inside DistributedDataParallel (see :mod:`flowmaps.train.distributed` for the forward-mode pitfall
 and its fix); non-finite steps are skipped on every rank alike.
 """
 
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .objectives.base import LossOutput, Objective
+from ..objectives.base import LossOutput, Objective
 
 DataSource = Tensor | Callable[..., Tensor]
 
@@ -67,7 +67,7 @@ def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Call
 class _ObjectiveLoss(nn.Module):
     """``forward(x1, generator) = objective(model, x1, generator)``: the whole objective in one forward.
 
-    This is the module DistributedDataParallel wraps (see :mod:`flowmaps.distributed` for why): every
+    This is the module DistributedDataParallel wraps (see :mod:`flowmaps.train.distributed` for why): every
     primal and forward-mode pass of the bare ``model`` happens inside ``DDP.forward``, so the backward of
     the returned loss synchronises every parameter's gradient. The objective is held outside the module
     tree, so a teacher network or a frozen snapshot it owns is never registered with DDP.
@@ -99,7 +99,7 @@ class Trainer:
         ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
             the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates.
         seed: seeds the generator of data, base samples and times (rank ``r`` of a distributed run uses
-            :func:`~flowmaps.distributed.rank_seed`), and the global RNG.
+            :func:`~flowmaps.train.distributed.rank_seed`), and the global RNG.
         max_bad_steps: consecutive non-finite steps tolerated (each update is skipped and reported in
             ``LossOutput.skipped``) before :class:`FloatingPointError` stops training.
         grad_accum: micro-batches per step; gradients are averaged (DDP synchronises on the last only).
@@ -107,7 +107,7 @@ class Trainer:
             forward-mode JVPs and time features stay in fp32 unless the model's ``jvp_fp32`` is off).
         compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
         distributed: wrap in DistributedDataParallel; ``None`` (default): when a process group with
-            more than one rank is initialised (``flowmaps.distributed.init``).
+            more than one rank is initialised (``flowmaps.train.distributed.init``).
         labels: class labels ``(N,)`` of tensor ``data`` (class-conditional training): each batch's
             labels are passed to the objective as ``cond``; with probability ``label_dropout`` a label
             is replaced by ``null_label`` (the unconditional label, for classifier-free guidance).

@@ -1,0 +1,9 @@
+"""Training: :mod:`~flowmaps.train.trainer` (:class:`Trainer` and :func:`fit`, the step every objective
+shares), :mod:`~flowmaps.train.distributed` (torchrun, per-rank seeds, the DDP-with-JVP pitfall) and
+:mod:`~flowmaps.train.resume` (checkpoint rotation, newest-checkpoint discovery, graceful stop)."""
+
+from .resume import CheckpointRotation, StopOnSignal, latest_checkpoint
+from .trainer import Trainer, fit, inverse_sqrt_schedule
+
+__all__ = ["Trainer", "fit", "inverse_sqrt_schedule", "CheckpointRotation", "latest_checkpoint",
+           "StopOnSignal"]
