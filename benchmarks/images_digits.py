@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from flowmaps.cli import evaluate_runs, main as flowmaps_main, run_training
-from flowmaps.config import load_config
+from flowmaps.runs.config import load_config
 
 ROOT = Path(__file__).resolve().parent / "results" / "images_digits"
 

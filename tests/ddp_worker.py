@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from flowmaps.train import distributed
-from flowmaps import experiment as ex
-from flowmaps.config import load_config
+from flowmaps.runs import experiment as ex
+from flowmaps.runs.config import load_config
 
 STEPS = 4
 BATCH = 32

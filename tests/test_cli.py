@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowmaps import experiment as ex
-from flowmaps.config import load_config
+from flowmaps.runs import experiment as ex
+from flowmaps.runs.config import load_config
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flowmaps import FlowMap, Linear
-from flowmaps import experiment as ex
+from flowmaps.runs import experiment as ex
 from flowmaps.cli import main
-from flowmaps.config import load_config
+from flowmaps.runs.config import load_config
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, GuidedVelocity, Velocity
 from flowmaps.train.trainer import Trainer
 from flowmaps import UNet

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, dump_config, list_presets, load_config
+from .runs.config import Config, ConfigError, dump_config, list_presets, load_config
 
 EPILOG_OVERRIDES = """overrides:
   Any config key as section.key=value (YAML values), applied after the preset and --config, e.g.
@@ -167,7 +167,7 @@ class TrainingInterrupted(Exception):
 
 def _resume_config(run: Path, cfg: Config) -> Config:
     """The saved config of the run at ``run``, with the changes a resume may make taken from ``cfg``."""
-    from .config import _flatten, to_dict
+    from .runs.config import _flatten, to_dict
 
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
@@ -197,8 +197,8 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     prints how to resume and exits 0); non-finite steps raise :class:`TrainingStopped` (exit 3).
     """
     from .train import distributed
-    from . import experiment as ex
-    from .plotting import plot_loss, plot_samples
+    from .runs import experiment as ex
+    from .runs.plotting import plot_loss, plot_samples
     from .train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
     from .solvers import solve_ode
     from .train.trainer import Trainer
@@ -412,9 +412,9 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from .checkpoint import checkpoint_stem
-    from .experiment import load_model
-    from .experiment import sample_shape as ex_sample_shape
-    from .plotting import plot_samples
+    from .runs.experiment import load_model
+    from .runs.experiment import sample_shape as ex_sample_shape
+    from .runs.plotting import plot_samples
     from .solvers import solve_ode
 
     loaded = load_model(args.checkpoint, use_ema=not args.raw_weights)
@@ -500,10 +500,10 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
                   names: list[str] | None = None, progress: bool = True,
                   overrides: list[str] | None = None) -> dict:
     """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``."""
-    from . import experiment as ex
-    from .config import _build, apply_overrides, to_dict
-    from .evaluation import evaluate, markdown_table
-    from .plotting import plot_quality_vs_nfe
+    from .runs import experiment as ex
+    from .runs.config import _build, apply_overrides, to_dict
+    from .runs.evaluation import evaluate, markdown_table
+    from .runs.plotting import plot_quality_vs_nfe
 
     loaded = [ex.load_model(c) for c in checkpoints]
     first = loaded[0]
@@ -566,7 +566,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
     quality = None
     if bundle.image:
-        from .image_evaluation import build_reference, load_reference
+        from .runs.image_evaluation import build_reference, load_reference
         reference = (load_reference(cfg, Path(e.fid_stats)) if e.fid_stats else
                      build_reference(cfg, bundle, run.path / "reference", progress=progress))
         quality = reference.quality
@@ -603,7 +603,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
 
 
 def _vector_plots(result, bundle, steps, folder: Path) -> None:
-    from .plotting import plot_sample_grid, plot_trajectories
+    from .runs.plotting import plot_sample_grid, plot_trajectories
 
     grid = {}
     for (method, sampler, k), x in result.samples.items():
@@ -694,8 +694,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fid_stats(args) -> int:
-    from . import experiment as ex
-    from .image_evaluation import build_reference
+    from .runs import experiment as ex
+    from .runs.image_evaluation import build_reference
 
     cfg = load_config(args.preset if args.preset or args.config else "digits", args.config,
                       args.overrides)

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .flowmap import FlowMap
-from .metrics.points import energy_distance, mean_map_error, wasserstein2
-from .solvers import solve_ode
+from ..flowmap import FlowMap
+from ..metrics.points import energy_distance, mean_map_error, wasserstein2
+from ..solvers import solve_ode
 
 __all__ = ["Row", "evaluate", "markdown_table"]
 

@@ -45,7 +45,7 @@ class ImageReference:
     def quality(self, images: Tensor) -> dict:
         """``{"fd", "precision", "recall"}`` of images ``(N, C, H, W)`` in data units (clamped to
         [−1, 1], as an image file would be)."""
-        from .metrics.images import FeatureStats, precision_recall
+        from ..metrics.images import FeatureStats, precision_recall
 
         feats = self.extractor(images.clamp(-1.0, 1.0))
         stats = FeatureStats.from_features(feats, self.stats.extractor, self.stats.fingerprint)
@@ -63,9 +63,9 @@ def reference_files(folder: Path, features: str) -> dict[str, Path]:
 
 def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, device="cpu"):
     """The configured feature extractor; trains (and saves) the classifier when ``bundle`` is given."""
-    from .metrics.classifier import (load_feature_classifier, save_feature_classifier,
-                                     train_feature_classifier)
-    from .metrics.features import ClassifierFeatures, InceptionFeatures
+    from ..metrics.classifier import (load_feature_classifier, save_feature_classifier,
+                                      train_feature_classifier)
+    from ..metrics.features import ClassifierFeatures, InceptionFeatures
 
     e = cfg.eval
     if e.features == "inception":
@@ -92,8 +92,8 @@ def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, de
 
 def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True) -> ImageReference:
     """Train/load the extractor and write the dataset's reference statistics into ``folder``."""
-    from .metrics.features import compute_features
-    from .metrics.images import FeatureStats
+    from ..metrics.features import compute_features
+    from ..metrics.images import FeatureStats
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True) ->
 
 def load_reference(cfg: Config, folder: Path) -> ImageReference:
     """Read a reference folder made by :func:`build_reference` (``flowmaps fid-stats``)."""
-    from .metrics.images import FeatureStats
+    from ..metrics.images import FeatureStats
 
     files = reference_files(folder, cfg.eval.features)
     for key in ("stats", "sample", "info"):

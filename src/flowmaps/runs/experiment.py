@@ -1,4 +1,4 @@
-"""Assemble a run from its :class:`~flowmaps.config.Config`: data, interpolant, network, teacher, objective,
+"""Assemble a run from its :class:`~flowmaps.runs.config.Config`: data, interpolant, network, teacher, objective,
 and rebuild a trained model from a checkpoint.
 
 Data live in *model space*: standardised when ``data.standardize`` is set (statistics kept in every
@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, _build, to_dict
-from .data.points import Standardizer, load_array, make_dataset
-from .exact import ExactReference, GaussianMixture
-from .flowmap import FlowMap
-from .interpolants import Interpolant, make_interpolant
-from .nets.mlp import MLP
-from .objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
+from ..data.points import Standardizer, load_array, make_dataset
+from ..exact import ExactReference, GaussianMixture
+from ..flowmap import FlowMap
+from ..interpolants import Interpolant, make_interpolant
+from ..nets.mlp import MLP
+from ..objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "build_data", "build_interpolant", "build_model", "build_objective",
            "build_teacher", "Loaded", "load_model", "save_model", "check_model_checkpoint"]
@@ -93,13 +93,13 @@ def build_data(cfg: Config) -> DataBundle:
         train = standardizer.transform(train)
     kl = None
     if d.name == "checkerboard":
-        from .metrics.points import checkerboard_kl
+        from ..metrics.points import checkerboard_kl
         kl = checkerboard_kl
     return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
 
 
 def _build_images(cfg: Config) -> DataBundle:
-    from .data.images import load_image_dataset
+    from ..data.images import load_image_dataset
 
     d = cfg.data
     options = {}
@@ -147,7 +147,7 @@ def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) 
     """For gmm data, the exact reference (velocity, flow map, density) under this interpolant."""
     if cfg.data.name == "gmm" and bundle.standardizer is None:
         bundle.reference = _gmm_reference(cfg, interpolant)
-        from .metrics.points import histogram_kl
+        from ..metrics.points import histogram_kl
         ref = bundle.reference
         bundle.kl = lambda x: histogram_kl(x, ref.log_prob, bins=50, low=-4.0, high=4.0)
 
@@ -160,7 +160,7 @@ def sample_shape(scales: dict) -> tuple[int, ...]:
 def build_model(cfg: Config, scales: dict) -> FlowMap:
     m = cfg.model
     if m.name == "unet":
-        from .nets.unet import UNet
+        from ..nets.unet import UNet
 
         shape = sample_shape(scales)
         if len(shape) != 3:
@@ -207,7 +207,7 @@ def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
         if not null:
             raise ConfigError("teacher.guidance: needs a class-conditional teacher "
                               "(model.class_conditional=true)")
-        from .objectives import GuidedVelocity
+        from ..objectives import GuidedVelocity
 
         return GuidedVelocity(loaded.model, t.guidance, null_label=null)
     return loaded.model

@@ -372,8 +372,8 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def list_presets() -> list[str]:
-    """Names of the YAML presets shipped in ``flowmaps/presets``."""
-    folder = resources.files("flowmaps") / "presets"
+    """Names of the YAML presets shipped in ``flowmaps/runs/presets``."""
+    folder = resources.files("flowmaps.runs") / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -425,7 +425,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     if preset is not None:
         if preset not in list_presets():
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-        text = (resources.files("flowmaps") / "presets" / f"{preset}.yaml").read_text()
+        text = (resources.files("flowmaps.runs") / "presets" / f"{preset}.yaml").read_text()
         data = _merge(data, _read_yaml(text, f"preset {preset}"))
         data.setdefault("preset", preset)
     if config_file is not None:
