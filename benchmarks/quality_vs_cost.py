@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from flowmaps.cli import evaluate_runs, run_training
+from flowmaps.runs.evaluate import evaluate_runs
+from flowmaps.runs.training import run_training
 from flowmaps.runs.config import load_config
 
 ROOT = Path(__file__).resolve().parent / "results" / "quality_vs_cost"

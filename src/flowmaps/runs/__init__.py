@@ -1,6 +1,10 @@
-"""Runs: what the command line does, as a library. :mod:`~flowmaps.runs.config` (typed configs and the
-shipped presets), :mod:`~flowmaps.runs.experiment` (assemble a run; save and load models),
-:mod:`~flowmaps.runs.evaluation` and :mod:`~flowmaps.runs.image_evaluation` (quality versus cost; image
-reference statistics) and :mod:`~flowmaps.runs.plotting` (figures).
+"""Runs: what the command line does, as a library.
+
+:mod:`~flowmaps.runs.config` typed configs and the shipped presets; :mod:`~flowmaps.runs.experiment`
+assembles a run (data, model, teacher, objective) and saves and loads models; :mod:`~flowmaps.runs.rundir`
+the run directory; :mod:`~flowmaps.runs.training` trains or distils into one (``flowmaps train``,
+``distill``); :mod:`~flowmaps.runs.evaluation` and :mod:`~flowmaps.runs.image_evaluation` measure quality
+versus cost (image reference statistics), :mod:`~flowmaps.runs.evaluate` evaluates checkpoints into a
+run directory (``flowmaps evaluate``); :mod:`~flowmaps.runs.plotting` draws the figures.
 
 Nothing is imported here, so that reading a config does not load matplotlib."""

@@ -25,8 +25,9 @@ from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
 from ..objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
 
-__all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "build_data", "build_interpolant", "build_model", "build_objective",
-           "build_teacher", "Loaded", "load_model", "save_model", "check_model_checkpoint"]
+__all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
+           "build_model", "build_objective", "build_teacher", "Loaded", "load_model", "save_model",
+           "check_model_checkpoint"]
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
@@ -155,6 +156,13 @@ def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) 
 def sample_shape(scales: dict) -> tuple[int, ...]:
     """The shape of one sample recorded in a checkpoint's scales (older ones hold only ``dim``)."""
     return tuple(scales.get("shape") or [scales["dim"]])
+
+
+def class_labels(n: int, scales: dict, device="cpu") -> torch.Tensor | None:
+    """Labels ``0, 1, …, K−1, 0, 1, …`` for ``n`` samples of a class-conditional model (else None):
+    class-balanced evaluation and sample sheets."""
+    k = scales.get("num_classes", 0)
+    return torch.arange(n, device=device) % k if k else None
 
 
 def build_model(cfg: Config, scales: dict) -> FlowMap:

@@ -1,0 +1,200 @@
+"""Evaluate trained checkpoints against their teacher (``flowmaps evaluate``): load the flow maps and the
+teacher, draw shared base points, measure quality versus cost (:func:`flowmaps.runs.evaluation.evaluate`)
+and write ``table.md``, ``results.json`` and the plots into a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.grids import save_labeled_grids
+from ..objectives import GuidedVelocity
+from . import experiment as ex
+from .config import Config, ConfigError, _build, apply_overrides, to_dict
+from .evaluation import Evaluation, evaluate, markdown_table
+from .image_evaluation import build_reference, load_reference
+from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
+from .rundir import RunDir
+
+__all__ = ["evaluate_runs"]
+
+
+def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwrite: bool,
+                  steps: list[int] | None, n: int | None, dopri5: bool | None,
+                  names: list[str] | None = None, progress: bool = True,
+                  overrides: list[str] | None = None) -> dict:
+    """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``."""
+    loaded = [ex.load_model(c) for c in checkpoints]
+    first = loaded[0]
+    cfg = _with_eval_overrides(first.config, overrides)
+    bundle = _shared_data(cfg, loaded, checkpoints)
+    dim = first.scales["dim"]
+    maps, velocity = _split_models(loaded, names)
+    spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
+    velocity, teacher_name, teacher_model = _teacher_velocity(cfg, spec, bundle, dim, velocity)
+    _check_classes(loaded, teacher_model, spec)
+    run = RunDir(out, overwrite)
+    e = cfg.eval
+    steps = steps or e.steps
+    n = n or e.n_samples
+    g = torch.Generator().manual_seed(e.seed)
+    x0 = first.interpolant.sample_base(torch.empty(n, *ex.sample_shape(first.scales)), g)
+    cond = ex.class_labels(n, first.scales)
+    exact_map = None
+    if bundle.reference is not None:
+        exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
+    quality = None
+    if bundle.image:
+        reference = (load_reference(cfg, Path(e.fid_stats)) if e.fid_stats else
+                     build_reference(cfg, bundle, run.path / "reference", progress=progress))
+        quality = reference.quality
+    result = evaluate(maps, velocity, x0, bundle.held_out, bundle.to_data_units, steps=steps,
+                      solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
+                      exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
+                      energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
+                      progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
+                      quality=quality, cond=cond)
+    table = markdown_table(result.rows)
+    meta = {"checkpoints": checkpoints, "teacher": spec, "n_samples": n, "steps": steps,
+            "data": cfg.data.name, "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()}
+    _write_results(run, table, meta, result)
+    _plots(result, bundle, steps, run.plots, cfg, exact_map is not None)
+    print(table)
+    print(f"\nwrote {run.path / 'table.md'}, {run.path / 'results.json'} and plots in {run.plots}")
+    return {"rows": result.rows, "table": table, "dir": run.path}
+
+
+# --- what is evaluated -----------------------------------------------------------------------------
+
+def _with_eval_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """The first checkpoint's config with ``eval.*`` overrides applied (any other key is refused)."""
+    if not overrides:
+        return cfg
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* overrides only (the rest "
+                          "comes from the checkpoints)")
+    return _build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
+
+
+def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -> ex.DataBundle:
+    """The data every checkpoint was trained on (refusing checkpoints trained on other data), with its
+    exact reference attached when it has one."""
+    first = loaded[0]
+    for other, path in zip(loaded[1:], checkpoints[1:]):
+        if other.scales["dim"] != first.scales["dim"] or other.config.data != cfg.data:
+            raise ConfigError(f"{path}: trained on different data than {checkpoints[0]}")
+    bundle = ex.build_data(cfg)
+    dim = first.scales["dim"]
+    if bundle.dim != dim:
+        raise ConfigError(f"{cfg.data.path or cfg.data.name}: data has dimension {bundle.dim}, "
+                          f"{checkpoints[0]} was trained on dimension {dim}")
+    ex.attach_reference(cfg, bundle, first.interpolant)
+    return bundle
+
+
+def _split_models(loaded: list[ex.Loaded], names: list[str] | None) -> tuple[dict, object]:
+    """``({label: flow map}, velocity)``: the flow maps to evaluate, and the first velocity checkpoint
+    among them (a teacher candidate, or None)."""
+    maps, velocity = {}, None
+    for i, item in enumerate(loaded):
+        label = names[i] if names else item.config.objective.name.upper()
+        if item.config.objective.name == "velocity":
+            velocity = velocity or item.model.velocity
+        else:
+            maps[label] = item.model
+    return maps, velocity
+
+
+def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim: int, velocity):
+    """``(velocity, name, loaded teacher or None)`` of the teacher ``spec`` ("exact", a checkpoint, or
+    None: then the velocity checkpoint among those evaluated, if any). A teacher that is the config's
+    own checkpoint is guided as it was for distillation (``teacher.guidance``)."""
+    if spec == "exact":
+        if bundle.reference is None:
+            raise ConfigError("--teacher exact: only gmm data has an exact velocity")
+        return bundle.reference.velocity, "exact velocity", None
+    if not spec:
+        return velocity, "teacher", None
+    teacher = ex.load_model(spec)
+    guided = cfg.teacher.guidance != 1.0 and spec == cfg.teacher.checkpoint
+    if teacher.scales["dim"] != dim:
+        raise ConfigError(f"{spec}: teacher has dimension {teacher.scales['dim']}, the "
+                          f"checkpoints have dimension {dim}")
+    if not guided:
+        return teacher.model.velocity, "teacher", teacher
+    return (GuidedVelocity(teacher.model, cfg.teacher.guidance,
+                           null_label=teacher.scales.get("num_classes", 0)),
+            f"teacher (guidance {cfg.teacher.guidance:g})", teacher)
+
+
+def _check_classes(loaded: list[ex.Loaded], teacher: ex.Loaded | None, spec: str | None) -> None:
+    num_classes = loaded[0].scales.get("num_classes", 0)
+    if any(item.scales.get("num_classes", 0) != num_classes for item in loaded):
+        raise ConfigError("checkpoints: mix class-conditional and unconditional models")
+    if teacher is not None and teacher.scales.get("num_classes", 0) != num_classes:
+        raise ConfigError(f"{spec}: the teacher's class conditioning differs from the checkpoints'")
+
+
+# --- what is written -------------------------------------------------------------------------------
+
+def _write_results(run: RunDir, table: str, meta: dict, result: Evaluation) -> None:
+    (run.path / "table.md").write_text(table + "\n")
+    (run.path / "results.json").write_text(json.dumps(
+        {"meta": meta, "rows": [r.as_dict() for r in result.rows]}, indent=2))
+
+
+def _plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], folder: Path, cfg: Config,
+           exact: bool) -> None:
+    """Sample sheets and trajectories, and every measured quality against NFE."""
+    if bundle.image:
+        _image_plots(result, bundle, steps, folder)
+    else:
+        _vector_plots(result, bundle, steps, folder)
+    if any(r.w2 is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, folder / "w2_vs_nfe.png", "w2", "W2 to held-out data")
+    if any(r.fd is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, folder / "fd_vs_nfe.png", "fd",
+                            f"Fréchet distance ({cfg.eval.features} features)")
+    if any(r.kl is not None for r in result.rows):
+        plot_quality_vs_nfe(result.rows, folder / "kl_vs_nfe.png", "kl", "histogram KL")
+    if exact:
+        plot_quality_vs_nfe(result.rows, folder / "map_error_vs_nfe.png", "map_error",
+                            "mean |X̂₀₁(x) − X₀₁(x)|")
+
+
+def _vector_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], folder: Path) -> None:
+    grid = {}
+    for (method, sampler, k), x in result.samples.items():
+        if sampler == "flow map":
+            grid.setdefault(method, {})[k] = x
+    extra = {f"{m} {s}" + (f" {k}" if k else ""): x for (m, s, k), x in result.samples.items()
+             if s == "dopri5" or (s == "euler" and k == max(steps))}
+    if grid or extra:
+        plot_sample_grid(grid or {"teacher": {}}, bundle.held_out, folder / "samples_grid.png",
+                         extra=extra or None)
+    paths = {k: bundle.to_data_units(v) for k, v in result.paths.items()}
+    plot_trajectories(paths, bundle.held_out, folder / "trajectories.png")
+
+
+def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], folder: Path,
+                 n: int = 32) -> None:
+    """Sample sheets: the data, then every method × step count (and the teacher's dopri5 and Euler at
+    the largest step count), the same base points in every row; and trajectories of a few samples."""
+    rows = {"data (held out)": bundle.held_out[:n]}
+    for (method, sampler, k), x in result.samples.items():
+        if sampler == "flow map":
+            rows[f"{method}, {k} step{'s' * (k > 1)}"] = x[:n].clamp(-1, 1)
+        elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
+            rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
+    save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
+    paths = {name: path[:, :8].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
+             for name, path in result.paths.items()}
+    save_labeled_grids(paths, folder / "trajectories.png",
+                       nrow=next(iter(result.paths.values())).shape[0])
