@@ -230,7 +230,7 @@ def cmd_demo(args) -> int:
 
 def cmd_fid_stats(args) -> int:
     from .runs import experiment as ex
-    from .runs.image_evaluation import build_reference
+    from .runs.evaluation import build_reference
 
     cfg = load_config(args.preset if args.preset or args.config else "digits", args.config,
                       args.overrides)

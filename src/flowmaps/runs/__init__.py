@@ -3,8 +3,8 @@
 :mod:`~flowmaps.runs.config` typed configs and the shipped presets; :mod:`~flowmaps.runs.experiment`
 assembles a run (data, model, teacher, objective) and saves and loads models; :mod:`~flowmaps.runs.rundir`
 the run directory; :mod:`~flowmaps.runs.training` trains or distils into one (``flowmaps train``,
-``distill``); :mod:`~flowmaps.runs.evaluation` and :mod:`~flowmaps.runs.image_evaluation` measure quality
-versus cost (image reference statistics), :mod:`~flowmaps.runs.evaluate` evaluates checkpoints into a
-run directory (``flowmaps evaluate``); :mod:`~flowmaps.runs.plotting` draws the figures.
+``distill``); :mod:`~flowmaps.runs.evaluation` measures quality versus cost (vectors and images, with the
+image reference statistics) and :mod:`~flowmaps.runs.evaluate` evaluates checkpoints into a run directory
+(``flowmaps evaluate``); :mod:`~flowmaps.runs.plotting` draws the figures.
 
 Nothing is imported here, so that reading a config does not load matplotlib."""

@@ -16,8 +16,7 @@ from ..data.grids import save_labeled_grids
 from ..objectives import GuidedVelocity
 from . import experiment as ex
 from .config import Config, ConfigError, _build, apply_overrides, to_dict
-from .evaluation import Evaluation, evaluate, markdown_table
-from .image_evaluation import build_reference, load_reference
+from .evaluation import Evaluation, build_reference, evaluate, load_reference, markdown_table
 from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
 from .rundir import RunDir
 
