@@ -1,4 +1,7 @@
-"""The ``flowmaps`` command: train, distill, sample, evaluate, demo, presets.
+"""The ``flowmaps`` command: the parser of every command, and :func:`main`, which runs one and turns
+its errors into exit statuses. Each command's work is in its own module (:mod:`flowmaps.cli.train`,
+:mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.demo`,
+:mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
 ``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
@@ -14,18 +17,22 @@ last good checkpoint is kept and named).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from .checkpoint import CheckpointError
-from .runs.config import ConfigError, dump_config, list_presets, load_config
-from .runs.rundir import RunDir, RunDirError, check_parents
-from .runs.training import TrainingInterrupted, TrainingStopped, run_training
+from .._version import __version__
+from ..checkpoint import CheckpointError
+from ..runs.config import ConfigError, list_presets
+from ..runs.rundir import RunDirError
+from ..runs.training import TrainingInterrupted, TrainingStopped
+from ..train.distributed import is_main, shutdown
+from .demo import cmd_demo
+from .evaluate import cmd_evaluate
+from .fid_stats import cmd_fid_stats
+from .presets import cmd_presets
+from .sample import cmd_sample
+from .train import cmd_distill, cmd_train
 
 EPILOG_OVERRIDES = """overrides:
   Any config key as section.key=value (YAML values), applied after the preset and --config, e.g.
@@ -54,208 +61,6 @@ def _grid(text: str) -> list[float]:
     return values
 
 
-def cmd_train(args, distill: bool = False) -> int:
-    overrides = []
-    if args.objective:
-        overrides.append(f"objective.name={args.objective}")
-    elif distill and not args.resume:
-        overrides.append("objective.name=lmd")
-    if distill and args.teacher:
-        overrides += (["teacher.exact=true"] if args.teacher == "exact"
-                      else [f"teacher.checkpoint={args.teacher}"])
-    if args.resume:
-        if args.preset or args.config:
-            raise ConfigError("--resume continues the run in --out with its saved config.yaml; "
-                              "drop --preset/--config (overrides such as train.steps=N are allowed)")
-        if args.out is None:
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise RunDirError(f"--resume: {args.out} is not a run directory (no config.yaml)")
-        cfg = load_config(None, saved, overrides + args.overrides)
-    else:
-        cfg = load_config(args.preset if args.preset or args.config else "checkerboard", args.config,
-                          overrides + args.overrides)
-    run_training(cfg, args.out, args.overwrite, distill, progress=not args.quiet, resume=args.resume)
-    return 0
-
-
-# --- sampling --------------------------------------------------------------------------------------
-
-def cmd_sample(args) -> int:
-    import numpy as np
-
-    from .checkpoint import checkpoint_stem
-    from .runs.experiment import class_labels, load_model
-    from .runs.experiment import sample_shape as ex_sample_shape
-    from .runs.plotting import plot_samples
-    from .solvers import solve_ode
-
-    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights)
-    stem = checkpoint_stem(args.checkpoint)
-    out = Path(args.out) if args.out else stem.parent.parent / "samples"
-    is_velocity = loaded.config.objective.name == "velocity"
-    num_classes = loaded.scales.get("num_classes", 0)
-    if args.label is not None and not 0 <= args.label < num_classes:
-        raise ConfigError(f"--label {args.label}: the checkpoint has "
-                          + (f"classes 0..{num_classes - 1}" if num_classes else "no classes"))
-    if args.guidance != 1.0 and not (is_velocity and num_classes):
-        raise ConfigError("--guidance: applies to class-conditional velocity checkpoints (a distilled "
-                          "map learned its guidance from its teacher)")
-    velocity = loaded.model.velocity
-    if args.guidance != 1.0:
-        from .objectives import GuidedVelocity
-        velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
-    jobs = []  # (label, callable of (x0, cond))
-    if args.grid:
-        if is_velocity:
-            raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
-        grid = torch.tensor(args.grid)
-        jobs.append(("grid", lambda x0, c: loaded.model.sample(x0, grid=grid, cond=c)))
-    for k in args.steps or ([] if args.grid else [1, 2, 4]):
-        if is_velocity:
-            jobs.append((f"{args.solver}{k}", lambda x0, c, k=k: solve_ode(
-                lambda x, t: velocity(x, t, c), x0, args.solver, steps=k).x))
-        else:
-            jobs.append((f"steps{k}", lambda x0, c, k=k: loaded.model.sample(x0, steps=k, cond=c)))
-    dim = loaded.scales["dim"]
-    image = len(ex_sample_shape(loaded.scales)) == 3
-    if image and args.data is not None:
-        raise ConfigError("--data: plotting data beside samples is for vector data; image samples are "
-                          "written as a grid")
-    data = None
-    if args.data is not None:  # read and checked before any sample is written
-        data = _load_data(args.data)
-        if data.shape[1] != dim:
-            raise ConfigError(f"--data {args.data}: has dimension {data.shape[1]}, the checkpoint has "
-                              f"dimension {dim}")
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out}: exists and is not a directory")
-    check_parents(out)
-    files = [out / f"samples_{label}.npy" for label, _ in jobs]
-    clash = [str(f) for f in files if f.exists()]
-    if clash and not args.overwrite:
-        raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
-    x0 = loaded.interpolant.sample_base(torch.empty(args.n, *ex_sample_shape(loaded.scales)), g)
-    cond = None
-    if num_classes:
-        cond = (torch.full((args.n,), args.label) if args.label is not None
-                else class_labels(args.n, loaded.scales))
-    shown = {}
-    with torch.no_grad():
-        for (label, job), path in zip(jobs, files):
-            x = loaded.to_data_units(job(x0, cond))
-            np.save(path, x.numpy())
-            shown[label] = x
-            print(f"wrote {path} ({args.n} samples)")
-    if image:
-        from .data.grids import save_labeled_grids
-        png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
-                                 out / "samples.png")
-    else:
-        png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
-                           out / "samples.png", title=str(stem))
-    print(f"wrote {png}")
-    return 0
-
-
-def _load_data(path):
-    from .data.points import load_array
-
-    return load_array(path)
-
-
-def cmd_evaluate(args) -> int:
-    out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    # key=value arguments among the checkpoints are eval.* overrides (argparse's nargs="+" takes both)
-    overrides = [c for c in args.checkpoints if "=" in c and not Path(c).exists()] + args.overrides
-    checkpoints = [c for c in args.checkpoints if c not in overrides]
-    if not checkpoints:
-        raise ConfigError("evaluate: give at least one checkpoint")
-    from .runs.evaluate import evaluate_runs  # loads matplotlib, which not every command needs
-
-    evaluate_runs(checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
-                  False if args.no_dopri5 else None, overrides=overrides)
-    return 0
-
-
-# --- demo ----------------------------------------------------------------------------------------
-
-DEMO_BUDGET = {  # steps per model; sized so `make demo` ends within 10 minutes on 2 CPU cores
-    "teacher": 10000, "lmd": 6000, "emd": 6000, "fmm": 8000,
-}
-
-
-def cmd_demo(args) -> int:
-    root = Path(args.out)
-    if root.exists() and any(root.iterdir()) and not args.overwrite:
-        raise RunDirError(f"--out {root}: already holds files; choose a new directory or pass "
-                          "--overwrite")
-    scale = args.scale
-    common = ["model.width=128", "model.depth=4", "train.batch_size=512", "train.log_every=100",
-              "train.checkpoint_every=100000"] + args.overrides
-
-    def steps(key):
-        return f"train.steps={max(10, int(DEMO_BUDGET[key] * scale))}"
-
-    def decay(key):
-        return f"train.lr_decay_start={max(1, int(DEMO_BUDGET[key] * scale) // 4)}"
-
-    start = time.perf_counter()
-    teacher_dir = run_training(load_config(args.preset, None, common + [
-        "objective.name=velocity", steps("teacher"), decay("teacher"), "train.lr=2e-3"]),
-        root / "teacher", args.overwrite, distill=False, label="1/4 teacher velocity")
-    teacher_ckpt = str(teacher_dir / "checkpoints" / "final")
-    runs = {}
-    for i, (name, extra) in enumerate([("lmd", ["train.lr=1e-3"]),
-                                       ("emd", ["objective.emd_form=full", "train.lr=1e-3"])]):
-        runs[{"lmd": "LMD", "emd": "EMD-full"}[name]] = run_training(load_config(args.preset, None, common + extra + [
-            f"objective.name={name}", f"teacher.checkpoint={teacher_ckpt}", steps(name), decay(name)]),
-            root / name, args.overwrite, distill=True, label=f"{i + 2}/4 {name.upper()} distillation")
-    runs["FMM"] = run_training(load_config(args.preset, None, common + [
-        "objective.name=fmm", steps("fmm"), decay("fmm"), "train.lr=1e-3"]),
-        root / "fmm", args.overwrite, distill=False, label="4/4 FMM direct training")
-    print("evaluating at 1, 2, 4, 8 steps against the teacher's ODE solvers ...", file=sys.stderr)
-    checkpoints = [str(p / "checkpoints" / "final") for p in runs.values()]
-    from .runs.evaluate import evaluate_runs
-
-    evaluate_runs(checkpoints, teacher_ckpt, root / "eval", args.overwrite, [1, 2, 4, 8], None, True,
-                  names=list(runs))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; runs in {root}, plots in "
-          f"{root / 'eval' / 'plots'}")
-    return 0
-
-
-def cmd_fid_stats(args) -> int:
-    from .runs import experiment as ex
-    from .runs.evaluation import build_reference
-
-    cfg = load_config(args.preset if args.preset or args.config else "digits", args.config,
-                      args.overrides)
-    bundle = ex.build_data(cfg)
-    if not bundle.image:
-        raise ConfigError(f"data.name: fid-stats is for image datasets; {cfg.data.name} is vector data")
-    out = Path(args.out) if args.out else Path("fid-stats") / cfg.data.name
-    run = RunDir(out, args.overwrite, create=False)
-    run.create()
-    (run.path / "config.yaml").write_text(dump_config(cfg))
-    reference = build_reference(cfg, bundle, run.path, progress=not args.quiet)
-    print(json.dumps(reference.info, indent=2))
-    print(f"use it with: eval.fid_stats={run.path}")
-    return 0
-
-
-def cmd_presets(args) -> int:
-    if args.show:
-        print(dump_config(load_config(args.show)), end="")
-    else:
-        for name in list_presets():
-            print(name)
-    return 0
-
-
 # --- parser --------------------------------------------------------------------------------------
 
 def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -275,8 +80,6 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
 
 
 def is_main_process() -> bool:
-    from .train.distributed import is_main
-
     return is_main()
 
 
@@ -298,10 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowmaps", formatter_class=fmt,
         description="Flow map generative models: train or distil the two-time flow map X_{s,t}, then "
                     "sample in 1, 2, 4... steps chosen after training (t=0 noise, t=1 data).")
-    from ._version import __version__
     parser.add_argument("--version", action="version", version=f"flowmaps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub, fmt)
+    _add_distill(sub, fmt)
+    _add_sample(sub, fmt)
+    _add_evaluate(sub, fmt)
+    _add_demo(sub, fmt)
+    _add_fid_stats(sub, fmt)
+    _add_presets(sub)
+    return parser
 
+
+def _add_train(sub, fmt) -> None:
     p = sub.add_parser("train", help="train a velocity (teacher) or a flow map directly (FMM)",
                        formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
@@ -311,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_distill(sub, fmt) -> None:
     p = sub.add_parser("distill", help="distil a flow map (LMD, EMD, PFMM) from a teacher velocity",
                        formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                        description="Distil a flow map from a teacher velocity: a checkpoint made by "
@@ -320,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher checkpoint (run directory or "
                    "checkpoint path), or 'exact' for the gmm dataset's closed-form velocity")
     _add_run_options(p)
-    p.set_defaults(func=lambda a: cmd_train(a, distill=True))
+    p.set_defaults(func=cmd_distill)
 
+
+def _add_sample(sub, fmt) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint at one or more step counts",
                        formatter_class=fmt,
                        description="Draw --n samples at each step count; writes samples_<label>.npy "
@@ -344,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
     p.set_defaults(func=cmd_sample)
 
+
+def _add_evaluate(sub, fmt) -> None:
     p = sub.add_parser("evaluate", help="quality-versus-cost table of flow maps and their teacher",
                        formatter_class=fmt,
                        description="For each flow map and step count: NFE, wall time per 10k "
@@ -363,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     p.set_defaults(func=cmd_evaluate, overrides=[])
 
+
+def _add_demo(sub, fmt) -> None:
     p = sub.add_parser("demo", help="the main job: teacher, LMD, EMD, FMM on the checkerboard, "
                        "evaluated at 1, 2, 4, 8 steps", formatter_class=fmt,
                        description="Train a teacher velocity, distil flow maps with LMD and EMD, train "
@@ -376,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all runs")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_fid_stats(sub, fmt) -> None:
     p = sub.add_parser("fid-stats", help="reference statistics of an image dataset for the Fréchet "
                        "distance (trains the offline feature classifier)", formatter_class=fmt,
                        epilog=EPILOG_OVERRIDES,
@@ -388,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, resume=False)
     p.set_defaults(func=cmd_fid_stats)
 
+
+def _add_presets(sub) -> None:
     p = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     p.add_argument("--show", metavar="NAME", help="print the fully resolved config of a preset")
     p.set_defaults(func=cmd_presets)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         # Leave the process group (torchrun): exiting with it alive aborts the process.
-        from .train.distributed import shutdown
-
         shutdown(sync=clean)
 
 

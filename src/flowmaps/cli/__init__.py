@@ -1,0 +1,8 @@
+"""The ``flowmaps`` command: :mod:`~flowmaps.cli.main` builds the parser and runs a command; each
+command is a small module (``train``, which also distils, ``sample``, ``evaluate``, ``demo``,
+``fid_stats``, ``presets``) that reads its arguments and calls the :mod:`flowmaps.runs` that does the
+work."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,28 @@
+"""``flowmaps fid-stats``: the reference statistics of an image dataset, computed once and reused by
+every evaluation (``eval.fid_stats=DIR``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..runs import experiment as ex
+from ..runs.config import ConfigError, dump_config, load_config
+from ..runs.evaluation import build_reference
+from ..runs.rundir import RunDir
+
+
+def cmd_fid_stats(args) -> int:
+    cfg = load_config(args.preset if args.preset or args.config else "digits", args.config,
+                      args.overrides)
+    bundle = ex.build_data(cfg)
+    if not bundle.image:
+        raise ConfigError(f"data.name: fid-stats is for image datasets; {cfg.data.name} is vector data")
+    out = Path(args.out) if args.out else Path("fid-stats") / cfg.data.name
+    run = RunDir(out, args.overwrite, create=False)
+    run.create()
+    (run.path / "config.yaml").write_text(dump_config(cfg))
+    reference = build_reference(cfg, bundle, run.path, progress=not args.quiet)
+    print(json.dumps(reference.info, indent=2))
+    print(f"use it with: eval.fid_stats={run.path}")
+    return 0

@@ -1,0 +1,115 @@
+"""``flowmaps sample``: draw samples from a checkpoint at one or more step counts (flow maps) or with an
+ODE solver (velocities), write each set as ``samples_<label>.npy`` in data units and a ``samples.png``.
+Everything is checked before the first file is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import checkpoint_stem
+from ..data.grids import save_labeled_grids
+from ..data.points import load_array
+from ..objectives import GuidedVelocity
+from ..runs.config import ConfigError
+from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
+from ..runs.rundir import RunDirError, check_parents
+from ..solvers import solve_ode
+
+
+def cmd_sample(args) -> int:
+    from ..runs.plotting import plot_samples  # loads matplotlib, which not every command needs
+
+    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights)
+    stem = checkpoint_stem(args.checkpoint)
+    out = Path(args.out) if args.out else stem.parent.parent / "samples"
+    jobs = _jobs(args, loaded)
+    image = len(sample_shape(loaded.scales)) == 3
+    data = _data_to_plot(args, loaded, image)
+    files = _output_files(out, [label for label, _ in jobs], args.overwrite)
+    shown = _draw(args, loaded, jobs, files)
+    if image:
+        png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
+                                 out / "samples.png")
+    else:
+        png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
+                           out / "samples.png", title=str(stem))
+    print(f"wrote {png}")
+    return 0
+
+
+def _jobs(args, loaded: Loaded) -> list[tuple[str, object]]:
+    """``[(label, sampler of (x0, cond))]``: the grid and each step count asked for, after checking the
+    class label and guidance options against the checkpoint."""
+    is_velocity = loaded.config.objective.name == "velocity"
+    num_classes = loaded.scales.get("num_classes", 0)
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise ConfigError(f"--label {args.label}: the checkpoint has "
+                          + (f"classes 0..{num_classes - 1}" if num_classes else "no classes"))
+    if args.guidance != 1.0 and not (is_velocity and num_classes):
+        raise ConfigError("--guidance: applies to class-conditional velocity checkpoints (a distilled "
+                          "map learned its guidance from its teacher)")
+    velocity = loaded.model.velocity
+    if args.guidance != 1.0:
+        velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
+    jobs = []
+    if args.grid:
+        if is_velocity:
+            raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
+        grid = torch.tensor(args.grid)
+        jobs.append(("grid", lambda x0, c: loaded.model.sample(x0, grid=grid, cond=c)))
+    for k in args.steps or ([] if args.grid else [1, 2, 4]):
+        if is_velocity:
+            jobs.append((f"{args.solver}{k}", lambda x0, c, k=k: solve_ode(
+                lambda x, t: velocity(x, t, c), x0, args.solver, steps=k).x))
+        else:
+            jobs.append((f"steps{k}", lambda x0, c, k=k: loaded.model.sample(x0, steps=k, cond=c)))
+    return jobs
+
+
+def _data_to_plot(args, loaded: Loaded, image: bool):
+    """``--data``, read and checked before any sample is written (vector checkpoints only)."""
+    if image and args.data is not None:
+        raise ConfigError("--data: plotting data beside samples is for vector data; image samples are "
+                          "written as a grid")
+    if args.data is None:
+        return None
+    data = load_array(args.data)
+    dim = loaded.scales["dim"]
+    if data.shape[1] != dim:
+        raise ConfigError(f"--data {args.data}: has dimension {data.shape[1]}, the checkpoint has "
+                          f"dimension {dim}")
+    return data
+
+
+def _output_files(out: Path, labels: list[str], overwrite: bool) -> list[Path]:
+    """``out/samples_<label>.npy`` for each label, refusing to replace one unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out}: exists and is not a directory")
+    check_parents(out)
+    files = [out / f"samples_{label}.npy" for label in labels]
+    clash = [str(f) for f in files if f.exists()]
+    if clash and not overwrite:
+        raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def _draw(args, loaded: Loaded, jobs, files: list[Path]) -> dict[str, torch.Tensor]:
+    """Run every job from the same base points (and labels) and save its samples in data units."""
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = loaded.interpolant.sample_base(torch.empty(args.n, *sample_shape(loaded.scales)), g)
+    cond = None
+    if loaded.scales.get("num_classes", 0):
+        cond = (torch.full((args.n,), args.label) if args.label is not None
+                else class_labels(args.n, loaded.scales))
+    shown = {}
+    with torch.no_grad():
+        for (label, job), path in zip(jobs, files):
+            x = loaded.to_data_units(job(x0, cond))
+            np.save(path, x.numpy())
+            shown[label] = x
+            print(f"wrote {path} ({args.n} samples)")
+    return shown
