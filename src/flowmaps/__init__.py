@@ -3,8 +3,17 @@ probability-flow ODE, then sample in any number of steps chosen after training.
 
 Time convention everywhere: ``t = 0`` is the Gaussian base, ``t = 1`` is the data.
 
-Layers, each importing only downward: ``interpolants`` → ``solvers`` → ``flowmap`` → ``networks`` →
-``exact`` → ``objectives`` → ``training``.
+Layers, each module importing only from its own layer and those before it, without cycles:
+
+1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``flowmap``,
+   ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
+2. ``nets`` — two-time networks (MLP, U-Net);
+3. ``objectives`` — Velocity, FMM, LMD, EMD, PFMM on one shared step;
+4. ``data`` — 2-D generators, user arrays, image datasets, PNG grids;
+5. ``metrics`` — sample quality of vectors and images, feature extractors;
+6. ``train`` — Trainer and fit, multi-process training, resumable checkpoints;
+7. ``runs`` — configs and presets, run assembly, training and evaluation of runs, plots;
+8. ``cli`` — the ``flowmaps`` command.
 """
 
 from . import exact, objectives
@@ -12,8 +21,11 @@ from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
 from .nets import MLP, UNet
+from .objectives import GuidedVelocity
+from .runs.experiment import load_model
 from .solvers import ODESolution, solve_ode
 from .train import Trainer, fit
 
 __all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
-           "solve_ode", "ODESolution", "exact", "objectives", "__version__"]
+           "solve_ode", "ODESolution", "GuidedVelocity", "load_model", "exact", "objectives",
+           "__version__"]
