@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flowmaps.metrics import wasserstein2
 from flowmaps.runs.config import load_config
 from flowmaps.runs.experiment import build_data
-from flowmaps.metrics import wasserstein2
 from flowmaps.train.trainer import inverse_sqrt_schedule
 
 HERE = Path(__file__).resolve().parent

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from flowmaps.runs.config import load_config
 from flowmaps.runs.evaluate import evaluate_runs
 from flowmaps.runs.training import run_training
-from flowmaps.runs.config import load_config
 
 ROOT = Path(__file__).resolve().parent / "results" / "quality_vs_cost"
 

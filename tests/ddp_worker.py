@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from flowmaps.train import distributed
 from flowmaps.runs import experiment as ex
 from flowmaps.runs.config import load_config
+from flowmaps.train import distributed
 
 STEPS = 4
 BATCH = 32

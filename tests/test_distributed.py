@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 import ddp_worker
 from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters
-from flowmaps.runs import experiment as ex
 from flowmaps.checkpoint import load_checkpoint
+from flowmaps.runs import experiment as ex
 from flowmaps.train.distributed import rank_seed
 from flowmaps.train.trainer import inverse_sqrt_schedule
 

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowmaps.runs import experiment as ex
 from flowmaps.checkpoint import CheckpointError, load_checkpoint
 from flowmaps.cli import main
+from flowmaps.runs import experiment as ex
 from flowmaps.runs.config import ConfigError, load_config
 
 torch.set_num_threads(1)

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from flowmaps import FlowMap, Linear
-from flowmaps.runs import experiment as ex
+from flowmaps import FlowMap, Linear, UNet
 from flowmaps.cli import main
-from flowmaps.runs.config import load_config
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, GuidedVelocity, Velocity
+from flowmaps.runs import experiment as ex
+from flowmaps.runs.config import load_config
 from flowmaps.train.trainer import Trainer
-from flowmaps import UNet
 
 torch.set_num_threads(1)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmaps.runs import experiment as ex
 from flowmaps.checkpoint import load_checkpoint
 from flowmaps.cli import main
-from flowmaps.runs.config import load_config
 from flowmaps.objectives.base import LossOutput
+from flowmaps.runs import experiment as ex
+from flowmaps.runs.config import load_config
 from flowmaps.train.resume import CheckpointRotation, latest_checkpoint
 from flowmaps.train.trainer import Trainer
 

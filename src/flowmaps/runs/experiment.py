@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, _build, to_dict
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
 from ..objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
+from .config import Config, ConfigError, _build, to_dict
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
            "build_model", "build_objective", "build_teacher", "Loaded", "load_model", "save_model",
