@@ -219,12 +219,12 @@ def reference_terms(name, objective, model, x0, x1, s, t):
     if name.startswith("emd"):
         i_s = interp.interpolate(x0, x1, s)
         b = teacher_no_grad(objective.teacher, i_s, s)
-        if objective.form == "semigradient":
+        if objective.emd_form == "semigradient":
             with torch.no_grad():
                 _, advection = model.jvp(i_s, s, t, dx=b)
             _, ds_x = model.jvp(i_s, s, t, ds=1.0)
             return sq_norm(ds_x + advection)
-        if objective.form == "full":
+        if objective.emd_form == "full":
             return sq_norm(model.jvp(i_s, s, t, dx=b, ds=1.0)[1])
         v, dv = model.v_jvp(i_s, s, t, dx=b, ds=1.0)
         return sq_norm(v - (b + expand_as_data(t - s, v) * dv).detach())

@@ -60,6 +60,9 @@ class FlowMap(nn.Module):
         self.net = net
         self.fused_jvp = bool(fused_jvp)
         self.jvp_fp32 = bool(jvp_fp32)
+        # Where (s, t) was trained: None (unknown), "triangle" (forward jumps s ≤ t only), "square"
+        # (both directions) or "diagonal" (a velocity). Set by the trainer, saved in checkpoints.
+        self.domain: str | None = None
 
     # --- evaluation -----------------------------------------------------------------------------
     def v(self, x: Tensor, s: float | Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
@@ -223,6 +226,8 @@ class FlowMap(nn.Module):
             raise ValueError("grid must be a 1-D tensor with at least two times")
         if not torch.isfinite(grid).all() or grid.min() < 0 or grid.max() > 1:
             raise ValueError("grid times must lie in [0, 1] (t=0 base, t=1 data)")
+        if (grid[1:] < grid[:-1]).any():
+            self._check_backward()
         x, path = x0, [x0]
         for i in range(grid.numel() - 1):
             x = self(x, grid[i], grid[i + 1], cond)
@@ -230,7 +235,15 @@ class FlowMap(nn.Module):
                 path.append(x)
         return (x, torch.stack(path)) if return_path else x
 
+    def _check_backward(self) -> None:
+        if self.domain in ("triangle", "diagonal"):
+            trained = "forward jumps s <= t" if self.domain == "triangle" else "the diagonal"
+            raise ValueError(f"this flow map was trained on {trained} only, so its backward map "
+                             "X_(t,s) is untrained; train it on both directions (times='square') to "
+                             "run it backward")
+
     def inverse(self, x1: Tensor, steps: int = 1, cond: Tensor | None = None) -> Tensor:
-        """The backward map, data → base, on a uniform decreasing grid of ``steps`` jumps."""
+        """The backward map, data → base, on a uniform decreasing grid of ``steps`` jumps. Refused when
+        the map was trained on forward jumps only (:attr:`domain` ``"triangle"``)."""
         grid = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=x1.dtype, device=x1.device)
         return self.sample(x1, grid=grid, cond=cond)

@@ -50,12 +50,13 @@ class _GeluTangents(torch.autograd.Function):
     def forward(ctx, z: Tensor, *dzs: Tensor):
         g = torch.ops.aten.gelu_backward(torch.ones_like(z), z)
         qs = []
-        if ctx.needs_input_grad[0] and any(ctx.needs_input_grad[1:]):
+        # The curvature term of ∂(dz·g(z))/∂z is needed whenever z needs a gradient, whether or not dz
+        # does (e.g. a frozen first layer: its tangent is a constant, its pre-activation is not).
+        if ctx.needs_input_grad[0] and dzs:
             z2 = z * z
             curvature = z2.mul(-0.5).exp_().mul_(z2.neg_().add_(2.0).mul_(_INV_SQRT_2PI))
             del z2
-            qs = [dz * curvature if need else None
-                  for dz, need in zip(dzs, ctx.needs_input_grad[1:])]
+            qs = [dz * curvature for dz in dzs]
         ctx.save_for_backward(g, *qs)
         ctx.mark_non_differentiable(g)
         ctx.set_materialize_grads(False)
@@ -72,7 +73,7 @@ class _GeluTangents(torch.autograd.Function):
             if gdh is None:
                 grads_dz.append(None)
                 continue
-            if need_z and qs and qs[k] is not None:
+            if need_z and qs:
                 grad_z = gdh * qs[k] if grad_z is None else grad_z.addcmul_(gdh, qs[k])
             grads_dz.append(gdh * g if ctx.needs_input_grad[1 + k] else None)
         return (grad_z, *grads_dz)

@@ -13,6 +13,7 @@ Time convention: ``t = 0`` base, ``t = 1`` data. Time domains of ``(s, t)``:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,66 +21,13 @@ import torch
 from torch import Tensor
 
 from ..interpolants import Interpolant
+from .times import DOMAINS, TimeSampler, as_time_sampler
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Weighting = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["TimeSampler", "Objective", "LossOutput", "Velocity", "Weighting", "GuidedVelocity",
-           "call_teacher", "teacher_no_grad"]
-
-DOMAINS = ("diagonal", "triangle", "square")
-
-
-class TimeSampler:
-    """Draws per-sample times ``(s, t)`` on a domain of ``[0, 1]²``.
-
-    Args:
-        domain: ``"diagonal"``, ``"triangle"`` (``s ≤ t``) or ``"square"``.
-        distribution: ``"uniform"`` (default; uniform on the domain) or ``"logit_normal"`` (each time
-            ``σ(N(mean, std))``, as in MeanFlow), applied to two i.i.d. draws.
-        tmin, tmax: clip range of the times (default the whole interval, as in [C2]).
-
-    On the triangle the two i.i.d. draws are sorted (``s = min``, ``t = max``), which is uniform on it.
-    """
-
-    def __init__(self, domain: str = "triangle", distribution: str = "uniform", mean: float = 0.0,
-                 std: float = 1.0, tmin: float = 0.0, tmax: float = 1.0):
-        if domain not in DOMAINS:
-            raise ValueError(f"unknown time domain {domain!r}; choose one of {DOMAINS}")
-        if distribution not in ("uniform", "logit_normal"):
-            raise ValueError(f"unknown time distribution {distribution!r}; "
-                             "choose 'uniform' or 'logit_normal'")
-        if not 0.0 <= tmin < tmax <= 1.0:
-            raise ValueError(f"need 0 <= tmin < tmax <= 1, got tmin={tmin}, tmax={tmax}")
-        self.domain, self.distribution = domain, distribution
-        self.mean, self.std, self.tmin, self.tmax = mean, std, tmin, tmax
-
-    def _draw(self, n: int, like: Tensor, generator) -> Tensor:
-        if self.distribution == "uniform":
-            u = torch.rand(n, generator=generator, dtype=like.dtype, device=like.device)
-        else:
-            z = torch.randn(n, generator=generator, dtype=like.dtype, device=like.device)
-            u = torch.sigmoid(self.mean + self.std * z)
-        return self.tmin + (self.tmax - self.tmin) * u
-
-    def __call__(self, n: int, like: Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[Tensor, Tensor]:
-        a = self._draw(n, like, generator)
-        if self.domain == "diagonal":
-            return a, a
-        b = self._draw(n, like, generator)
-        if self.domain == "triangle":
-            return torch.minimum(a, b), torch.maximum(a, b)
-        return a, b
-
-    def config(self) -> dict:
-        return dict(domain=self.domain, distribution=self.distribution, mean=self.mean,
-                    std=self.std, tmin=self.tmin, tmax=self.tmax)
-
-
-def as_time_sampler(times: TimeSampler | str) -> TimeSampler:
-    return times if isinstance(times, TimeSampler) else TimeSampler(times)
-
+           "call_teacher", "teacher_no_grad", "dropout_disabled", "DOMAINS"]
 
 @dataclass
 class LossOutput:
@@ -95,30 +43,58 @@ class LossOutput:
 
 
 class Objective:
-    """Base class. Subclasses implement :meth:`terms`; the batch handling lives here.
+    """Base class: the one training step every objective shares. Subclasses implement :meth:`terms`.
+
+    The step (:meth:`__call__`): draw ``x0 ~ N(0, σ0² I)`` and per-sample times ``(s, t)`` from
+    :attr:`times`, let :meth:`terms` return per-sample squared residuals, :meth:`combine` them into
+    per-sample losses (sum, then the weighting), and average over the batch (spec Q7, Q8).
+
+    Dropout (spec Q10): only a flow-matching pass on the diagonal runs the network with dropout; every
+    off-diagonal residual runs it with dropout off (:func:`dropout_disabled`), so the primal, its
+    tangents and the teacher passes of one residual all see one network.
 
     Args:
         interpolant: the interpolant ``I_t = α_t x0 + β_t x1`` (defines the base and the velocity).
-        times: a :class:`TimeSampler` or a domain name.
+        times: a time sampler or a domain name.
         weight: optional ``w(s, t) -> (B,)`` multiplying each sample's loss (default 1).
     """
 
     name = "objective"
     default_domain = "triangle"
 
-    def __init__(self, interpolant: Interpolant, times: TimeSampler | str | None = None,
-                 weight: Weighting | None = None):
+    def __init__(self, interpolant: Interpolant, times=None, weight: Weighting | None = None):
         self.interpolant = interpolant
         self.times = as_time_sampler(times if times is not None else self.default_domain)
         self.weight = weight
+        self.generator: torch.Generator | None = None
+
+    @property
+    def domain(self) -> str:
+        """Where in ``[0, 1]²`` the map is trained: ``"triangle"`` (forward maps ``s ≤ t`` only),
+        ``"square"`` (both directions) or ``"diagonal"`` (a velocity)."""
+        return getattr(self.times, "domain", "triangle")
 
     def terms(self, model, x0: Tensor, x1: Tensor, s: Tensor, t: Tensor,
               cond: Tensor | None) -> dict[str, Tensor]:
         """Per-sample squared residuals ``{name: (B,)}``; their sum is the per-sample loss."""
         raise NotImplementedError
 
+    def combine(self, terms: dict[str, Tensor], s: Tensor, t: Tensor) -> Tensor:
+        """Per-sample loss from the terms: their sum, times ``weight(s, t)`` when one is given."""
+        per_sample = sum(terms.values())
+        return per_sample if self.weight is None else self.weight(s, t) * per_sample
+
+    def summarize(self, terms: dict[str, Tensor]) -> dict[str, float]:
+        """The logged value of each term (its batch mean)."""
+        return {k: v.detach().mean().item() for k, v in terms.items()}
+
     def begin_step(self, model, step: int) -> None:
         """Called by the trainer before each optimisation step (stateful objectives override it)."""
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules of the objective trained beside the model (e.g. a learned loss weight): the trainer
+        adds their parameters to the optimiser and to the distributed wrapper."""
+        return []
 
     def record(self, name: str, value: Tensor) -> None:
         """Log a diagnostic from :meth:`terms`: the batch mean of the per-sample norm of ``value``."""
@@ -137,20 +113,37 @@ class Objective:
     def __call__(self, model, x1: Tensor, cond: Tensor | None = None,
                  generator: torch.Generator | None = None) -> LossOutput:
         self._stats: dict[str, float] = {}
+        self.generator = generator  # for draws inside terms (e.g. PSD's intermediate time)
         x0 = self.interpolant.sample_base(x1, generator)
         s, t = self.times(x1.shape[0], x1, generator)
         terms = self.terms(model, x0, x1, s, t, cond)
-        per_sample = sum(terms.values())
-        if self.weight is not None:
-            per_sample = self.weight(s, t) * per_sample
-        return LossOutput(per_sample.mean(), {k: v.detach().mean().item() for k, v in terms.items()},
-                          dict(self._stats))
+        per_sample = self.combine(terms, s, t)
+        return LossOutput(per_sample.mean(), self.summarize(terms), dict(self._stats))
 
     def config(self) -> dict:
         return {"name": self.name, "times": self.times.config()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config()})"
+
+
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+            torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module):
+    """Run ``model`` with its dropout layers in eval mode (restored on exit); other layers keep their
+    mode. Off-diagonal residuals run under it, so one residual sees one network (spec Q10)."""
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    switched = [m for m in modules if isinstance(m, _DROPOUT) and m.training]
+    for m in switched:
+        m.train(False)
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.train(True)
 
 
 def as_velocity(teacher) -> Velocity:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._tensor import sq_norm
-from .base import Objective
+from .base import Objective, dropout_disabled
 
 
 class FMM(Objective):
@@ -31,8 +31,9 @@ class FMM(Objective):
 
     def terms(self, model, x0, x1, s, t, cond):
         i_t, di_t = self.interpolant(x0, x1, t)
-        y = model(i_t, t, s, cond)
-        x_back, dt_x = model.jvp(y, s, t, dt=1.0, cond=cond)
+        with dropout_disabled(model):  # both map calls of one residual see one network (spec Q10)
+            y = model(i_t, t, s, cond)
+            x_back, dt_x = model.jvp(y, s, t, dt=1.0, cond=cond)
         self.record("jvp_norm", dt_x)
         out = {"lagrangian": sq_norm(dt_x - di_t)}
         if self.invertibility_weight:

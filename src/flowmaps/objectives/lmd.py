@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .._tensor import sq_norm
-from .base import Objective, as_velocity, call_teacher, teacher_no_grad
+from .self_distillation import SelfDistillation
 
 
-class LMD(Objective):
-    """Lagrangian map distillation:
+class LMD(SelfDistillation):
+    """Lagrangian map distillation: the self-distillation step with an external teacher and no
+    diagonal term (``source="teacher"``, ``η = 0``):
 
         r = ∂_t X̂_{s,t}(I_s) − sg( b̂_t( sg X̂_{s,t}(I_s) ) ),    loss E_{s,t} w_{s,t} |r|²,
 
@@ -16,27 +16,21 @@ class LMD(Objective):
     forward-mode JVP in ``t``; the gradient flows through the JVP tangent only (semigradient, eq. 27).
     ``semigradient=False`` gives eq. (26), which also differentiates through ``b̂`` at the transported
     point; it needs a differentiable teacher and is much worse near narrow modes (spec Appendix B).
+    ``form="v"`` is the v-form of spec §3.4: the same residual, the gradient through the primal only.
+    Any other switch of :class:`~flowmaps.objectives.SelfDistillation` applies (``eta``, ``weighting``…).
 
     Args:
         teacher: any velocity ``b̂(x, t)`` (a callable, a trained FlowMap, an exact reference).
     """
 
     name = "lmd"
+    defaults = dict(residual="lagrangian", source="teacher", eta=0.0)
 
-    def __init__(self, interpolant, teacher, times=None, weight=None, semigradient: bool = True):
-        super().__init__(interpolant, times, weight)
-        self.teacher = as_velocity(teacher)
-        self.semigradient = semigradient
+    def __init__(self, interpolant, teacher, times=None, weight=None, semigradient: bool = True,
+                 **options):
+        options.setdefault("stopgrad", "target" if semigradient else "source")
+        super().__init__(interpolant, teacher=teacher, times=times, weight=weight, **options)
 
-    def terms(self, model, x0, x1, s, t, cond):
-        i_s = self.interpolant.interpolate(x0, x1, s)
-        x_st, dt_x = model.jvp(i_s, s, t, dt=1.0, cond=cond)
-        self.record("jvp_norm", dt_x)
-        if self.semigradient:
-            target = teacher_no_grad(self.teacher, x_st, t, cond)
-        else:
-            target = call_teacher(self.teacher, x_st, t, cond)
-        return {"lagrangian": sq_norm(dt_x - target)}
-
-    def config(self):
-        return dict(super().config(), semigradient=self.semigradient)
+    @property
+    def semigradient(self) -> bool:
+        return self.stopgrad == "target"

@@ -6,8 +6,9 @@ import copy
 
 import torch
 
-from .._tensor import expand_as_data, sq_norm
-from .base import Objective, as_velocity, call_teacher
+from .._tensor import sq_norm
+from .base import Objective, as_velocity, call_teacher, dropout_disabled
+from .residuals import semigroup_target
 
 FORMS = ("velocity", "map")
 
@@ -100,12 +101,10 @@ class PFMM(Objective):
 
     def terms(self, model, x0, x1, s, t, cond):
         i_s = self.interpolant.interpolate(x0, x1, s)
-        u = 0.5 * (s + t)
-        with torch.no_grad():
-            v_su = self.teacher_slope(i_s, s, u, cond)
-            x_su = i_s + expand_as_data(u - s, i_s) * v_su
-            target = 0.5 * (v_su + self.teacher_slope(x_su, u, t, cond))
-        residual = sq_norm(model.v(i_s, s, t, cond) - target)
+        with dropout_disabled(model), torch.no_grad():
+            target = semigroup_target(lambda x, a, b: self.teacher_slope(x, a, b, cond), i_s, s, t, 0.5)
+        with dropout_disabled(model):
+            residual = sq_norm(model.v(i_s, s, t, cond) - target)
         if self.form == "map":
             residual = (t - s) ** 2 * residual
         return {"progressive": residual}

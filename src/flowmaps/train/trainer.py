@@ -76,6 +76,9 @@ class _ObjectiveLoss(nn.Module):
     def __init__(self, model: nn.Module, objective: Objective):
         super().__init__()
         self.model = model
+        # Trained modules of the objective (a learned loss weight): registered here so that DDP
+        # broadcasts and synchronises them like the model's own parameters.
+        self.objective_modules = nn.ModuleList(objective.trainable_modules())
         self._objective = (objective,)
 
     def forward(self, x1: Tensor, cond: Tensor | None, generator: torch.Generator
@@ -150,6 +153,11 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.device = params[0].device
+        for module in objective.trainable_modules():
+            module.to(self.device)
+            params += [p for p in module.parameters() if p.requires_grad]
+        if hasattr(model, "domain"):  # where (s, t) is trained: FlowMap.inverse refuses untrained directions
+            model.domain = objective.domain
         self.dist = dist_.info()
         use_ddp = self.dist.enabled if distributed is None else bool(distributed)
         if use_ddp and not self.dist.enabled:

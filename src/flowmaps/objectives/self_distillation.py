@@ -1,0 +1,271 @@
+"""The self-distillation step: flow matching on the diagonal, one residual off it (spec §3.4, §3.6,
+App. C "one view of all of them").
+
+One network ``v̂_{s,t}`` learns the velocity on its diagonal, ``v̂_{t,t} = b_t``, by flow matching on a
+fraction ``η`` of the batch, and the map off the diagonal from a residual against a velocity source:
+
+    L = (1/B) [ Σ_{diag} λ(|v̂_{t,t}(I_t) − İ_t|²) + Σ_{off} λ(|r_{s,t}|²) ],   (spec Q7, Q8)
+
+with ``λ`` the weighting. The switches (:class:`SelfDistillation`) — residual, form, velocity source,
+stop-gradient scope, weighting, time sampler — span [P2]'s LSD/ESD/PSD, MeanFlow, shortcut models,
+consistency training and AYF, and, with an external teacher and ``η = 0``, the map distillations LMD and
+EMD of [P1]: the named objectives are these switches with their papers' defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._tensor import sq_norm
+from .base import Objective, dropout_disabled
+from .residuals import FORMS, STOPGRADS, eulerian, lagrangian, progressive
+from .sources import SOURCES, VelocitySource
+from .times import DyadicPairs, SelfDistillationTimes, TimeSampler, as_time_sampler
+from .weighting import WEIGHTINGS, AdaptiveWeight, LearnedWeight, TangentNormalization
+
+__all__ = ["SelfDistillation", "RESIDUALS", "SAMPLERS", "GAMMAS"]
+
+RESIDUALS = ("lagrangian", "eulerian", "progressive")
+SAMPLERS = ("uniform", "gap", "logit_normal", "dyadic")
+GAMMAS = ("uniform", "midpoint")
+TERM_NAMES = {"lagrangian": "lagrangian", "eulerian": "eulerian", "progressive": "progressive"}
+
+
+class SelfDistillation(Objective):
+    """One flow map from its own diagonal (or a teacher): the configurable self-distillation step.
+
+    Args:
+        interpolant: ``I_t = α_t x0 + β_t x1``.
+        residual: ``"lagrangian"`` | ``"eulerian"`` | ``"progressive"`` (see
+            :mod:`flowmaps.objectives.residuals`).
+        form: ``"map"`` (gradient through the map's JVP tangent) or ``"v"`` (gradient through the primal
+            ``v̂`` only, the whole target under sg); progressive residuals are always v-form.
+        source: ``"self"`` (own diagonal, current parameters under sg), ``"ema"`` (own diagonal of an EMA
+            of the parameters, decay ``ema_decay``), ``"teacher"`` (``teacher(x, t[, cond])``) or
+            ``"conditional"`` (``İ_s``; Eulerian only).
+        stopgrad: ``"target"`` (the teacher term under sg: the papers' semigradients), ``"source"``
+            (only the source's parameters frozen) or ``"none"`` (nothing, own diagonal only).
+        eta: diagonal fraction of the batch, ``0 ≤ η < 1``.
+        sampler: off-diagonal pairs ``"uniform"`` (on ``domain``), ``"logit_normal"`` (``time_mean``,
+            ``time_std``, both times, sorted on the triangle; the diagonal times too) or ``"dyadic"``
+            (shortcut grid, ``dyadic_levels``); or pass ``times=`` a :class:`SelfDistillationTimes`.
+        domain: ``"triangle"`` (forward maps, [P2]) or ``"square"`` (both directions).
+        fm_steps, anneal_steps: gap-annealing curriculum ([P2] F.2; off by default).
+        gamma: the progressive residual's intermediate time ``u = γ s + (1 − γ) t``: ``"uniform"``
+            (PSD-U) or ``"midpoint"`` (PSD-M, shortcut).
+        weighting: ``"none"``, ``"learned"`` (log-variance head ``e^{−w} ℓ + w``), ``"adaptive"``
+            (``ℓ / sg(ℓ + adaptive_eps)^adaptive_p``) or ``"tangent"`` (``ℓ / sg(√ℓ + tangent_c)`` off the
+            diagonal with a warm-up of ``tangent_warmup`` steps; v-forms only).
+        guidance, null_label: classifier-free guidance of the source at scale ``w`` (class labels).
+    """
+
+    name = "self_distillation"
+    defaults: dict = {}
+
+    def __init__(self, interpolant, **options):
+        opts = dict(residual="lagrangian", form="map", source="self", teacher=None, stopgrad="target",
+                    eta=0.75, sampler="uniform", domain="triangle", time_mean=0.0, time_std=1.0,
+                    dyadic_levels=7, fm_steps=0, anneal_steps=0, gamma="uniform", ema_decay=0.999,
+                    weighting="none", adaptive_p=1.0, adaptive_eps=1e-3, tangent_c=0.1,
+                    tangent_warmup=0, weight_channels=128, guidance=1.0, null_label=None, times=None,
+                    weight=None)
+        unknown = set(options) - set(opts)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}")
+        opts.update(self.defaults)
+        opts.update(options)
+        self.options = opts
+        times = opts["times"]
+        if times is None:
+            times = self._times(opts)
+        elif not isinstance(times, SelfDistillationTimes):  # a domain name or a pair sampler
+            times = SelfDistillationTimes(opts["eta"], as_time_sampler(times))
+        super().__init__(interpolant, times, opts["weight"])
+        self.residual, self.form, self.stopgrad = opts["residual"], opts["form"], opts["stopgrad"]
+        self.gamma, self.weighting = opts["gamma"], opts["weighting"]
+        self._refuse_nonsense(opts)
+        self.source = VelocitySource(opts["source"], teacher=opts["teacher"], ema_decay=opts["ema_decay"],
+                                     guidance=opts["guidance"], null_label=opts["null_label"])
+        self.learned = LearnedWeight(opts["weight_channels"]) if self.weighting == "learned" else None
+        self.adaptive = (AdaptiveWeight(opts["adaptive_p"], opts["adaptive_eps"])
+                         if self.weighting == "adaptive" else None)
+        self.tangent = (TangentNormalization(opts["tangent_c"], opts["tangent_warmup"])
+                        if self.weighting == "tangent" else None)
+        self.step = 0
+        self._n_diag = 0
+
+    # --- configuration ---------------------------------------------------------------------------
+    @staticmethod
+    def _times(opts: dict) -> SelfDistillationTimes:
+        sampler, domain = opts["sampler"], opts["domain"]
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if domain not in ("triangle", "square"):
+            raise ValueError(f"domain must be 'triangle' or 'square', got {domain!r}")
+        if sampler == "dyadic":
+            if domain != "triangle":
+                raise ValueError("the dyadic sampler draws forward jumps only (domain=triangle)")
+            pairs = DyadicPairs(opts["dyadic_levels"])
+            diagonal = TimeSampler("diagonal")
+        else:
+            pairs = TimeSampler(domain, sampler, opts["time_mean"], opts["time_std"])
+            diagonal = pairs.diagonal()
+        return SelfDistillationTimes(opts["eta"], pairs, diagonal, opts["fm_steps"], opts["anneal_steps"])
+
+    def _refuse_nonsense(self, o: dict) -> None:
+        """Refuse switch combinations that make no sense, with one line saying why."""
+        choices = {"residual": RESIDUALS, "form": FORMS, "stopgrad": STOPGRADS, "source": SOURCES,
+                   "weighting": WEIGHTINGS, "gamma": GAMMAS}
+        for key, allowed in choices.items():
+            if o[key] not in allowed:
+                raise ValueError(f"{key}: {o[key]!r} is not one of {', '.join(allowed)}")
+        residual, source = o["residual"], o["source"]
+        if residual == "lagrangian" and source == "conditional":
+            raise ValueError("a lagrangian residual needs the velocity at the transported point "
+                             "X(s,t,I_s), but the conditional velocity İ is known only at I_s: use an "
+                             "eulerian residual (MeanFlow, CT) or another source")
+        if residual == "progressive" and source not in ("self", "ema"):
+            raise ValueError(f"a progressive residual composes the model's own jumps; source must be "
+                             f"self or ema, not {source} (for a teacher velocity use PFMM)")
+        if residual == "progressive" and (o["form"] != "map" or o["stopgrad"] != "target"):
+            raise ValueError("a progressive residual has one form: the student v against its own "
+                             "two-jump target under stop-gradient (form=map, stopgrad=target)")
+        if o["form"] == "v" and o["stopgrad"] != "target":
+            raise ValueError("a v-form residual puts its whole target under stop-gradient "
+                             "(stopgrad=target)")
+        if source == "conditional" and o["stopgrad"] != "target":
+            raise ValueError("with the conditional velocity İ only the stop-gradient (semigradient) "
+                             "residual is unbiased; stopgrad must be target")
+        if o["stopgrad"] == "none" and source != "self":
+            raise ValueError(f"stopgrad=none differentiates through the network's own diagonal; with "
+                             f"source={source} use stopgrad=source")
+        if source in ("self", "ema") and self.times.eta == 0.0 and not self.times.annealing:
+            raise ValueError(f"source={source} learns from the network's own diagonal, which only the "
+                             "diagonal flow-matching term trains: eta must be > 0")
+        if o["weighting"] == "tangent" and (o["form"] != "v" or residual == "progressive"):
+            raise ValueError("tangent normalisation (AYF/sCM) applies to v-form lagrangian or eulerian "
+                             "residuals (form=v)")
+        if o["guidance"] != 1.0 and residual == "progressive":
+            raise ValueError("guidance applies to lagrangian and eulerian residuals (a velocity source)")
+        if o["weight"] is not None and o["weighting"] != "none":
+            raise ValueError("give either a weight function or a weighting, not both")
+
+    @property
+    def teacher(self):
+        """The external teacher velocity (source ``"teacher"``), else ``None``."""
+        return self.source.teacher
+
+    @property
+    def term_name(self) -> str:
+        return TERM_NAMES[self.residual]
+
+    # --- state -----------------------------------------------------------------------------------
+    def begin_step(self, model, step: int) -> None:
+        self.step = int(step)
+        self.times.begin_step(step)
+        self.source.begin_step(model, step)
+
+    def trainable_modules(self):
+        return [self.learned] if self.learned is not None else []
+
+    def state_dict(self):
+        tensors, meta = self.source.state_dict()
+        tensors = {f"source.{k}": v for k, v in tensors.items()}
+        if self.learned is not None:
+            tensors.update({f"weight.{k}": v for k, v in self.learned.state_dict().items()})
+        return tensors, {"step": self.step, "source": meta}
+
+    def load_state_dict(self, model, tensors, meta):
+        self.source.load_state_dict(model, {k[len("source."):]: v for k, v in tensors.items()
+                                            if k.startswith("source.")}, meta.get("source", {}))
+        if self.learned is not None:
+            weights = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
+            if not weights:
+                raise ValueError("the checkpoint has no learned loss weight but this objective "
+                                 "learns one")
+            self.learned.load_state_dict(weights)
+        self.step = int(meta.get("step", 0))
+        self.times.begin_step(self.step)
+
+    # --- the step --------------------------------------------------------------------------------
+    def terms(self, model, x0, x1, s, t, cond):
+        n = x1.shape[0]
+        n_d = self.times.n_diagonal(n)
+        self._n_diag = n_d
+        pieces = {}
+        if n_d:
+            pieces["diagonal"] = self._diagonal(model, x0[:n_d], x1[:n_d], t[:n_d], _rows(cond, 0, n_d))
+        if n_d < n:
+            with dropout_disabled(model):
+                r = self._residual(model, x0[n_d:], x1[n_d:], s[n_d:], t[n_d:], _rows(cond, n_d, n))
+            pieces[self.term_name] = sq_norm(r)
+        if len(pieces) == 1:
+            return pieces
+        zeros_d, zeros_o = x1.new_zeros(n_d), x1.new_zeros(n - n_d)
+        return {"diagonal": torch.cat([pieces["diagonal"], zeros_o]),
+                self.term_name: torch.cat([zeros_d, pieces[self.term_name]])}
+
+    def _diagonal(self, model, x0, x1, t, cond) -> Tensor:
+        """Flow matching on the diagonal, ``|v̂_{t,t}(I_t) − İ_t|²``, with dropout as configured."""
+        i_t, di_t = self.interpolant(x0, x1, t)
+        return sq_norm(model.velocity(i_t, t, cond) - di_t)
+
+    def _residual(self, model, x0, x1, s, t, cond) -> Tensor:
+        warmup = self.tangent.warmup_factor(self.step) if self.tangent is not None else 1.0
+        if self.residual == "progressive":
+            i_s = self.interpolant.interpolate(x0, x1, s)
+            teacher = self.source.ema if (self.source.kind == "ema" and self.source.ema is not None) \
+                else model
+            return progressive(model, i_s, s, t, cond, teacher, self._draw_gamma(s))
+        if self.residual == "lagrangian":
+            i_s = self.interpolant.interpolate(x0, x1, s)
+            return lagrangian(model, i_s, s, t, cond, self.source, self.stopgrad, self.form, warmup,
+                              self.record)
+        if self.source.kind == "conditional":
+            i_s, di_s = self.interpolant(x0, x1, s)
+            b = self.source.conditional(model, i_s, di_s, s, cond)
+        else:
+            i_s = self.interpolant.interpolate(x0, x1, s)
+            b = self.source.at(model, i_s, s, cond, grad="all" if self.stopgrad == "none" else "none")
+        return eulerian(model, i_s, b, s, t, cond, self.stopgrad, self.form, warmup, self.record)
+
+    def _draw_gamma(self, s: Tensor) -> Tensor | float:
+        if self.gamma == "midpoint":
+            return 0.5
+        return torch.rand(s.shape[0], generator=self.generator, dtype=s.dtype, device=s.device)
+
+    def combine(self, terms, s, t):
+        per_sample = sum(terms.values())
+        if self.weight is not None:
+            return self.weight(s, t) * per_sample
+        if self.learned is not None:
+            return self.learned.apply(per_sample, s, t)
+        if self.adaptive is not None:
+            return self.adaptive.apply(per_sample)
+        if self.tangent is not None:
+            n_d = self._n_diag
+            return torch.cat([per_sample[:n_d], self.tangent.apply(per_sample[n_d:])])
+        return per_sample
+
+    def summarize(self, terms):
+        """Each term's mean over its own sub-batch (the diagonal and the off-diagonal samples)."""
+        n_d, out = self._n_diag, {}
+        for name, values in terms.items():
+            part = values[:n_d] if name == "diagonal" else values[n_d:]
+            out[name] = part.detach().mean().item() if part.numel() else 0.0
+        return out
+
+    def config(self) -> dict:
+        out = {"name": self.name, "residual": self.residual, "form": self.form,
+               "stopgrad": self.stopgrad, "times": self.times.config(), **self.source.config()}
+        if self.residual == "progressive":
+            out["gamma"] = self.gamma
+        for part in (self.learned, self.adaptive, self.tangent):
+            if part is not None:
+                out["weighting"] = part.config()
+        return out
+
+
+def _rows(cond: Tensor | None, start: int, stop: int) -> Tensor | None:
+    return None if cond is None else cond[start:stop]
