@@ -31,6 +31,14 @@ CASES = {
     "fmm": (["objective.name=fmm"], {}),
     "pfmm": (["objective.name=pfmm", "objective.stage_steps=2"], {}),
     "velocity": (["objective.name=velocity"], {}),
+    # self-distillation: the learned loss weight (lsd, psd, esd) is synchronised like the model
+    "lsd": (["objective.name=lsd"], {}),
+    "lsd_v": (["objective.name=lsd", "objective.form=v"], {}),
+    "esd": (["objective.name=esd"], {}),
+    "psd": (["objective.name=psd"], {}),
+    "meanflow": (["objective.name=meanflow"], {}),
+    "shortcut": (["objective.name=shortcut"], {}),
+    "ct": (["objective.name=ct"], {}),
 }
 TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
 
@@ -44,16 +52,17 @@ def build(case: str):
     scales = ex.resolve_scales(cfg, bundle)
     interpolant = ex.build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
-    teacher = None if cfg.objective.name in ("velocity", "fmm") else \
-        ex.build_teacher(cfg, bundle, scales, "cpu")
+    teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
     torch.manual_seed(0)
     model = ex.build_model(cfg, scales).double()
     objective = ex.build_objective(cfg, interpolant, teacher)
     return model, objective, bundle.train.double()
 
 
-def flat_parameters(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+def flat_parameters(model, objective=None) -> torch.Tensor:
+    """The model's parameters, then those the objective trains beside it (a learned loss weight)."""
+    extra = [] if objective is None else [p for m in objective.trainable_modules() for p in m.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in [*model.parameters(), *extra]])
 
 
 def main(out: Path) -> int:
@@ -72,12 +81,13 @@ def main(out: Path) -> int:
         same = []
         for _ in range(STEPS):
             trainer.step()
-            gathered = distributed.all_gather_rows(flat_parameters(model)[None])
+            gathered = distributed.all_gather_rows(flat_parameters(model, objective)[None])
             same.append(bool(torch.equal(gathered[0], gathered[1])))
         trainer.check_replicas()  # the run-time guard agrees
         verdicts[case] = {"bit_identical_each_step": same, "skipped": trainer.bad_steps}
         if info.is_main:
-            save_file({"params": flat_parameters(model).contiguous()}, str(out / f"{case}.safetensors"))
+            save_file({"params": flat_parameters(model, objective).contiguous()},
+                      str(out / f"{case}.safetensors"))
     # The run-time guard catches replicas that drifted (as unsynchronised training would make them).
     model, objective, data = build("lmd")
     trainer = Trainer(model, objective, data, **TRAIN)

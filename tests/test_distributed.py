@@ -53,7 +53,7 @@ def one_process_reference(case: str, world: int = 2) -> torch.Tensor:
     model, objective, data = build(case)
     accum = CASES[case][1].get("grad_accum", 1)
     generators = [torch.Generator().manual_seed(rank_seed(TRAIN["seed"], r)) for r in range(world)]
-    params = list(model.parameters())
+    params = list(model.parameters()) + [p for m in objective.trainable_modules() for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=TRAIN["lr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                  inverse_sqrt_schedule(TRAIN["lr_decay_start"]))
@@ -69,7 +69,7 @@ def one_process_reference(case: str, world: int = 2) -> torch.Tensor:
         torch.nn.utils.clip_grad_norm_(params, TRAIN["grad_clip"])
         optimizer.step()
         schedule.step()
-    return flat_parameters(model)
+    return flat_parameters(model, objective)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,7 +88,8 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(ddp_results, 
     out, _ = ddp_results
     ddp = load_file(str(out / f"{case}.safetensors"))["params"]
     ref = one_process_reference(case)
-    start = flat_parameters(build(case)[0])
+    model, objective, _ = build(case)
+    start = flat_parameters(model, objective)
     assert not torch.equal(ddp, start)  # training moved the parameters
     torch.testing.assert_close(ddp, ref, rtol=1e-9, atol=1e-11)
     # ...and a run that averaged nothing across ranks (rank 0's batch alone) is clearly different,

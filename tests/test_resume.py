@@ -114,16 +114,24 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(uninterrupted, 
 
 # --- in-process exactness across every objective -------------------------------------------------
 
+# Self-distillation cases carry state beyond the model: the learned loss weight (lsd, psd), the EMA
+# teacher (shortcut) and the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3).
+CASES = {"lsd": ["objective.name=lsd"], "psd": ["objective.name=psd"],
+         "meanflow": ["objective.name=meanflow"], "shortcut": ["objective.name=shortcut"],
+         "ct": ["objective.name=ct"],
+         "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4"]}
+
+
 def build(objective: str, init_seed: int = 0, **train):
+    chosen = CASES.get(objective, [f"objective.name={objective}"])
     cfg = load_config("gmm", None, ["model.width=16", "model.depth=2", "data.n_train=1000",
-                                    "data.n_eval=200", f"objective.name={objective}",
-                                    "teacher.exact=true", "objective.stage_steps=4"])
+                                    "data.n_eval=200", "teacher.exact=true", "objective.stage_steps=4",
+                                    *chosen])
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     interpolant = ex.build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
-    teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if objective in ("lmd", "emd", "pfmm") \
-        else None
+    teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
     torch.manual_seed(init_seed)
     model = ex.build_model(cfg, scales)
     options = dict(batch_size=32, lr=5e-3, grad_clip=1.0, ema_decay=0.99, seed=3, lr_decay_start=3)
@@ -145,7 +153,7 @@ def everything(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {f"{g}.{k}": v for g, state in tensors.items() if g != "rng" for k, v in state.items()}
 
 
-@pytest.mark.parametrize("objective", ["velocity", "lmd", "emd", "fmm", "pfmm"])
+@pytest.mark.parametrize("objective", ["velocity", "lmd", "emd", "fmm", "pfmm", *CASES])
 def test_state_dict_round_trip_through_disk_resumes_exactly(objective, tmp_path):
     straight = build(objective)
     straight.run(10, progress=False)
@@ -174,6 +182,30 @@ def test_pfmm_resume_restores_the_frozen_teacher_not_a_copy_of_the_student(tmp_p
     # the snapshot was taken at step 4, the student has moved on since
     assert any(not torch.equal(frozen[k], student[k]) for k in student)
     assert all(torch.equal(frozen[k], first.objective.frozen.state_dict()[k]) for k in frozen)
+
+
+def test_self_distillation_state_travels_with_the_checkpoint(tmp_path):
+    """The learned loss weight, the EMA teacher and the curriculum come back from disk (not from the
+    new run's initial values), and the learned weight has moved away from its zero start."""
+    first = build("lsd-anneal")
+    first.run(6, progress=False)
+    tensors, meta = first.state_dict()
+    weights = {k: v for k, v in tensors["objective"].items() if k.startswith("weight.")}
+    assert weights and any(v.abs().max() > 0 for v in weights.values())
+    assert meta["objective"]["step"] == 5 and first.objective.times.max_gap() == 0.5
+    resumed = build("lsd-anneal", init_seed=9)
+    resumed.load_state_dict(tensors, meta)
+    assert resumed.objective.times.max_gap() == 0.5
+    for k, v in resumed.objective.learned.state_dict().items():
+        assert torch.equal(v, weights[f"weight.{k}"])
+    shortcut = build("shortcut")
+    shortcut.run(5, progress=False)
+    tensors, meta = shortcut.state_dict()
+    again = build("shortcut", init_seed=4)
+    again.load_state_dict(tensors, meta)
+    for k, v in again.objective.source.ema.state_dict().items():
+        assert torch.equal(v, shortcut.objective.source.ema.state_dict()[k])
+    assert again.objective.source.ema_step == 4
 
 
 def test_resume_with_another_world_size_is_refused():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..checkpoint import CheckpointError
-from ..runs.config import ConfigError, list_presets
+from ..runs.config import SELF_DISTILLATION, ConfigError, list_presets
 from ..runs.rundir import RunDirError
 from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, shutdown
@@ -113,13 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_OBJECTIVES = """objectives:
+  velocity   flow matching |v(t,t,I_t) - dI_t|^2 (a teacher velocity; sampled with ODE solvers)
+  fmm        direct flow map matching from samples (Lagrangian + invertibility, (s,t) on the square)
+  lsd        Lagrangian self-distillation [P2]: flow matching on a fraction eta of the batch, and
+             |d_t X(s,t,I_s) - sg(v(t,t,X(s,t,I_s)))|^2 off the diagonal (its own diagonal as teacher)
+  esd        Eulerian self-distillation [P2]: |d_s X + sg(grad X . v(s,s,I_s))|^2 off the diagonal
+  psd        progressive self-distillation [P2]: one jump against two of its own (objective.psd_gamma=
+             uniform: PSD-U, midpoint: PSD-M)
+  meanflow   MeanFlow: the Eulerian residual in v-form with the conditional velocity dI as its source
+  shortcut   shortcut models: the midpoint semigroup on a dyadic grid against an EMA of the network
+  ct         continuous consistency training: |d_s X + sg(grad X . dI_s)|^2
+Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
+weighting, distribution, psd_gamma, guidance, fm_steps, anneal_steps (see the README).
+"""
+
+
 def _add_train(sub, fmt) -> None:
-    p = sub.add_parser("train", help="train a velocity (teacher) or a flow map directly (FMM)",
-                       formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+    p = sub.add_parser("train", help="train a velocity (teacher) or a flow map from data alone (FMM, "
+                       "self-distillation)", formatter_class=fmt,
+                       epilog=TRAIN_OBJECTIVES + "\n" + EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
-                                   "the default) or a flow map from samples alone (--objective fmm).")
-    p.add_argument("--objective", choices=["velocity", "fmm"], help="what to train (default: the "
-                   "config's objective.name, velocity)")
+                                   "the default), or a flow map from samples alone: directly (fmm) or "
+                                   "by self-distillation (lsd, esd, psd, meanflow, shortcut, ct). A "
+                                   "preset's settings for the chosen objective apply (`flowmaps presets "
+                                   "--show NAME --objective OBJ`).")
+    p.add_argument("--objective", choices=["velocity", "fmm", *SELF_DISTILLATION],
+                   help="what to train (default: the config's objective.name, velocity)")
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -128,9 +148,11 @@ def _add_distill(sub, fmt) -> None:
     p = sub.add_parser("distill", help="distil a flow map (LMD, EMD, PFMM) from a teacher velocity",
                        formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                        description="Distil a flow map from a teacher velocity: a checkpoint made by "
-                                   "`flowmaps train`, or the exact velocity of the gmm dataset.")
-    p.add_argument("--objective", choices=["lmd", "emd", "pfmm"], help="distillation objective "
-                   "(default: lmd)")
+                                   "`flowmaps train`, or the exact velocity of the gmm dataset. A "
+                                   "self-distillation objective (lsd, esd, ...) given here uses the "
+                                   "teacher as its velocity source (objective.source=teacher).")
+    p.add_argument("--objective", choices=["lmd", "emd", "pfmm", *SELF_DISTILLATION],
+                   help="distillation objective (default: lmd)")
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher checkpoint (run directory or "
                    "checkpoint path), or 'exact' for the gmm dataset's closed-form velocity")
     _add_run_options(p)
@@ -214,6 +236,8 @@ def _add_fid_stats(sub, fmt) -> None:
 def _add_presets(sub) -> None:
     p = sub.add_parser("presets", help="list the shipped presets, or print one resolved")
     p.add_argument("--show", metavar="NAME", help="print the fully resolved config of a preset")
+    p.add_argument("--objective", metavar="OBJ", help="with --show: resolve it for this objective "
+                   "(a preset may hold settings for each objective)")
     p.set_defaults(func=cmd_presets)
 
 

@@ -7,7 +7,8 @@ from ..runs.config import dump_config, list_presets, load_config
 
 def cmd_presets(args) -> int:
     if args.show:
-        print(dump_config(load_config(args.show)), end="")
+        overrides = [f"objective.name={args.objective}"] if args.objective else []
+        print(dump_config(load_config(args.show, None, overrides)), end="")
     else:
         for name in list_presets():
             print(name)

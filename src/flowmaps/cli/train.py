@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs.config import ConfigError, load_config
+from ..runs.config import SELF_DISTILLATION, ConfigError, load_config
 from ..runs.rundir import RunDirError
 from ..runs.training import run_training
 
@@ -14,6 +14,8 @@ def cmd_train(args, distill: bool = False) -> int:
     overrides = []
     if args.objective:
         overrides.append(f"objective.name={args.objective}")
+        if distill and args.objective in SELF_DISTILLATION:  # self-distillation against the teacher
+            overrides.append("objective.source=teacher")
     elif distill and not args.resume:
         overrides.append("objective.name=lmd")
     if distill and args.teacher:

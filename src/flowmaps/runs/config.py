@@ -94,13 +94,27 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Objective and its options; options that do not apply to the chosen objective are ignored.
+    """Objective and its options; options that do not apply to the chosen objective are ignored, and
+    ``default`` (or ``null``) leaves the objective's own default (the papers' settings).
 
-    ``times``: ``default`` (the objective's own domain), ``triangle`` or ``square``."""
+    ``times``: ``default`` (the objective's own domain), ``triangle`` or ``square``. ``distribution``:
+    the time sampler: ``uniform``, ``gap`` (jump length uniform), ``logit_normal`` (``time_mean``,
+    ``time_std``) or ``dyadic`` (shortcut grid, self-distillation only).
+
+    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``; and the switches
+    of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
+    ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
+    conditional (``ema_decay`` for ema); ``stopgrad`` target | source | none; ``weighting`` none |
+    learned | adaptive (``adaptive_p``, ``adaptive_eps``) | tangent (``tangent_c``,
+    ``tangent_warmup``); ``psd_gamma`` uniform | midpoint; ``fm_steps``/``anneal_steps`` the
+    gap-annealing curriculum; ``guidance`` classifier-free guidance scale of the velocity source
+    (class-conditional models)."""
 
     name: str = "velocity"
     times: str = "default"
-    distribution: str = "uniform"
+    distribution: str = "default"
+    time_mean: float | None = None
+    time_std: float | None = None
     semigradient: bool = True
     emd_form: str = "semigradient"
     pfmm_form: str = "velocity"
@@ -108,6 +122,22 @@ class ObjectiveConfig:
     initial_range: float = 0.0625
     stage_steps: int = 500
     pfmm_band: str = "gap"
+    eta: float | None = None
+    residual: str = "default"
+    form: str = "default"
+    source: str = "default"
+    stopgrad: str = "default"
+    weighting: str = "default"
+    psd_gamma: str = "default"
+    ema_decay: float | None = None
+    fm_steps: int = 0
+    anneal_steps: int = 0
+    adaptive_p: float | None = None
+    adaptive_eps: float | None = None
+    tangent_c: float | None = None
+    tangent_warmup: int | None = None
+    dyadic_levels: int | None = None
+    guidance: float = 1.0
 
 
 @dataclass
@@ -192,6 +222,9 @@ class Config:
         return self
 
 
+# Objectives that train a flow map from data alone through its own diagonal (self-distillation).
+SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct")
+
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
                   "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder"),
@@ -199,9 +232,15 @@ CHOICES = {
     "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
     "model.activation": ("gelu", "silu", "tanh", "softplus"),
-    "objective.name": ("velocity", "fmm", "lmd", "emd", "pfmm"),
+    "objective.name": ("velocity", "fmm", "lmd", "emd", "pfmm") + SELF_DISTILLATION,
     "objective.times": ("default", "triangle", "square"),
-    "objective.distribution": ("uniform", "logit_normal"),
+    "objective.distribution": ("default", "uniform", "gap", "logit_normal", "dyadic"),
+    "objective.residual": ("default", "lagrangian", "eulerian", "progressive"),
+    "objective.form": ("default", "map", "v"),
+    "objective.source": ("default", "self", "ema", "teacher", "conditional"),
+    "objective.stopgrad": ("default", "target", "source", "none"),
+    "objective.weighting": ("default", "none", "learned", "adaptive", "tangent"),
+    "objective.psd_gamma": ("default", "uniform", "midpoint"),
     "objective.emd_form": ("semigradient", "full", "v"),
     "objective.pfmm_form": ("velocity", "map"),
     "objective.pfmm_band": ("clip", "gap"),
@@ -214,7 +253,8 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.
             "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
             "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
-            "eval.batch_size", "eval.classifier_steps")
+            "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
+            "objective.tangent_c", "objective.dyadic_levels")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -245,6 +285,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0 < cfg.objective.initial_range <= 1:
         raise ConfigError("objective.initial_range: must be in (0, 1]")
+    o = cfg.objective
+    if o.eta is not None and not 0 <= o.eta < 1:
+        raise ConfigError(f"objective.eta: the diagonal fraction must be in [0, 1), got {o.eta}")
+    if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"objective.ema_decay: must be in [0, 1), got {o.ema_decay}")
+    for key in ("fm_steps", "anneal_steps", "tangent_warmup", "adaptive_p"):
+        value = getattr(o, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"objective.{key}: must be >= 0, got {value}")
     if cfg.objective.invertibility_weight < 0:
         raise ConfigError("objective.invertibility_weight: must be >= 0")
     if not cfg.eval.steps or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
@@ -418,34 +467,59 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+PER_OBJECTIVE = "objectives"  # a preset's per-objective settings: {objective name: {section: {...}}}
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: list[str] | None = None) -> Config:
-    """Preset (or the defaults) ← config file ← ``key=value`` overrides, then type-checked."""
-    data: dict = {}
-    if preset is not None:
-        if preset not in list_presets():
-            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-        text = (resources.files("flowmaps.runs") / "presets" / f"{preset}.yaml").read_text()
-        data = _merge(data, _read_yaml(text, f"preset {preset}"))
-        data.setdefault("preset", preset)
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a UTF-8 text YAML file") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-        from_file = _read_yaml(text, str(path))
-        try:  # unknown keys and wrong types, reported against the file that holds them
-            _build(Config, from_file)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-        data = _merge(data, from_file)
-    data = apply_overrides(data, overrides or [])
+    """Preset (or the defaults) ← the preset's block for the chosen objective ← config file ←
+    ``key=value`` overrides, then type-checked.
+
+    A preset may hold, under ``objectives:``, settings that apply only when that objective is chosen
+    (its paper's batch split, a budget that suits it...): ``flowmaps train --preset checkerboard
+    --objective lsd`` gets the checkerboard preset with its ``lsd`` block on top.
+    """
+    base, by_objective = ({}, {}) if preset is None else _read_preset(preset)
+    from_file = {} if config_file is None else _read_config_file(Path(config_file))
+
+    def resolve(block: dict) -> dict:
+        return apply_overrides(_merge(_merge(base, block), from_file), overrides or [])
+
+    data = resolve({})
+    name = (data.get("objective") or {}).get("name", ObjectiveConfig.name)
+    if isinstance(name, str) and name in by_objective:
+        data = resolve(by_objective[name])
     return _build(Config, data).validate()
+
+
+def _read_preset(preset: str) -> tuple[dict, dict]:
+    """A shipped preset: its sections and its per-objective blocks."""
+    if preset not in list_presets():
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+    text = (resources.files("flowmaps.runs") / "presets" / f"{preset}.yaml").read_text()
+    data = _read_yaml(text, f"preset {preset}")
+    data.setdefault("preset", preset)
+    blocks = data.pop(PER_OBJECTIVE, None) or {}
+    if not isinstance(blocks, dict) or any(not isinstance(b, dict) for b in blocks.values()):
+        raise ConfigError(f"preset {preset}: '{PER_OBJECTIVE}' must map objective names to sections")
+    return data, blocks
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    from_file = _read_yaml(text, str(path))
+    try:  # unknown keys and wrong types, reported against the file that holds them
+        _build(Config, from_file)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return from_file
 
 
 def dump_config(cfg: Config) -> str:

@@ -22,8 +22,9 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
-from ..objectives import EMD, FMM, LMD, PFMM, Objective, TimeSampler, Velocity
-from .config import Config, ConfigError, _build, to_dict
+from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, MeanFlow, Objective, Shortcut,
+                          TimeSampler, Velocity)
+from .config import SELF_DISTILLATION, Config, ConfigError, _build, to_dict
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
            "build_model", "build_objective", "build_teacher", "Loaded", "load_model", "save_model",
@@ -221,25 +222,69 @@ def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
     return loaded.model
 
 
-def build_objective(cfg: Config, interpolant: Interpolant, teacher=None) -> Objective:
+SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": MeanFlow,
+                             "shortcut": Shortcut, "ct": CT}
+# Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
+_SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
+                "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
+                "distribution": "sampler"}
+_SD_VALUES = ("eta", "time_mean", "time_std", "ema_decay", "adaptive_p", "adaptive_eps", "tangent_c",
+              "tangent_warmup", "dyadic_levels")
+
+
+def needs_teacher(cfg: Config) -> bool:
+    """Whether the configured objective distils from a teacher velocity (``flowmaps distill``)."""
     o = cfg.objective
-    times = None if o.times == "default" else TimeSampler(o.times, o.distribution)
-    if times is None and o.distribution != "uniform":
-        domain = {"velocity": "diagonal", "fmm": "square"}.get(o.name, "triangle")
-        times = TimeSampler(domain, o.distribution)
-    needs_teacher = o.name in ("lmd", "emd", "pfmm")
-    if needs_teacher and teacher is None:
+    return o.name in ("lmd", "emd", "pfmm") or (o.name in SELF_DISTILLATION and o.source == "teacher")
+
+
+def self_distillation_options(cfg: Config, num_classes: int = 0) -> dict:
+    """The switches of the self-distillation step set in ``cfg.objective`` (``default``/``null`` keys
+    are left to the objective, whose defaults are its paper's)."""
+    o = cfg.objective
+    options = {kw: getattr(o, key) for key, kw in _SD_SWITCHES.items() if getattr(o, key) != "default"}
+    options.update({key: getattr(o, key) for key in _SD_VALUES if getattr(o, key) is not None})
+    if o.fm_steps or o.anneal_steps:
+        options.update(fm_steps=o.fm_steps, anneal_steps=o.anneal_steps)
+    if o.guidance != 1.0:
+        if not num_classes:
+            raise ConfigError("objective.guidance: needs a class-conditional model "
+                              "(model.class_conditional=true)")
+        options.update(guidance=o.guidance, null_label=num_classes)
+    return options
+
+
+def build_objective(cfg: Config, interpolant: Interpolant, teacher=None,
+                    num_classes: int = 0) -> Objective:
+    """The objective ``cfg.objective`` names, with its options; ``num_classes`` (the null label) for
+    guidance of a class-conditional model."""
+    o = cfg.objective
+    if needs_teacher(cfg) and teacher is None:
         raise ConfigError(f"objective.name: {o.name} distils from a teacher; use `flowmaps distill`")
-    if o.name == "velocity":
-        return Velocity(interpolant, times)
-    if o.name == "fmm":
-        return FMM(interpolant, invertibility_weight=o.invertibility_weight, times=times)
-    if o.name == "lmd":
-        return LMD(interpolant, teacher, times=times, semigradient=o.semigradient)
-    if o.name == "emd":
-        return EMD(interpolant, teacher, times=times, form=o.emd_form)
-    return PFMM(interpolant, teacher, initial_range=o.initial_range, stage_steps=o.stage_steps,
-                form=o.pfmm_form, band=o.pfmm_band)
+    try:
+        if o.name in SELF_DISTILLATION_CLASSES or o.name in ("lmd", "emd"):
+            options = self_distillation_options(cfg, num_classes)
+            if o.name == "lmd":
+                options.setdefault("stopgrad", "target" if o.semigradient else "source")
+                return LMD(interpolant, teacher, **options)
+            if o.name == "emd":
+                return EMD(interpolant, teacher, form=o.emd_form, **options)
+            if teacher is not None:
+                options["teacher"] = teacher
+            return SELF_DISTILLATION_CLASSES[o.name](interpolant, **options)
+        sampler = None if o.distribution == "default" else o.distribution
+        times = None if o.times == "default" else TimeSampler(o.times, sampler or "uniform")
+        if times is None and sampler not in (None, "uniform"):
+            domain = {"velocity": "diagonal", "fmm": "square"}.get(o.name, "triangle")
+            times = TimeSampler(domain, sampler)
+        if o.name == "velocity":
+            return Velocity(interpolant, times)
+        if o.name == "fmm":
+            return FMM(interpolant, invertibility_weight=o.invertibility_weight, times=times)
+        return PFMM(interpolant, teacher, initial_range=o.initial_range, stage_steps=o.stage_steps,
+                    form=o.pfmm_form, band=o.pfmm_band)
+    except ValueError as err:
+        raise ConfigError(f"objective: {o.name}: {err}") from None
 
 
 # --- checkpoints of trained models -----------------------------------------------------------------
@@ -270,6 +315,7 @@ def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Confi
     if trainer_state is not None:
         tensors = {group: state for group, state in trainer_state[0].items() if state}
     meta = {"config": to_dict(cfg), "step": step, "objective": cfg.objective.name,
+            "domain": getattr(model, "domain", None),
             "interpolant": {"name": cfg.interpolant.name, "sigma0": scales["sigma0"]},
             "scales": scales, "standardizer": standardizer.to_dict() if standardizer else None}
     if trainer_state is not None:
@@ -307,5 +353,6 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     except RuntimeError:
         raise CheckpointError(f"{path}: weights do not match the architecture in its metadata") from None
     model.to(device).eval()
+    model.domain = meta.get("domain")  # where (s, t) was trained: inverse() refuses untrained directions
     std = Standardizer.from_dict(meta["standardizer"]) if meta.get("standardizer") else None
     return Loaded(model, build_interpolant(cfg, scales), cfg, scales, std, meta)

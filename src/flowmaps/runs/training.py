@@ -27,7 +27,8 @@ from ..train import distributed
 from ..train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
 from ..train.trainer import Trainer
 from . import experiment as ex
-from .config import Config, ConfigError, _flatten, dump_config, load_config, to_dict
+from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
+                     to_dict)
 from .rundir import RunDir, RunDirError, default_out
 
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
@@ -60,7 +61,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         cfg = _resume_config(Path(out), cfg)
-    _check_objective(cfg.objective.name, distill)
+    _check_objective(cfg, distill)
     device = _setup_torch(cfg)
     dist = distributed.init(device)
     if dist.enabled and device.type == "cuda":
@@ -100,11 +101,15 @@ def _resume_config(run: Path, cfg: Config) -> Config:
     return saved
 
 
-def _check_objective(name: str, distill: bool) -> None:
-    if distill and name in ("velocity", "fmm"):
-        raise ConfigError(f"objective.name: {name} trains without a teacher; use `flowmaps train`")
-    if not distill and name in ("lmd", "emd", "pfmm"):
-        raise ConfigError(f"objective.name: {name} distils from a teacher; use `flowmaps distill`")
+def _check_objective(cfg: Config, distill: bool) -> None:
+    name, teacher = cfg.objective.name, ex.needs_teacher(cfg)
+    if distill and not teacher:
+        hint = (" (or objective.source=teacher to self-distil against the teacher)"
+                if name in SELF_DISTILLATION else "")
+        raise ConfigError(f"objective.name: {name} trains without a teacher; use `flowmaps train`{hint}")
+    if not distill and teacher:
+        what = "objective.source: teacher" if name in SELF_DISTILLATION else f"objective.name: {name}"
+        raise ConfigError(f"{what} distils from a teacher; use `flowmaps distill`")
 
 
 def _setup_torch(cfg: Config) -> torch.device:
@@ -150,7 +155,7 @@ def _assemble(cfg: Config, distill: bool, device: torch.device) -> _Parts:
     teacher = ex.build_teacher(cfg, bundle, scales, device) if distill else None
     torch.manual_seed(cfg.train.seed)
     model = ex.build_model(cfg, scales).to(device)
-    objective = ex.build_objective(cfg, interpolant, teacher)
+    objective = ex.build_objective(cfg, interpolant, teacher, num_classes=scales["num_classes"])
     return _Parts(bundle, scales, interpolant, model, objective)
 
 

@@ -143,8 +143,27 @@ def barrier() -> None:
 def shutdown(sync: bool = True) -> None:
     """Leave the process group. With ``sync`` every rank first meets at a barrier: a rank that tears the
     group down while a peer still finishes its last collective aborts the process ("terminate called
-    without an active exception"). After an error pass ``sync=False`` (the peers may never arrive)."""
+    without an active exception"). A gloo barrier alone is not enough: a rank returns from it once it
+    has heard from its peers, while its own last message may still be in flight to a peer that has not
+    returned yet; so the ranks then meet once more through the rendezvous store (no gloo traffic), and
+    only when every rank has left the barrier is the group destroyed. After an error pass
+    ``sync=False`` (the peers may never arrive)."""
     if dist.is_available() and dist.is_initialized():
         if sync:
             dist.barrier()
+            _store_barrier("flowmaps/shutdown")
         dist.destroy_process_group()
+
+
+def _store_barrier(key: str, timeout: float = 120.0) -> None:
+    """Wait until every rank has reached this point, counting arrivals in the rendezvous store."""
+    import time
+
+    store = dist.distributed_c10d._get_default_store()
+    world = dist.get_world_size()
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout
+    while store.add(key, 0) < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ranks did not all reach {key!r} within {timeout:.0f} s")
+        time.sleep(0.005)
