@@ -1,0 +1,315 @@
+"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, shortcut, CT)
+against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU time.
+
+Parts (each a sub-command, so they can run in separate processes):
+
+  table1     the checkerboard in the layout of [P2] Table 1: KL at N = 1, 2, 4, 8, 16 steps (64,000
+             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, shortcut (and CT), each trained from scratch
+             with the checkerboard preset's settings for it, the same number of steps; [P2]'s numbers
+             beside ours.
+  compute    equal total compute on the checkerboard: a teacher velocity (flow matching) plus LMD, against
+             LSD alone given at most the same CPU time (CPU seconds of this process, per run).
+  gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error at 1–8 steps over 3 seeds
+             (mean and spread) beside the exact velocity's Euler error.
+  calibrate-digits / train-digits METHOD / evaluate-digits
+             the 8×8 digits: the per-step CPU cost of every step type measured side by side, the
+             teacher (6000 steps) + LMD (10000 steps) pipeline's CPU time from it, LSD / MeanFlow /
+             shortcut trained from scratch within that CPU time, then FD (digits-classifier features,
+             2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
+
+Usage:  .venv/bin/python benchmarks/self_distillation.py PART [--threads 1] [--scale 1.0]
+Writes benchmarks/results/self_distillation/<part>/ (runs, tables, results.json, plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowmaps.runs.config import load_config
+from flowmaps.runs.evaluate import evaluate_runs
+from flowmaps.runs.training import run_training
+
+ROOT = Path(__file__).resolve().parent / "results" / "self_distillation"
+STEPS = [1, 2, 4, 8, 16]
+
+# [P2] Table 1, checker KL (spec §5.2.4): batch 100,000, 150,000 steps, 4-layer MLP of 512, A100.
+PAPER_TABLE1 = {"LSD": [0.086, 0.077, 0.071, 0.070, 0.071], "ESD": [0.098, 0.092, 0.083, 0.082, 0.075],
+                "PSD-M": [0.146, 0.089, 0.081, 0.072, 0.069], "PSD-U": [0.111, 0.107, 0.075, 0.073, 0.068]}
+METHODS = {
+    "LSD": ["objective.name=lsd"],
+    "ESD": ["objective.name=esd"],
+    "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
+    "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"],
+    "MeanFlow": ["objective.name=meanflow"],
+    "Shortcut": ["objective.name=shortcut"],
+    "CT": ["objective.name=ct"],
+}
+
+
+def cpu_seconds() -> float:
+    return time.process_time()
+
+
+def train(preset: str, out: Path, overrides: list[str], distill: bool = False, label: str = "") -> dict:
+    """Train one run; returns its directory and the CPU seconds it took (this process)."""
+    start = cpu_seconds()
+    run = run_training(load_config(preset, None, overrides), out, overwrite=True, distill=distill,
+                       label=label, progress=sys.stderr.isatty())
+    record = {"run": str(run), "cpu_seconds": round(cpu_seconds() - start, 1)}
+    (out / "cpu.json").write_text(json.dumps(record))
+    return record
+
+
+def budget(steps: int, scale: float) -> list[str]:
+    n = max(20, int(steps * scale))
+    return [f"train.steps={n}", f"train.lr_decay_start={max(1, n // 4)}",
+            "train.checkpoint_every=1000000", "train.log_every=200"]
+
+
+def final(run: dict | str) -> str:
+    return str(Path(run["run"] if isinstance(run, dict) else run) / "checkpoints" / "final")
+
+
+def rows_by(result: dict, name: str, key: str) -> dict[int, float]:
+    return {r.steps: getattr(r, key) for r in result["rows"] if r.method == name}
+
+
+# --- the checkerboard, in the layout of [P2] Table 1 -----------------------------------------------
+
+def table1(args) -> dict:
+    out = ROOT / "table1"
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    runs = {name: train("checkerboard", out / name.lower(), METHODS[name] + budget(args.steps, args.scale),
+                        label=name) for name in methods}
+    result = evaluate_runs([final(r) for r in runs.values()], None, out / "eval", True, STEPS, 64000,
+                           False, names=list(runs))
+    summary = {}
+    for name, run in runs.items():
+        kl = rows_by(result, name, "kl")
+        summary[name] = {"kl": kl, "w2": rows_by(result, name, "w2"), "cpu_seconds": run["cpu_seconds"],
+                         "paper_kl": dict(zip(STEPS, PAPER_TABLE1.get(name, [None] * 5)))}
+    lsd = summary.get("LSD")
+    if lsd:
+        lsd["target_1step_kl_le_0.10"] = lsd["kl"][1] <= 0.10
+        lsd["target_4step_kl_le_0.085"] = lsd["kl"][4] <= 0.085
+        ones = {name: s["kl"][1] for name, s in summary.items()}
+        summary["best_at_1_step"] = min(ones, key=ones.get)
+    (out / "table.md").write_text(table1_markdown(summary))
+    return summary
+
+
+def table1_markdown(summary: dict) -> str:
+    lines = ["| method | " + " | ".join(f"N={k}" for k in STEPS) + " | CPU s |",
+             "|---|" + "---:|" * (len(STEPS) + 1)]
+    for name, s in summary.items():
+        if not isinstance(s, dict) or "kl" not in s:
+            continue
+        ours = " | ".join(f"**{s['kl'][k]:.3f}**" + (f" ({s['paper_kl'][k]:.3f})" if s["paper_kl"][k]
+                                                       else "") for k in STEPS)
+        lines.append(f"| {name} | {ours} | {s['cpu_seconds']:.0f} |")
+    return "\n".join(lines) + "\n\nKL(ρ1 ‖ ρ̂) on 64,000 samples (ours in bold; [P2] Table 1 in brackets).\n"
+
+
+# --- equal total compute: teacher + LMD against LSD alone ------------------------------------------
+
+def compute(args) -> dict:
+    out = ROOT / "compute"
+    teacher = train("checkerboard", out / "teacher", budget(args.teacher_steps, args.scale) + [
+        "objective.name=velocity", "train.lr=2e-3"], label="teacher")
+    lmd = train("checkerboard", out / "lmd", budget(args.lmd_steps, args.scale) + [
+        "objective.name=lmd", f"teacher.checkpoint={final(teacher)}"], distill=True, label="LMD")
+    pipeline_cpu = teacher["cpu_seconds"] + lmd["cpu_seconds"]
+    # LSD's CPU per step, measured on a short run of the same configuration in this process.
+    probe = train("checkerboard", out / "lsd_probe", METHODS["LSD"] + budget(300, 1.0), label="probe")
+    per_step = probe["cpu_seconds"] / 300
+    lsd_steps = int(0.97 * pipeline_cpu / per_step)
+    lsd = train("checkerboard", out / "lsd", METHODS["LSD"] + budget(lsd_steps, 1.0), label="LSD")
+    result = evaluate_runs([final(lmd), final(lsd)], final(teacher), out / "eval", True, STEPS, 64000,
+                           True, names=["teacher+LMD", "LSD"])
+    summary = {"pipeline_cpu_seconds": pipeline_cpu, "teacher_cpu_seconds": teacher["cpu_seconds"],
+               "lmd_cpu_seconds": lmd["cpu_seconds"], "lsd_cpu_seconds": lsd["cpu_seconds"],
+               "lsd_steps": lsd_steps}
+    for name in ("teacher+LMD", "LSD"):
+        summary[name] = {"kl": rows_by(result, name, "kl"), "w2": rows_by(result, name, "w2")}
+    a, b = summary["LSD"], summary["teacher+LMD"]
+    summary["target_lsd_no_worse_at_equal_or_less_time"] = {
+        "w2": a["w2"][1] <= b["w2"][1], "kl": a["kl"][1] <= b["kl"][1],
+        "time": summary["lsd_cpu_seconds"] <= pipeline_cpu}
+    return summary
+
+
+# --- the Gaussian mixture: every objective, several seeds ------------------------------------------
+
+GMM_OBJECTIVES = {
+    "LSD": ["objective.name=lsd"], "LSD-v": ["objective.name=lsd", "objective.form=v"],
+    "ESD": ["objective.name=esd"], "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
+    "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"], "MeanFlow": ["objective.name=meanflow"],
+    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"],
+}
+
+
+def gmm(args) -> dict:
+    out = ROOT / "gmm"
+    names = args.methods.split(",") if args.methods else list(GMM_OBJECTIVES)
+    summary = {}
+    for name in names:
+        errors = []
+        for seed in range(args.seeds):
+            run = train("gmm", out / f"{name.lower()}-{seed}", GMM_OBJECTIVES[name] + budget(
+                args.steps, args.scale) + [f"train.seed={seed}"], label=f"{name} seed {seed}")
+            result = evaluate_runs([final(run)], "exact", out / f"eval-{name.lower()}-{seed}", True,
+                                   [1, 2, 4, 8, 16], 4000, False, names=[name], progress=False)
+            errors.append(rows_by(result, name, "map_error"))
+            euler = {r.steps: r.map_error for r in result["rows"] if r.sampler == "euler"}
+        summary[name] = {str(k): [e[k] for e in errors] for k in STEPS}
+        summary[name]["below_euler16_at_1_step"] = [e[1] < euler[16] for e in errors]
+        summary["exact_euler"] = euler
+    return summary
+
+
+# --- digits: equal CPU time against the teacher + LMD pipeline --------------------------------------
+
+DIGITS_PIPELINE = {"velocity": 6000, "lmd": 10000}
+DIGITS_METHODS = {"LSD": ["objective.name=lsd"], "MeanFlow": ["objective.name=meanflow"],
+                  "Shortcut": ["objective.name=shortcut"]}
+
+
+def calibrate_digits(args) -> dict:
+    """CPU seconds per step of every step type, measured in interleaved rounds in this process."""
+    from flowmaps.runs import experiment as ex
+    from flowmaps.train.trainer import Trainer
+
+    kinds = {"velocity": ["objective.name=velocity"], "lmd": ["objective.name=lmd"],
+             **{name.lower(): over for name, over in DIGITS_METHODS.items()}}
+    trainers = {}
+    for kind, over in kinds.items():
+        cfg = load_config("digits", None, over)
+        bundle = ex.build_data(cfg)
+        scales = ex.resolve_scales(cfg, bundle)
+        interpolant = ex.build_interpolant(cfg, scales)
+        teacher = None
+        if kind == "lmd":  # a teacher network of the preset's architecture (its cost, not its quality)
+            teacher = ex.build_model(cfg, scales).requires_grad_(False)
+        torch.manual_seed(0)
+        model = ex.build_model(cfg, scales)
+        t = cfg.train
+        trainers[kind] = Trainer(model, ex.build_objective(cfg, interpolant, teacher), bundle.train,
+                                 batch_size=t.batch_size, lr=t.lr, grad_clip=t.grad_clip,
+                                 ema_decay=t.ema_decay, seed=0)
+    times = {kind: [] for kind in trainers}
+    for _ in range(args.rounds):
+        for kind, trainer in trainers.items():
+            start = cpu_seconds()
+            for _ in range(10):
+                trainer.step()
+            times[kind].append((cpu_seconds() - start) / 10)
+    per_step = {kind: sorted(v)[len(v) // 2] for kind, v in times.items()}
+    pipeline = sum(per_step[k] * n for k, n in DIGITS_PIPELINE.items())
+    summary = {"cpu_seconds_per_step": per_step, "pipeline_steps": DIGITS_PIPELINE,
+               "pipeline_cpu_seconds": pipeline,
+               "steps_within_pipeline_cpu": {name: int(0.97 * pipeline / per_step[name.lower()])
+                                             for name in DIGITS_METHODS},
+               "ratio_to_velocity": {k: v / per_step["velocity"] for k, v in per_step.items()}}
+    return summary
+
+
+def read_results(part: str) -> dict:
+    path = ROOT / part / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the {part} part first")
+    return json.loads(path.read_text())["results"]
+
+
+def train_digits(args) -> dict:
+    calibration = read_results("calibrate-digits")
+    name = args.method
+    steps = int(calibration["steps_within_pipeline_cpu"][name] * args.scale)
+    n = max(20, steps)
+    over = DIGITS_METHODS[name] + [f"train.steps={n}", f"train.lr_decay_start={max(1, n // 4)}",
+                                   f"train.checkpoint_every={max(1, n // 4)}", "train.log_every=100"]
+    return train("digits", ROOT / "digits" / name.lower(), over, label=name)
+
+
+def reference_statistics(folder: Path, recorded: Path) -> Path:
+    """The digits reference statistics (``flowmaps fid-stats``), checked to use the very classifier of
+    the recorded teacher + LMD evaluation, so that the Fréchet distances are comparable."""
+    from safetensors.torch import load_file
+
+    from flowmaps.cli import main as flowmaps_main
+
+    if not (folder / "reference.json").is_file():
+        if flowmaps_main(["fid-stats", "--preset", "digits", "--out", str(folder), "--overwrite",
+                          "--quiet"]) != 0:
+            raise SystemExit("fid-stats failed")
+    ours, theirs = (load_file(str(f / "classifier.safetensors")) for f in (folder, recorded))
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise SystemExit(f"{folder}: the feature classifier differs from {recorded}'s: FDs would not "
+                         "be comparable")
+    return folder
+
+
+def evaluate_digits(args) -> dict:
+    folder = ROOT / "digits"
+    recorded_run = Path(__file__).resolve().parent / "results" / "images_digits"
+    stats = reference_statistics(folder / "reference", recorded_run / "reference")
+    names = [n for n in DIGITS_METHODS if (folder / n.lower() / "checkpoints" / "final.json").is_file()]
+    if not names:
+        raise SystemExit(f"evaluate-digits: no trained run under {folder}; run train-digits first")
+    result = evaluate_runs([final(folder / n.lower()) for n in names], None, folder / "eval", True, STEPS,
+                           2000, False, names=names, overrides=[f"eval.fid_stats={stats}"])
+    recorded = json.loads((recorded_run / "summary.json").read_text())
+    calibration = read_results("calibrate-digits")
+    summary = {"teacher+LMD (images_digits.py)": {"fd": recorded["LMD"]["fd"],
+                                                   "cpu_seconds": calibration["pipeline_cpu_seconds"]}}
+    for name in names:
+        cpu = json.loads((folder / name.lower() / "cpu.json").read_text())["cpu_seconds"]
+        summary[name] = {"fd": rows_by(result, name, "fd"), "cpu_seconds": cpu}
+    if "LSD" in summary:
+        summary["target_lsd_1step_fd_le_14.2"] = summary["LSD"]["fd"][1] <= 14.2
+        summary["target_lsd_cpu_le_pipeline"] = (summary["LSD"]["cpu_seconds"]
+                                                 <= calibration["pipeline_cpu_seconds"])
+    return summary
+
+
+PARTS = {"table1": table1, "compute": compute, "gmm": gmm, "calibrate-digits": calibrate_digits,
+         "train-digits": train_digits, "evaluate-digits": evaluate_digits}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("part", choices=list(PARTS))
+    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow or Shortcut")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
+    parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")
+    parser.add_argument("--methods", help="table1/gmm: comma-separated subset")
+    parser.add_argument("--seeds", type=int, default=3, help="gmm: seeds per objective")
+    parser.add_argument("--teacher-steps", type=int, default=20000)
+    parser.add_argument("--lmd-steps", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=7, help="calibrate-digits: interleaved rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start, load_start = time.time(), os.getloadavg()
+    summary = PARTS[args.part](args)
+    summary = {"results": summary, "meta": {
+        "command": " ".join(["self_distillation.py"] + sys.argv[1:]), "threads": args.threads,
+        "seconds": round(time.time() - start), "load_average_start": load_start,
+        "load_average_end": os.getloadavg(), "torch": torch.__version__}}
+    folder = ROOT / (args.part if args.part != "train-digits" else f"digits/{args.method.lower()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
