@@ -9,6 +9,9 @@ per step, and the cost-model predictions below. On a machine shared with other w
 the robust number (preemption inflates wall-clock steps at random); ``os.getloadavg()`` before/after and
 the torch thread count are recorded.
 
+Self-distillation rows (LSD, its v-form, ESD, PSD, MeanFlow, shortcut) train from data alone at
+``η = 0.75`` with their papers' other defaults (the learned loss weight of LSD/ESD/PSD included).
+
 Teachers (LMD, EMD, PFMM):
 * ``net``: a second ``FlowMap(MLP)`` of the same size, used through ``.velocity`` (the realistic,
   expensive case: a distillation teacher is a trained network), with a random non-zero output layer;
@@ -23,7 +26,9 @@ differentiated forward costs ``2×`` that forward (two matmuls per matmul), so b
 forward+JVP (reverse-over-forward) costs ``2C``:
   velocity ``1 + 2``; LMD ``C + 2C + T``; EMD semigradient ``C + C + 2C + T`` as two JVPs (spec §3.9) or
   ``(2C − 1) + 2C + T`` when one pass carries both tangents; EMD full ``C + 2C + T``; EMD v-form
-  ``C + 2 + T`` (gradient through the primal only); FMM ``1 + C + 2 + 2C``; PFMM ``2T + 1 + 2``.
+  ``C + 2 + T`` (gradient through the primal only); FMM ``1 + C + 2 + 2C``; PFMM ``2T + 1 + 2``;
+  self-distillation ``3η + (1 − η)·off`` with ``off`` = LSD ``C + 2C + 1``, LSD-v ``C + 2 + 1``,
+  MeanFlow ``C + 2``, ESD as EMD semigradient with ``T = 1``, PSD/shortcut ``2 + 1 + 2``.
 Two columns: the spec's ``C ≈ 1.5`` ([P2] F.3), and ``C = 2``, the matmul FLOP count of an MLP (the
 tangent needs one matmul per layer, like the primal), which is the floor the eager code approaches.
 
@@ -51,12 +56,14 @@ import torch
 
 import flowmaps as fm
 from flowmaps.exact import GaussianMixture
-from flowmaps.objectives import EMD, FMM, LMD, PFMM, Velocity
+from flowmaps.objectives import EMD, ESD, FMM, LMD, LSD, PFMM, PSD, MeanFlow, Shortcut, Velocity
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "training_cost.json"
 C_JVP = 1.5  # spec §3.9: forward + JVP relative to one forward pass
-TARGETS = {"lmd": 2.0, "emd": 2.5, "fmm": 2.5}  # issue tracker: step time / velocity step time
+TARGETS = {"lmd": 2.0, "emd": 2.5, "fmm": 2.5, "lsd": 1.4, "meanflow": 1.4}  # step / velocity step
+ETA = 0.75  # diagonal fraction of the self-distillation rows ([P2] Table 2)
+SELF_DISTILLATION = ("lsd", "lsd-v", "esd", "psd", "meanflow", "shortcut")
 
 
 def model_cost(method: str, teacher: str | None, c: float = C_JVP, fused_two_tangents: bool = False
@@ -78,6 +85,13 @@ def model_cost(method: str, teacher: str | None, c: float = C_JVP, fused_two_tan
         return 1 + c + 2 + 2 * c
     if method == "pfmm":
         return 2 * tc + 1 + 2
+    # Self-distillation: flow matching (1 + 2) on a fraction η, the off-diagonal residual on the rest,
+    # its teacher the network itself (one forward without gradient where there is one).
+    off = {"lsd": c + 2 * c + 1, "lsd-v": c + 2 + 1, "meanflow": c + 2,
+           "esd": ((c - 1) if fused_two_tangents else c) + c + 2 * c + 1,
+           "psd": 2 + 1 + 2, "shortcut": 2 + 1 + 2}
+    if method in off:
+        return ETA * 3 + (1 - ETA) * off[method]
     raise ValueError(method)
 
 
@@ -134,6 +148,7 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
     for teacher in teachers:
         specs += [("lmd", teacher), ("emd-semigradient", teacher), ("emd-full", teacher),
                   ("emd-v", teacher), ("pfmm", teacher)]
+    specs += [(name, None) for name in SELF_DISTILLATION]
     if args.only:
         keep = set(args.only.split(","))
         specs = [sp for sp in specs if sp[0] in keep or sp[0] == "velocity"]
@@ -148,6 +163,11 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
             objective = LMD(interp, b)
         elif method.startswith("emd-"):
             objective = EMD(interp, b, form=method.split("-", 1)[1])
+        elif method in SELF_DISTILLATION:  # the papers' defaults at η = 0.75
+            objective = {"lsd": lambda: LSD(interp, eta=ETA), "lsd-v": lambda: LSD(interp, form="v", eta=ETA),
+                         "esd": lambda: ESD(interp, eta=ETA), "psd": lambda: PSD(interp, eta=ETA),
+                         "meanflow": lambda: MeanFlow(interp, eta=ETA),
+                         "shortcut": lambda: Shortcut(interp, eta=ETA)}[method]()
         else:  # stays in stage 0 for the whole run: teacher = Euler step of b
             objective = PFMM(interp, b, stage_steps=10**9)
         model = make_network(args.width, args.depth, seed=0)

@@ -1,10 +1,11 @@
-"""Shared machinery of every objective: time sampling, weighting, reduction, and the training step.
+"""Shared machinery of every objective: the training step, teachers and guidance, the dropout scope.
 
 Every objective is a small callable ``objective(model, x1, cond=None, generator=None) -> LossOutput``.
-It draws the base sample ``x0 ~ N(0, σ0² I)`` and times ``(s, t)``, then its ``terms`` method returns
-per-sample squared residuals (summed over data dimensions, spec Q8); the loss is the batch mean of
-``w(s, t) · Σ terms``. A new objective is one subclass that implements ``terms`` (and, if it needs
-state such as a refreshed teacher, ``begin_step``).
+It draws the base sample ``x0 ~ N(0, σ0² I)`` and times ``(s, t)`` (:mod:`flowmaps.objectives.times`),
+then its ``terms`` method returns per-sample squared residuals (summed over data dimensions, spec Q8);
+``combine`` turns them into per-sample losses (their sum under the weighting) and the loss is their
+batch mean. A new objective is one subclass that implements ``terms`` (and, if it needs state such as a
+refreshed teacher or a learned weight, ``begin_step``, ``state_dict`` and ``trainable_modules``).
 
 Time convention: ``t = 0`` base, ``t = 1`` data. Time domains of ``(s, t)``:
 ``"diagonal"`` (``s = t``, velocity training), ``"triangle"`` (``s ≤ t``, forward maps, spec Q6) and
