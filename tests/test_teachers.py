@@ -14,7 +14,10 @@ flow_matching's ``AffineProbPath``, diffusers' ``add_noise``/``scale_noise``/``s
 
 from __future__ import annotations
 
+import re
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,6 +457,23 @@ def test_bad_adapter_arguments_are_refused():
         teachers.diffusers_vp(ExactTX(), object())
     with pytest.raises(TypeError, match="cond_kwarg"):
         teachers.torchcfm(torchcfm_exact("concat"))(torch.zeros(2, 16), torch.zeros(2), torch.zeros(2))
+
+
+# --- installation ----------------------------------------------------------------------------------
+
+def test_make_setup_installs_the_test_extra_and_no_torch_with_it():
+    """The Makefile installs exactly the `test` extra of pyproject.toml, and the libraries that declare
+    torch (torchcfm, flow-matching) with --no-deps, so the pinned CPU torch is never replaced."""
+    root = Path(__file__).resolve().parents[1]
+    extra = re.search(r"^test = \[(.*?)\]", (root / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    pinned = sorted(re.findall(r'"([^"]+)"', extra))
+    make = (root / "Makefile").read_text()
+    libs = {name: shlex.split(re.search(rf"^{name}\s*:=(.*)$", make, re.M).group(1))
+            for name in ("TEST_LIBS", "TEST_LIBS_NODEPS")}
+    assert sorted(libs["TEST_LIBS"] + libs["TEST_LIBS_NODEPS"]) == pinned
+    assert {p.split("==")[0] for p in libs["TEST_LIBS_NODEPS"]} == {"torchcfm", "flow-matching"}
+    assert "pip install --quiet --no-deps $(TEST_LIBS_NODEPS)" in make
+    assert '-e ".[eval]" $(TEST_LIBS)' in make
 
 
 # --- the closed-form errors, for the record -----------------------------------------------------------
