@@ -236,7 +236,9 @@ def flow_matching(model, scheduler=None, prediction: str = "velocity", sigma0: f
 # --- diffusers --------------------------------------------------------------------------------------
 
 def _call_diffusers(model, z, u, extras):
-    return model(z, u, **extras)
+    # the state first, the time by keyword: UNet2DModel(sample, timestep), UNet2DConditionModel,
+    # SD3Transformer2DModel(hidden_states, ..., timestep=...) and FluxTransformer2DModel all name it so
+    return model(z, timestep=u, **extras)
 
 
 def _config(scheduler, key: str, default=None):
@@ -249,7 +251,8 @@ def _config(scheduler, key: str, default=None):
 def diffusers_flow(model, scheduler=None, timestep_scale: float | None = None, sigma0: float = 1.0,
                    cond_kwarg: str | None = None, extras: dict | None = None) -> TeacherVelocity:
     """A diffusers flow-matching model (``FlowMatchEulerDiscreteScheduler``: SD3, Flux, AuraFlow…; called
-    ``model(x, timestep, **extras)``, output a tensor or ``.sample``) as a teacher.
+    ``model(x, timestep=…, **extras)``, output a tensor or ``.sample``) as a teacher. ``extras`` holds what
+    else the model needs on every call (``encoder_hidden_states``, ``pooled_projections``…).
 
     diffusers' convention: the state at noise level ``σ`` is ``x_σ = (1 − σ) x1 + σ ε`` (``σ = 1`` noise →
     ``σ = 0`` data), the model's time argument is ``timestep = σ · num_train_timesteps`` (1000) and it
@@ -286,7 +289,7 @@ def diffusers_flow(model, scheduler=None, timestep_scale: float | None = None, s
 def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: float = 1.0,
                  cond_kwarg: str | None = None, extras: dict | None = None) -> TeacherVelocity:
     """A diffusers ε-, v- or x-prediction VP model (``DDPMScheduler``, ``DDIMScheduler`` or any scheduler
-    with ``alphas_cumprod``; called ``model(x, timestep, **extras)``) as a teacher, converted **exactly**.
+    with ``alphas_cumprod``; called ``model(x, timestep=…, **extras)``) as a teacher, converted **exactly**.
 
     diffusers' convention: ``add_noise`` makes ``z = √ᾱ_n x1 + √(1 − ᾱ_n) ε`` at integer timestep ``n``
     (``n = 0`` nearly data, ``n = N − 1`` nearly noise) and the model predicts ``ε``
@@ -306,7 +309,7 @@ def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: f
     Discrete timesteps: the log-SNR of ``alphas_cumprod`` is interpolated linearly between integer
     timesteps and inverted exactly (:class:`~flowmaps.teachers.conversion.VPSchedule`), so the model is
     called at a fractional timestep whose SNR is exactly that of our ``τ``; at integer timesteps this is the
-    scheduler's own ``ᾱ_n``. ``τ`` outside the schedule's range (``tau_range``; about ``[0.0064, 0.990]``
+    scheduler's own ``ᾱ_n``. ``τ`` outside the schedule's range (``tau_range``; about ``[0.0063, 0.990]``
     for the default linear betas) is clamped to it. ε-prediction near ``τ_min`` divides by ``τ``: the
     model's own errors are amplified by ``1/τ`` there (v-prediction has no such division). Learned-variance
     outputs (2C channels) keep their first C channels, as ``DDPMScheduler.step`` does.

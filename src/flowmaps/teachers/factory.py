@@ -132,7 +132,8 @@ def from_factory(spec: str, kwargs: dict | None = None, weights: str | Path | No
                                "is understood")
         made, scheduler = made
     if not callable(made):
-        raise TeacherError(f"{spec} returned a {type(made).__name__}, not a velocity b(x, t) or an nn.Module")
+        raise TeacherError(f"{spec} returned a value of type {type(made).__name__}, not a velocity b(x, t) "
+                           "or an nn.Module")
     if weights is not None:
         _load_weights(made, weights, spec)
     if isinstance(made, nn.Module):
