@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PathPoint", "PREDICTIONS", "linear_velocity", "linear_path", "VPSchedule", "tau_of_ratio"]
+__all__ = ["PathPoint", "PREDICTIONS", "linear_velocity", "linear_path", "teacher_state", "VPSchedule",
+           "tau_of_ratio"]
 
 PREDICTIONS = ("velocity", "epsilon", "x1", "v")
 
@@ -108,9 +109,7 @@ def linear_velocity(prediction: Tensor, x: Tensor, point: PathPoint, sigma0: flo
 
 def teacher_state(x: Tensor, point: PathPoint, sigma0: float) -> Tensor:
     """``z = k x``: our state at ``τ`` as the teacher's state at ``u`` (the same random variable)."""
-    k = (point.A + point.S) / (point.tau + (1.0 - point.tau) * sigma0)
-    if bool((k == 1.0).all()):
-        return x
+    k = (point.A + point.S) / (point.tau + (1.0 - point.tau) * sigma0)  # 1 for a linear path with σ0 = 1
     return k.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)) * x
 
 
