@@ -68,7 +68,8 @@ class TeacherVelocity(nn.Module):
                  cond_kwarg: str | None = None, extras: dict | None = None, name: str = "teacher"):
         super().__init__()
         if prediction not in PREDICTIONS:
-            raise ValueError(f"{name}: prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+            raise ValueError(f"{name}: prediction must be one of {', '.join(PREDICTIONS)}, "
+                             f"got {prediction!r}")
         if not callable(model):
             raise TypeError(f"{name}: the model must be callable, got {type(model).__name__}")
         self.model = model
@@ -317,7 +318,8 @@ def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: f
     kind = prediction_type or _config(scheduler, "prediction_type", "epsilon")
     names = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x1"}
     if kind not in names:
-        raise ValueError(f"diffusers_vp: prediction_type must be epsilon, v_prediction or sample, got {kind!r}")
+        raise ValueError("diffusers_vp: prediction_type must be epsilon, v_prediction or sample, "
+                         f"got {kind!r}")
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
         raise ValueError("diffusers_vp: the scheduler has no alphas_cumprod (a VP scheduler such as "
