@@ -126,6 +126,16 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_list_keys_take_the_comma_form():
+    """``eval.steps=1,2,4`` is the list [1, 2, 4], as ``--steps 1,2,4`` is; every list key reads it."""
+    cfg = load_config("digits", overrides=["eval.steps=1,2,4", "eval.solvers=euler,rk4",
+                                           "model.channel_mults=1,2,2", "model.attention_resolutions=4,",
+                                           "train.steps=7"])
+    assert cfg.eval.steps == [1, 2, 4] and cfg.eval.solvers == ["euler", "rk4"]
+    assert cfg.model.channel_mults == [1, 2, 2] and cfg.model.attention_resolutions == [4]
+    assert load_config("gmm", overrides=["eval.steps=[1, 2]"]).eval.steps == [1, 2]  # YAML form too
+
+
 def test_existing_run_directory_is_never_clobbered(chain):
     before = (chain / "teacher" / "checkpoints" / "final.safetensors").read_bytes()
     r = flowmaps("train", "--preset", "gmm", "--out", chain / "teacher", "train.steps=5", *TINY)

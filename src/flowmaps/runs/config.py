@@ -379,12 +379,28 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     if annotation is list or origin is list:
+        if isinstance(value, str) and "," in value:  # the comma form, eval.steps=1,2,4
+            value = _comma_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _comma_list(text: str) -> list:
+    """``"1,2,4"`` → ``[1, 2, 4]``: each comma-separated item read as a YAML scalar (empty items, as
+    after a trailing comma, are dropped), so a list key takes the form ``--steps`` takes on the command
+    line."""
+    items = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                items.append(yaml.safe_load(item))
+            except yaml.YAMLError:
+                items.append(item.strip())
+    return items
 
 
 def _build(cls, data: Any, prefix: str = "") -> Any:
