@@ -51,6 +51,16 @@ def _steps_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _grid(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -166,7 +176,7 @@ def _add_sample(sub, fmt) -> None:
                                    "(data units) and samples.png. Flow maps jump along a uniform grid "
                                    "(or --grid); velocity checkpoints use an ODE solver (--solver).")
     p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json) or a run directory")
-    p.add_argument("--n", type=int, default=10000, help="number of samples (default 10000)")
+    p.add_argument("--n", type=_positive_int, default=10000, help="number of samples (default 10000)")
     p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps)")
     p.add_argument("--solver", default="rk4", choices=["euler", "heun", "rk4"],
@@ -197,7 +207,7 @@ def _add_evaluate(sub, fmt) -> None:
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
                    "first checkpoint was distilled from)")
     p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
-    p.add_argument("--n", type=int, help="number of samples (default: eval.n_samples)")
+    p.add_argument("--n", type=_positive_int, help="number of samples (default: eval.n_samples)")
     p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
