@@ -82,10 +82,19 @@ def test_sample_writes_npy_and_png_for_each_step_count(chain, tmp_path):
         assert x.shape == (300, 2) and np.isfinite(x).all()
     assert (out / "samples.png").stat().st_size > 1000
     assert "samples_steps4.npy" in r.stdout
-    # same seed -> same samples; the file exists now, so a rerun must be refused without --overwrite
+    # the file exists now, so a rerun must be refused without --overwrite, and leave it as it was
+    first = np.load(out / "samples_steps1.npy")
     again = flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
-    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--overwrite"))
+    assert np.array_equal(np.load(out / "samples_steps1.npy"), first)
+    # same seed -> bit-identical samples; another seed -> other samples
+    (out / "samples_steps1.npy").unlink()
+    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--seed", "0"))
+    assert np.array_equal(np.load(out / "samples_steps1.npy"), first)
+    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--overwrite",
+                 "--seed", "1"))
+    other = np.load(out / "samples_steps1.npy")
+    assert other.shape == first.shape and np.abs(other - first).mean() > 0.1
     grid = _ok(flowmaps("sample", chain / "lmd", "--grid", "0,0.5,1", "--n", "50", "--out", out))
     assert "samples_grid.npy" in grid.stdout
 
@@ -106,6 +115,33 @@ def test_evaluate_writes_table_json_and_plots(chain, tmp_path):
     for png in ("samples_grid.png", "trajectories.png", "w2_vs_nfe.png", "map_error_vs_nfe.png"):
         assert (out / "plots" / png).stat().st_size > 1000
     assert "| LMD | flow map | 1 | 1 |" in r.stdout
+    # map_error against an independent computation: the base points of eval.seed, the exact map by
+    # torchdiffeq's dopri5 at tight tolerance (evaluate uses the mixture's own fixed-step RK4), the
+    # flow map and the teacher's Euler written out here, and the norm by NumPy.
+    from torchdiffeq import odeint
+
+    lmd, teacher = ex.load_model(chain / "lmd"), ex.load_model(chain / "teacher")
+    cfg = lmd.config
+    x0 = lmd.interpolant.sample_base(torch.empty(400, 2), torch.Generator().manual_seed(cfg.eval.seed))
+    gmm = ex._gmm_reference(cfg, lmd.interpolant)
+    exact = odeint(lambda t, x: gmm.velocity(x, t.expand(x.shape[0])), x0.double(),
+                   torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", rtol=1e-9,
+                   atol=1e-9)[-1].numpy()
+
+    def error(x):
+        return float(np.linalg.norm(x.double().numpy() - exact, axis=1).mean())
+
+    with torch.no_grad():
+        expected = {("flow map", k): error(lmd.model(x0, 0.0, 1.0) if k == 1 else
+                                           lmd.model.sample(x0, steps=k)) for k in (1, 2, 4)}
+        x = x0
+        for i in range(4):  # Euler, 4 steps of h = 1/4, on the teacher velocity
+            x = x + 0.25 * teacher.model.velocity(x, torch.full((400,), i / 4))
+        expected[("euler", 4)] = error(x)
+    got = {(row["sampler"], row["steps"]): row["map_error"] for row in rows}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert len({round(v, 3) for v in expected.values()}) == len(expected)  # distinct: a real check
 
 
 @pytest.mark.parametrize("args, message", [
