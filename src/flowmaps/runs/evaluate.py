@@ -193,7 +193,13 @@ def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], fo
         elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
             rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
     save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
-    paths = {name: path[:, :8].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
-             for name, path in result.paths.items()}
-    save_labeled_grids(paths, folder / "trajectories.png",
-                       nrow=next(iter(result.paths.values())).shape[0])
+    save_labeled_grids(*trajectory_bands(result.paths), folder / "trajectories.png")
+
+
+def trajectory_bands(paths: dict[str, torch.Tensor], n: int = 8) -> tuple[dict, dict[str, int]]:
+    """``(tiles, nrow)`` of ``trajectories.png``: one band per method, one line per sample (the first
+    ``n``), base to data from left to right. Methods' paths differ in length (the teacher's RK4 path
+    has 17 points, a map's ``max(steps) + 1``), so each band has its own line length."""
+    tiles = {name: path[:, :n].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
+             for name, path in paths.items()}
+    return tiles, {name: path.shape[0] for name, path in paths.items()}
