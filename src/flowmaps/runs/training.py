@@ -8,6 +8,7 @@ plots samples of the result. Under torchrun every rank runs all of it; rank 0 al
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -258,8 +259,11 @@ class TrainingRun:
         t = self.cfg.train
         with StopOnSignal() as stop:
             try:
+                # Read the device every log_every steps, and at every checkpoint (the callback
+                # checkpoints the state of the step it is given: the last one read).
                 history = self.trainer.run(t.steps - self.trainer.step_count, progress=progress,
-                                           callback=self._after_step, should_stop=stop)
+                                           callback=self._after_step, should_stop=stop,
+                                           sync_every=math.gcd(t.log_every, t.checkpoint_every))
             except FloatingPointError as err:
                 kept = (latest_checkpoint(self.run.checkpoints, check=ex.check_model_checkpoint)
                         if self.main else None)
@@ -271,13 +275,15 @@ class TrainingRun:
         """The trainer's callback: log skipped and every ``log_every``-th step, checkpoint periodically."""
         t, trainer = self.cfg.train, self.trainer
         if self.main and out.skipped:
+            values = out.logged()
+            terms = {k: values[k] for k in out.terms}
             self.run.log({"step": step, "event": "skipped", "non_finite": out.skipped,
-                          "loss": out.loss.item(), **out.terms, "grad_norm": trainer.last_grad_norm})
+                          "loss": values["loss"], **terms, "grad_norm": float(out.grad_norm)})
             print(f"flowmaps: warning: step {step}: non-finite {out.skipped}, update skipped "
-                  f"(terms {out.terms})", file=sys.stderr)
+                  f"(terms {terms})", file=sys.stderr)
         if self.main and (step % t.log_every == 0 or step == t.steps):
-            self.run.log({"step": step, "loss": out.loss.item(), **out.terms, **out.stats,
-                          "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.last_grad_norm,
+            self.run.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
+                          "grad_norm": float(out.grad_norm),
                           "seconds": round(time.perf_counter() - self.start, 3)})
         if step % t.checkpoint_every == 0 and step < t.steps:
             self.checkpoint()
