@@ -35,7 +35,7 @@ from ..objectives.base import LossOutput, Objective
 
 DataSource = Tensor | Callable[..., Tensor]
 
-__all__ = ["Trainer", "fit", "inverse_sqrt_schedule"]
+__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule"]
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
@@ -557,14 +557,37 @@ class Trainer:
         return history
 
 
+class FitResult(list):
+    """What :func:`fit` returns: the per-step losses (it is that list) and the trained models.
+
+    ``ema`` is the exponential moving average of the weights (a copy of the model in eval mode, or
+    ``None`` when ``ema_decay=None``): usually the better sampler, as the CLI samples and evaluates it.
+    ``model`` is the model passed to :func:`fit`, trained in place (the raw weights); ``trainer`` the
+    :class:`Trainer`, to continue training (``result.trainer.run(1000)``).
+    """
+
+    def __init__(self, losses: list[float], trainer: "Trainer"):
+        super().__init__(losses)
+        self.trainer, self.model, self.ema = trainer, trainer.model, trainer.ema
+
+    @property
+    def best(self) -> nn.Module:
+        """The EMA model when one is kept, else the raw model."""
+        return self.ema if self.ema is not None else self.model
+
+
 def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
         batch_size: int = 256, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-        **options) -> list[float]:
-    """Train ``model`` on ``objective`` for ``steps`` steps; returns the per-step loss history.
+        ema_decay: float | None = 0.999, **options) -> FitResult:
+    """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
+    loss history (a list), with the EMA of the weights in ``.ema`` (``ema_decay``, default 0.999 as in
+    the CLI; ``None`` keeps none) and the trained model in ``.model``.
 
     ``data`` is a tensor of samples ``(N, ...)`` or a callable drawing a batch (``data(n)`` or
     ``data(n, generator=g)``). Further ``options`` go to :class:`Trainer` (optimizer, grad_clip,
-    lr_decay_start, ema_decay, weight_decay, max_bad_steps, grad_accum, precision, compile).
+    lr_decay_start, weight_decay, max_bad_steps, grad_accum, precision, compile). The EMA does not
+    change the training of ``model``: with or without it the raw weights are the same.
     """
-    trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed, **options)
-    return trainer.run(steps, progress=progress)
+    trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed,
+                      ema_decay=ema_decay, **options)
+    return FitResult(trainer.run(steps, progress=progress), trainer)
