@@ -157,7 +157,9 @@ class TrainConfig:
     steps a resumable checkpoint ``checkpoints/step-K`` is written; the newest ``keep_checkpoints`` are
     kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
     steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
-    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps."""
+    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps.
+    ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
+    files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
     steps: int = 4000
     batch_size: int = 512
@@ -179,6 +181,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     device: str = "cpu"
     threads: int | None = None
+    logger: str = "jsonl"
 
 
 @dataclass
@@ -246,6 +249,7 @@ CHOICES = {
     "objective.pfmm_band": ("clip", "gap"),
     "train.optimizer": ("adam", "adamw", "radam"),
     "train.precision": ("fp32", "bf16"),
+    "train.logger": ("jsonl", "tensorboard"),
 }
 POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.n_frequencies",
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",

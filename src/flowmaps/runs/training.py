@@ -28,6 +28,7 @@ from ..train import distributed
 from ..train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
 from ..train.trainer import Trainer
 from . import experiment as ex
+from . import tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
 from .rundir import RunDir, RunDirError, default_out
@@ -35,7 +36,7 @@ from .rundir import RunDir, RunDirError, default_out
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
 
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.threads", "train.device", "train.max_bad_steps")
+                     "train.threads", "train.device", "train.max_bad_steps", "train.logger")
 
 
 class TrainingStopped(Exception):
@@ -63,6 +64,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         cfg = _resume_config(Path(out), cfg)
     _check_objective(cfg, distill)
+    tracking.check_logger(cfg.train.logger)
     device = _setup_torch(cfg)
     dist = distributed.init(device)
     if dist.enabled and device.type == "cuda":
@@ -232,7 +234,14 @@ class TrainingRun:
                      else "")
             print(f"[{self.label}] {self.run.path}: {name} on {cfg.data.name}, {t.steps} steps, "
                   f"batch {t.batch_size}{world}", file=sys.stderr)
-        history, signal_name = self._run_steps(progress)
+        self.sink = tracking.open_sink(t.logger, self.run.path, self.trainer.step_count if resumed
+                                       else None) if self.main else None
+        try:
+            history, signal_name = self._run_steps(progress)
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
         if self.trainer.stopped:
             path = self.checkpoint()
             raise TrainingInterrupted(
@@ -277,16 +286,22 @@ class TrainingRun:
         if self.main and out.skipped:
             values = out.logged()
             terms = {k: values[k] for k in out.terms}
-            self.run.log({"step": step, "event": "skipped", "non_finite": out.skipped,
+            self.log({"step": step, "event": "skipped", "non_finite": out.skipped,
                           "loss": values["loss"], **terms, "grad_norm": float(out.grad_norm)})
             print(f"flowmaps: warning: step {step}: non-finite {out.skipped}, update skipped "
                   f"(terms {terms})", file=sys.stderr)
         if self.main and (step % t.log_every == 0 or step == t.steps):
-            self.run.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
+            self.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
                           "grad_norm": float(out.grad_norm),
                           "seconds": round(time.perf_counter() - self.start, 3)})
         if step % t.checkpoint_every == 0 and step < t.steps:
             self.checkpoint()
+
+    def log(self, record: dict) -> None:
+        """A record for ``metrics.jsonl`` and the ``train.logger`` sink (rank 0)."""
+        self.run.log(record)
+        if getattr(self, "sink", None) is not None:
+            self.sink.log(record)
 
     def checkpoint(self, final: bool = False) -> Path | None:
         """Write ``final`` or the next rotated ``step-K`` (with the validation loss); every rank calls it."""
@@ -302,7 +317,7 @@ class TrainingRun:
                                                    cond=self.val_cond)
                 path = self.rotation.save(self.trainer.step_count,
                                           lambda stem, best: self._write_checkpoint(stem, best, state), val)
-                self.run.log({"step": self.trainer.step_count, "event": "checkpoint", "path": str(path),
+                self.log({"step": self.trainer.step_count, "event": "checkpoint", "path": str(path),
                               "validation_loss": val})
         distributed.barrier()
         return path
