@@ -23,9 +23,10 @@ from .interpolants import Custom, Interpolant, Linear, Trigonometric
 from .nets import MLP, UNet
 from .objectives import GuidedVelocity
 from .runs.experiment import load_model
+from .runs.export import load
 from .solvers import ODESolution, solve_ode
 from .train import Trainer, fit
 
 __all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
-           "solve_ode", "ODESolution", "GuidedVelocity", "load_model", "exact", "objectives",
+           "solve_ode", "ODESolution", "GuidedVelocity", "load", "load_model", "exact", "objectives",
            "__version__"]

@@ -1,7 +1,7 @@
 """The ``flowmaps`` command: the parser of every command, and :func:`main`, which runs one and turns
 its errors into exit statuses. Each command's work is in its own module (:mod:`flowmaps.cli.train`,
-:mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.demo`,
-:mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
+:mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.export`,
+:mod:`~flowmaps.cli.demo`, :mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
 ``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
@@ -29,6 +29,7 @@ from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, shutdown
 from .demo import cmd_demo
 from .evaluate import cmd_evaluate
+from .export import cmd_export
 from .fid_stats import cmd_fid_stats
 from .presets import cmd_presets
 from .sample import cmd_sample
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub, fmt)
     _add_sample(sub, fmt)
     _add_evaluate(sub, fmt)
+    _add_export(sub, fmt)
     _add_demo(sub, fmt)
     _add_fid_stats(sub, fmt)
     _add_presets(sub)
@@ -212,6 +214,22 @@ def _add_evaluate(sub, fmt) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     p.set_defaults(func=cmd_evaluate, overrides=[])
+
+
+def _add_export(sub, fmt) -> None:
+    p = sub.add_parser("export", help="write a run's trained map to a folder of its own (for "
+                       "flowmaps.load)", formatter_class=fmt,
+                       description="Write DIR/model.safetensors (the EMA weights, or the raw weights "
+                                   "with --raw-weights; no optimiser, RNG or training state) and "
+                                   "DIR/config.json (network, interpolant, scales, standardiser, "
+                                   "training domain, versions, SHA-256 of the weights). Load it with "
+                                   "flowmaps.load(DIR) or flowmaps.FlowMap.from_pretrained(DIR).")
+    p.add_argument("run", help="run directory or checkpoint (STEM, STEM.json)")
+    p.add_argument("dir", help="output folder; must be new or empty unless --overwrite")
+    p.add_argument("--raw-weights", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace model.safetensors and "
+                   "config.json in a folder that holds files (other files are kept)")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_demo(sub, fmt) -> None:
