@@ -193,7 +193,8 @@ def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], fo
         elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
             rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
     save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
-    save_labeled_grids(*trajectory_bands(result.paths), folder / "trajectories.png")
+    tiles, nrow = trajectory_bands(result.paths)
+    save_labeled_grids(tiles, folder / "trajectories.png", nrow=nrow)
 
 
 def trajectory_bands(paths: dict[str, torch.Tensor], n: int = 8) -> tuple[dict, dict[str, int]]:
