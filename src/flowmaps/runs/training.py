@@ -31,6 +31,7 @@ from . import experiment as ex
 from . import tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
+from .devices import open_device
 from .rundir import RunDir, RunDirError, default_out
 
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
@@ -65,10 +66,9 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
         cfg = _resume_config(Path(out), cfg)
     _check_objective(cfg, distill)
     tracking.check_logger(cfg.train.logger)
-    device = _setup_torch(cfg)
-    dist = distributed.init(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device, dist = open_device(cfg.train.device, "train.device")
     resumed = _resume_point(Path(out), dist.world_size) if resume else None
     parts = _assemble(cfg, distill, device)
     if resumed is not None and resumed[2]["step"] >= cfg.train.steps:
@@ -113,15 +113,6 @@ def _check_objective(cfg: Config, distill: bool) -> None:
     if not distill and teacher:
         what = "objective.source: teacher" if name in SELF_DISTILLATION else f"objective.name: {name}"
         raise ConfigError(f"{what} distils from a teacher; use `flowmaps distill`")
-
-
-def _setup_torch(cfg: Config) -> torch.device:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    return device
 
 
 def _resume_point(out: Path, world_size: int) -> tuple[Path, dict, dict]:
