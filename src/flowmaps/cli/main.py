@@ -178,7 +178,9 @@ def _add_sample(sub, fmt) -> None:
                                    "(data units) and samples.png. Flow maps jump along a uniform grid "
                                    "(or --grid); velocity checkpoints use an ODE solver (--solver).")
     p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json) or a run directory")
-    p.add_argument("--n", type=_positive_int, default=10000, help="number of samples (default 10000)")
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=10000,
+                   help="number of samples (default 10000; under torchrun write --num-samples: "
+                   "torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps)")
     p.add_argument("--solver", default="rk4", choices=["euler", "heun", "rk4"],
@@ -192,6 +194,10 @@ def _add_sample(sub, fmt) -> None:
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu); under "
+                   "torchrun each rank samples its share (cuda: cuda:LOCAL_RANK), rank 0 writes")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="base points per network "
+                   "pass (default 1000), the unit shared out under torchrun")
     p.set_defaults(func=cmd_sample)
 
 
@@ -209,10 +215,15 @@ def _add_evaluate(sub, fmt) -> None:
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
                    "first checkpoint was distilled from)")
     p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
-    p.add_argument("--n", type=_positive_int, help="number of samples (default: eval.n_samples)")
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int,
+                   help="number of samples (default: eval.n_samples; under torchrun write "
+                   "--num-samples)")
     p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu, or train.device=... given "
+                   "among the overrides); under torchrun the ranks share the sampling (eval.batch_size "
+                   "base points at a time) and rank 0 scores and writes")
     p.set_defaults(func=cmd_evaluate, overrides=[])
 
 
@@ -257,6 +268,8 @@ def _add_fid_stats(sub, fmt) -> None:
                                    "the mean/covariance of its features over the dataset; with "
                                    "eval.features=inception the Inception-v3 statistics (local weights "
                                    "in eval.inception_weights). Evaluate with eval.fid_stats=DIR.")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps for the classifier and the features "
+                   "(default: the config's train.device, cpu)")
     _add_run_options(p, resume=False)
     p.set_defaults(func=cmd_fid_stats)
 
