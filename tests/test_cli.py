@@ -244,3 +244,40 @@ def test_bad_data_files_are_refused_with_one_line(tmp_path, content, message):
     r = flowmaps("train", "--preset", "file", f"data.path={path}", "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# A plain `pip install flowmaps` has no matplotlib and no POT (the eval extra): the entry point run
+# with both made unimportable, as they are in a fresh venv without extras.
+PLAIN = ("import sys; sys.modules.update(dict.fromkeys(['matplotlib', 'ot'], None)); "
+         "from flowmaps.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def plain(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", PLAIN, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_the_main_job_runs_without_the_eval_extra(tmp_path):
+    """train, distill, sample and export work (figures skipped with one warning naming the extra);
+    evaluate and demo stop at once with one line naming it, writing nothing."""
+    r = plain("train", "--preset", "gmm", "--out", tmp_path / "teacher", "--quiet", "train.steps=20",
+              *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("flowmaps: warning")]
+    assert len(warnings) == 1 and "matplotlib" in warnings[0] and "flowmaps[eval]" in warnings[0]
+    assert (tmp_path / "teacher" / "checkpoints" / "final.json").is_file()
+    assert not (tmp_path / "teacher" / "plots" / "loss.png").exists()
+    _ok(plain("distill", "--preset", "gmm", "--teacher", tmp_path / "teacher", "--out",
+              tmp_path / "lmd", "--quiet", "train.steps=20", *TINY))
+    r = _ok(plain("sample", tmp_path / "lmd", "--n", "50", "--steps", "1,2", "--out", tmp_path / "s"))
+    assert np.load(tmp_path / "s" / "samples_steps2.npy").shape == (50, 2)
+    assert "matplotlib" in r.stderr and not (tmp_path / "s" / "samples.png").exists()
+    _ok(plain("export", tmp_path / "lmd", tmp_path / "exported"))
+    for argv in (["evaluate", tmp_path / "lmd", "--out", tmp_path / "eval"],
+                 ["demo", "--out", tmp_path / "demo"]):
+        r = plain(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert "flowmaps[eval]" in lines[0] and "matplotlib" in lines[0] and "POT" in lines[0]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "demo").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..runs import extras
 from ..runs.config import ConfigError
 
 
@@ -16,6 +17,7 @@ def cmd_evaluate(args) -> int:
     checkpoints = [c for c in args.checkpoints if c not in overrides]
     if not checkpoints:
         raise ConfigError("evaluate: give at least one checkpoint")
+    extras.require("flowmaps evaluate", extras.EVAL_MODULES, extras.EVAL_EXTRA)
     device = args.device
     for item in [o for o in overrides if o.startswith("train.device=")]:  # the config key, as --device
         device = device or item.split("=", 1)[1]

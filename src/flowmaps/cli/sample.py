@@ -20,6 +20,7 @@ from ..data.points import load_array
 from ..objectives import GuidedVelocity
 from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
+from ..runs import extras
 from ..runs.devices import open_device
 from ..runs.rundir import RunDirError, check_parents
 from ..solvers import solve_ode
@@ -27,8 +28,6 @@ from ..train import distributed
 
 
 def cmd_sample(args) -> int:
-    from ..runs.plotting import plot_samples  # loads matplotlib, which not every command needs
-
     device, dist = open_device(args.device)
     loaded = load_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
     stem = checkpoint_stem(args.checkpoint)
@@ -46,7 +45,12 @@ def cmd_sample(args) -> int:
     if image:
         png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
                                  out / "samples.png")
+    elif not extras.plots_available():  # a plain install: the samples are written, the figure not
+        extras.warn_no_plots(str(out / "samples.png"))
+        return 0
     else:
+        from ..runs.plotting import plot_samples
+
         png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
                            out / "samples.png", title=str(stem))
     print(f"wrote {png}")

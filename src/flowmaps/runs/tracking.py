@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from .extras import require
 
 __all__ = ["check_logger", "open_sink", "TensorBoardSink", "TENSORBOARD_EXTRA"]
 
@@ -21,14 +21,9 @@ TENSORBOARD_EXTRA = "pip install 'flowmaps[tensorboard]'"
 def check_logger(name: str) -> None:
     """Refuse (one line naming the extra) a logger whose package is missing, before anything is
     written."""
-    if name != "tensorboard":
-        return
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"train.logger: tensorboard needs the tensorboard package, an optional "
-                          f"extra: {TENSORBOARD_EXTRA}") from None
+    if name == "tensorboard":
+        require("train.logger: tensorboard", {"tensorboard": "the tensorboard package"},
+                TENSORBOARD_EXTRA)
 
 
 class TensorBoardSink:

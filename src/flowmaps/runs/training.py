@@ -28,7 +28,7 @@ from ..train import distributed
 from ..train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
 from ..train.trainer import Trainer
 from . import experiment as ex
-from . import tracking
+from . import extras, tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
 from .devices import open_device
@@ -58,8 +58,6 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     the run after the current step with a checkpoint and raise :class:`TrainingInterrupted` (``main``
     prints how to resume and exits 0); non-finite steps raise :class:`TrainingStopped` (exit 3).
     """
-    from . import plotting  # noqa: F401 (matplotlib draws the plots at the end: a missing one fails first)
-
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
@@ -321,22 +319,28 @@ class TrainingRun:
     # --- after training ----------------------------------------------------------------------------
 
     def _plot(self, history: list[float], resumed: bool) -> None:
-        """``plots/loss.png`` and ``plots/samples.png`` (samples of the trained model beside data)."""
-        from .plotting import plot_loss, plot_samples
-
+        """``plots/loss.png`` and ``plots/samples.png`` (samples of the trained model beside data).
+        Without matplotlib (a plain install) the loss plot and vector sample plots are skipped with a
+        warning; image sheets need only Pillow."""
         cfg, bundle, name = self.cfg, self.parts.bundle, self.cfg.objective.name
         n_plot, shown = self._samples()
         if not self.main:
             return
-        plot_loss(history if not resumed else self.run.losses(), self.run.plots / "loss.png",
-                  title=f"{name} on {cfg.data.name}")
+        if not extras.plots_available():
+            extras.warn_no_plots("plots/loss.png" + ("" if bundle.image else " or plots/samples.png"))
+        else:
+            from .plotting import plot_loss, plot_samples
+
+            plot_loss(history if not resumed else self.run.losses(), self.run.plots / "loss.png",
+                      title=f"{name} on {cfg.data.name}")
+            if not bundle.image:
+                plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()},
+                             bundle.held_out, self.run.plots / "samples.png",
+                             title=f"{name} on {cfg.data.name}")
         if bundle.image:
             save_labeled_grids({"data": bundle.held_out[:n_plot],
                                 **{k: v.cpu().clamp(-1, 1) for k, v in shown.items()}},
                                self.run.plots / "samples.png")
-        else:
-            plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()},
-                         bundle.held_out, self.run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
 
     def _samples(self) -> tuple[int, dict[str, Tensor]]:
         """Samples of the trained model (EMA weights when kept): RK4 for a velocity, 1, 2 and 4 steps for a
