@@ -5,8 +5,8 @@ Time convention everywhere: ``t = 0`` is the Gaussian base, ``t = 1`` is the dat
 
 Layers, each module importing only from its own layer and those before it, without cycles:
 
-1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``flowmap``,
-   ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
+1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``standardizer``,
+   ``flowmap``, ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
 2. ``nets`` — two-time networks (MLP, U-Net);
 3. ``objectives`` — Velocity, FMM, LMD, EMD, PFMM on one shared step;
 4. ``data`` — 2-D generators, user arrays, image datasets, PNG grids;
