@@ -40,5 +40,5 @@ def plots_available() -> bool:
 
 
 def warn_no_plots(what: str) -> None:
-    print(f"flowmaps: warning: matplotlib is not installed, so {what} is not drawn "
-          f"({EVAL_EXTRA} for the figures)", file=sys.stderr)
+    print(f"flowmaps: warning: matplotlib is not installed: no {what} ({EVAL_EXTRA} for the "
+          "figures)", file=sys.stderr)
