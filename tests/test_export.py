@@ -22,6 +22,7 @@ import flowmaps as fm
 from flowmaps.checkpoint import CheckpointError
 from flowmaps.cli import main
 from flowmaps.runs import experiment as ex
+from test_faults_input import _setitem
 
 torch.set_num_threads(1)
 
@@ -179,15 +180,10 @@ class Evil:
 
 
 def _edit(key_path, value):
+    """Set (or, with ``KeyError``, delete) one key of config.json."""
     def edit(folder):
         config = json.loads((folder / "config.json").read_text())
-        target = config
-        for key in key_path[:-1]:
-            target = target[key]
-        if value is KeyError:
-            del target[key_path[-1]]
-        else:
-            target[key_path[-1]] = value
+        _setitem(key_path, value)(config)
         (folder / "config.json").write_text(json.dumps(config))
     return edit
 

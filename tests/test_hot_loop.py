@@ -15,28 +15,18 @@ import sys
 import pytest
 import torch
 
-from flowmaps.objectives.base import LossOutput
-from flowmaps.runs import experiment as ex
-from flowmaps.runs.config import load_config
+from ddp_worker import gmm_problem
 from flowmaps.train.trainer import Trainer, inverse_sqrt_schedule
+from test_resume import PoisonedObjective
 
 torch.set_num_threads(1)
 
 OPTIONS = dict(batch_size=32, lr=5e-3, grad_clip=1.0, ema_decay=0.95, seed=3, lr_decay_start=4)
 
 
-def parts(objective: str = "lmd", extra=()):
-    cfg = load_config("gmm", None, ["model.width=16", "model.depth=2", "data.n_train=500",
-                                    "data.n_eval=100", "teacher.exact=true",
-                                    "objective.stage_steps=3", f"objective.name={objective}", *extra])
-    bundle = ex.build_data(cfg)
-    scales = ex.resolve_scales(cfg, bundle)
-    interpolant = ex.build_interpolant(cfg, scales)
-    ex.attach_reference(cfg, bundle, interpolant)
-    teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
-    torch.manual_seed(0)
-    model = ex.build_model(cfg, scales)
-    return model, ex.build_objective(cfg, interpolant, teacher), bundle.train
+def parts(objective: str = "lmd"):
+    return gmm_problem(["objective.stage_steps=3", f"objective.name={objective}"], n_train=500,
+                       n_eval=100)
 
 
 def flat(module) -> torch.Tensor:
@@ -93,26 +83,9 @@ def test_radam_multi_tensor_step_is_within_round_off():
     torch.testing.assert_close(flat(trainer.ema), flat(ref_ema), rtol=1e-6, atol=1e-7)
 
 
-class Poisoned:
-    """An objective whose loss is NaN on the given training calls (validation is not counted)."""
-
-    def __init__(self, inner, bad_calls):
-        self.inner, self.bad_calls, self.calls = inner, set(bad_calls), 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, model, x1, cond=None, generator=None):
-        out = self.inner(model, x1, cond, generator)
-        self.calls += 1
-        if self.calls in self.bad_calls:
-            return LossOutput(out.loss * float("nan"), out.terms, out.stats)
-        return out
-
-
 def guarded(device_guard: bool, bad_calls=(), objective="lmd", **options):
     model, inner, data = parts(objective)
-    trainer = Trainer(model, Poisoned(inner, bad_calls), data, fused=True,
+    trainer = Trainer(model, PoisonedObjective(inner, bad_calls), data, fused=True,
                       **dict(OPTIONS, max_bad_steps=3, **options))
     trainer.device_guard = device_guard  # the same fused kernel under either guard
     return trainer
