@@ -148,8 +148,8 @@ def test_an_unavailable_device_is_one_line_and_writes_nothing(models, tmp_path, 
 
 
 def test_the_device_is_used(models, tmp_path, monkeypatch):
-    """--device reaches the model: the map and the base points are moved to it (on this machine, the
-    CPU named as 'cpu:0'... the same device, so here we watch the call instead)."""
+    """--device reaches the sampler: the base points and the map are on it when the map is called
+    (the CPU is the only device of this machine, so the test watches the call)."""
     seen = []
     real = FlowMap.sample
 

@@ -35,7 +35,8 @@ class LossOutput:
     ``stats``: diagnostics that are not part of the loss (e.g. ``jvp_norm``, the mean norm of the
     forward-mode tangent of JVP objectives); ``skipped``: set by the trainer when the update was
     skipped (``"loss"`` or ``"gradient"`` was non-finite); ``grad_norm``: the gradient norm before
-    clipping, set by the trainer.
+    clipping, set by the trainer; ``finite``: under the trainer's device guard, the two flags (loss,
+    gradient finite) that decide on the device whether the update is made.
 
     Terms and stats are 0-dim tensors on the device of the loss (plain floats are accepted too): they
     stay there, so a training step needs no host read; :meth:`logged` reads them all at once."""
@@ -45,6 +46,7 @@ class LossOutput:
     stats: dict[str, Tensor | float] = field(default_factory=dict)
     skipped: str | None = None
     grad_norm: Tensor | None = None
+    finite: Tensor | None = None
 
     def logged(self) -> dict[str, float]:
         """``{"loss": …, **terms, **stats}`` as Python floats, in one host transfer."""
