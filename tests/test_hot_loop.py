@@ -206,3 +206,20 @@ def test_training_run_reads_at_log_and_checkpoint_steps(tmp_path):
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [6, 12]
     assert all(isinstance(r["loss"], float) and isinstance(r["grad_norm"], float) for r in records
                if "event" not in r)
+
+
+def test_device_guard_reads_the_host_once_per_window_on_labelled_images():
+    """The image path: class labels with label dropout and flip augmentation drawn on the device."""
+    from flowmaps import Linear
+    from flowmaps.data.images import random_hflip
+    from flowmaps.objectives import LSD
+    from test_images import images, tiny_unet
+
+    data = images(48)
+    trainer = Trainer(tiny_unet(num_classes=3), LSD(Linear()), data, batch_size=8, lr=1e-3,
+                      ema_decay=0.9, labels=torch.arange(48) % 3, label_dropout=0.2, null_label=3,
+                      augment=random_hflip, fused=True)
+    trainer.run(2, progress=False, sync_every=2)
+    with HostReads() as reads:
+        trainer.run(4, progress=False, sync_every=2)
+    assert reads.count == 2, reads.where
