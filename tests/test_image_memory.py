@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from flowmaps import FlowMap, Linear, UNet
-from flowmaps.data.images import (ByteImages, ImageDataset, _set_channels, load_digits,
+from flowmaps.data.images import (AugmentedImages, ByteImages, ImageDataset, _set_channels, load_digits,
                                   load_image_dataset, random_hflip, read_cifar10, read_idx,
                                   read_image_folder, read_imagenet32)
 from flowmaps.metrics.classifier import train_feature_classifier
@@ -191,6 +191,13 @@ def test_training_on_codes_is_bit_identical_to_training_on_a_float_copy(objectiv
     assert losses_f == losses_b and torch.equal(weights_f, weights_b) and val_f == val_b
     initial = torch.cat([p.detach().flatten() for p in tiny_unet((3, 8, 8), num_classes=4).parameters()])
     assert losses_f[0] != losses_f[-1] and not torch.equal(weights_f, initial)  # it did train
+
+
+def test_augmented_images_draw_the_same_floats_from_codes():
+    codes = random_codes((30, 3, 4, 6), seed=9)
+    draws = [AugmentedImages(source)(16, generator=torch.Generator().manual_seed(2))
+             for source in (unit(codes), ByteImages(codes), ImageDataset(ByteImages(codes)))]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
 
 
 def test_feature_classifier_on_codes_matches_the_float_copy():

@@ -453,8 +453,9 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
     """Train ``model`` on ``objective`` for ``steps`` steps; returns the per-step loss history.
 
     ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
-    drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to :class:`Trainer` (optimizer, grad_clip,
-    lr_decay_start, ema_decay, weight_decay, max_bad_steps, grad_accum, precision, compile).
+    drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
+    :class:`Trainer` (optimizer, grad_clip, lr_decay_start, ema_decay, weight_decay, max_bad_steps,
+    grad_accum, precision, compile).
     """
     trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed, **options)
     return trainer.run(steps, progress=progress)
