@@ -36,7 +36,7 @@ clean:
 	rm -rf $(VENV) runs
 
 # Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
-.PHONY: bench-quality bench-cost bench-peers bench-images
+.PHONY: bench-quality bench-cost bench-peers bench-images bench-memory
 bench-quality: setup
 	$(BIN)/python benchmarks/quality_vs_cost.py
 
@@ -48,3 +48,6 @@ bench-peers: setup
 
 bench-images: setup
 	$(BIN)/python benchmarks/images_digits.py
+
+bench-memory: setup
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/image_memory.py
