@@ -9,12 +9,22 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The `test` extra of pyproject.toml (same pins; tests/test_teachers.py checks): pytest and the teacher
+# libraries of the adapter tests. torchcfm and flow-matching declare torch (torchcfm also torchdyn and
+# torchvision), which would replace the pinned CPU torch: they go in with --no-deps, and what they import
+# (numpy, torch, torchdiffeq, POT, scipy) is there already. diffusers declares no torch, so it comes with
+# its own dependencies (huggingface-hub, requests, regex...; none of them torch), as does tensorboard
+# (the train.logger=tensorboard tests).
+TEST_LIBS        := "pytest>=7.4" diffusers==0.42.1 "tensorboard>=2.10"
+TEST_LIBS_NODEPS := torchcfm==1.0.7 flow-matching==1.0.10
+
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# Install the pinned CPU torch first, only when no torch is present, so the package's
 	@# torch range is already satisfied and never resolves to a multi-GB CUDA build.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[eval,test]"
+	$(BIN)/pip install --quiet -e ".[eval]" $(TEST_LIBS)
+	$(BIN)/pip install --quiet --no-deps $(TEST_LIBS_NODEPS)
 	@touch $(STAMP)
 
 demo: setup
@@ -27,7 +37,7 @@ clean:
 	rm -rf $(VENV) runs
 
 # Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
-.PHONY: bench-quality bench-cost bench-peers bench-images
+.PHONY: bench-quality bench-cost bench-peers bench-images bench-memory
 bench-quality: setup
 	$(BIN)/python benchmarks/quality_vs_cost.py
 
@@ -35,8 +45,10 @@ bench-cost: setup
 	$(BIN)/python benchmarks/training_cost.py
 
 bench-peers: setup
-	$(BIN)/pip install --quiet --no-deps torchcfm==1.0.7 flow-matching==1.0.10
 	$(BIN)/python benchmarks/peers.py
 
 bench-images: setup
 	$(BIN)/python benchmarks/images_digits.py
+
+bench-memory: setup
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/image_memory.py

@@ -8,6 +8,8 @@ Layers, each module importing only from its own layer and those before it, witho
 1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``standardizer``,
    ``flowmap``, ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
 2. ``nets`` — two-time networks (MLP, U-Net);
+   ``teachers`` — models of torchcfm, flow_matching and diffusers (and the user's own ``module:function``)
+   as teacher velocities in our convention;
 3. ``objectives`` — Velocity, FMM, LMD, EMD, PFMM on one shared step;
 4. ``data`` — 2-D generators, user arrays, image datasets, PNG grids;
 5. ``metrics`` — sample quality of vectors and images, feature extractors;
@@ -16,7 +18,7 @@ Layers, each module importing only from its own layer and those before it, witho
 8. ``cli`` — the ``flowmaps`` command.
 """
 
-from . import exact, objectives
+from . import exact, objectives, teachers
 from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
@@ -29,4 +31,4 @@ from .train import Trainer, fit
 
 __all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
            "solve_ode", "ODESolution", "GuidedVelocity", "load", "load_model", "exact", "objectives",
-           "__version__"]
+           "teachers", "__version__"]

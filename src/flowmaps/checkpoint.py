@@ -49,9 +49,9 @@ FORMAT = "flowmaps-checkpoint"
 FORMAT_VERSION = 1
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_model_metadata", "check_scales",
-           "check_standardizer", "CheckpointError", "checkpoint_stem", "checkpoint_files", "FORMAT",
-           "FORMAT_VERSION", "save_model_folder", "load_model_folder", "model_folder", "MODEL_FORMAT",
-           "MODEL_FORMAT_VERSION"]
+           "check_standardizer", "read_safetensors", "CheckpointError", "checkpoint_stem",
+           "checkpoint_files", "FORMAT", "FORMAT_VERSION", "save_model_folder", "load_model_folder",
+           "model_folder", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
 
 
 class CheckpointError(ValueError):
@@ -290,30 +290,54 @@ def _read_weights(weights_path: Path, digest: str | None, meta_name: str) -> dic
     """The tensors of a safetensors file: its layout checked first (pickles and zips are named and
     refused unread), then the SHA-256 recorded beside it (when given), then every floating-point
     tensor's finiteness."""
+    raw = weights_path.read_bytes()
+    _check_safetensors_layout(raw, weights_path)
+    if digest is not None and digest != hashlib.sha256(raw).hexdigest():
+        raise CheckpointError(f"{weights_path}: checksum does not match {meta_name} (corrupted, "
+                              "or the two files come from different checkpoints)")
+    return _parse_safetensors(raw, weights_path)
+
+
+def _check_safetensors_layout(raw: bytes, path: Path) -> None:
+    """Refuse bytes that are not a safetensors file: a pickle, a zip or an array by name, else as
+    truncated or corrupted. Checked before anything parses them (a valid header length may begin
+    ``b"\\x80\\x02"``, so the layout is tested first)."""
+    if not _safetensors_layout(raw):
+        kind = _sniff(raw[:16], raw[-16:])
+        if kind is not None:
+            raise CheckpointError(f"{path}: {kind}, not safetensors; refusing to load it")
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted)")
+
+
+def _parse_safetensors(raw: bytes, path: Path) -> dict[str, Tensor]:
+    """The tensors of safetensors bytes whose layout was checked; every floating-point one finite."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    raw = weights_path.read_bytes()
-    if not _safetensors_layout(raw):  # checked first: a valid header length may begin b"\x80\x02"
-        kind = _sniff(raw[:16], raw[-16:])
-        if kind is not None:
-            raise CheckpointError(f"{weights_path}: {kind}, not safetensors; refusing to load it")
-        raise CheckpointError(f"{weights_path}: not a valid safetensors file (truncated or "
-                              "corrupted)")
-    if digest is not None and digest != hashlib.sha256(raw).hexdigest():
-        raise CheckpointError(f"{weights_path}: checksum does not match {meta_name} (corrupted, "
-                              "or the two files come from different checkpoints)")
     try:
         flat = load(raw)
     except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError):
-        raise CheckpointError(f"{weights_path}: not a valid safetensors file (truncated or "
-                              "corrupted)") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted)") from None
     for key, tensor in flat.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{weights_path}: tensor {key} holds NaN or infinite values "
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values "
                                   "(corrupted, or saved from a diverged run)")
     return flat
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a plain ``.safetensors`` file (e.g. a teacher's ``state_dict`` saved with
+    ``safetensors.torch.save_file``), checked as checkpoint weights are: a pickle, ``torch.save`` zip or
+    ``.npy`` file is refused by its first bytes without being parsed, a truncated file or a NaN weight
+    with a one-line :class:`CheckpointError`. Nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'a directory' if path.is_dir() else 'file not found'}, "
+                              "expected a .safetensors file")
+    raw = path.read_bytes()
+    _check_safetensors_layout(raw, path)
+    return _parse_safetensors(raw, path)
 
 
 # --- exported models: a folder with model.safetensors and config.json ---------------------------

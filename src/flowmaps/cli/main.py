@@ -156,13 +156,27 @@ def _add_train(sub, fmt) -> None:
     p.set_defaults(func=cmd_train)
 
 
+DISTILL_TEACHERS = """teachers from elsewhere (your own code, imported; nothing is unpickled):
+  teacher.factory=package.module:function   called with teacher.kwargs, returns b(x, t), a module,
+                                            or (module, scheduler); its folder must be on PYTHONPATH
+  teacher.weights=FILE.safetensors          a state dict loaded into the returned module (strict)
+  teacher.kwargs={width: 64}                keyword arguments of the call (or teacher.kwargs.width=64)
+  teacher.adapter=torchcfm|flow_matching|diffusers_flow|diffusers_vp
+                                            convert the module's output to our velocity (t=0 noise)
+  e.g. flowmaps distill --preset gmm teacher.factory=my_cfm:make teacher.weights=cfm.safetensors \\
+           teacher.adapter=torchcfm --out runs/lmd-cfm
+"""
+
+
 def _add_distill(sub, fmt) -> None:
     p = sub.add_parser("distill", help="distil a flow map (LMD, EMD, PFMM) from a teacher velocity",
-                       formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                       formatter_class=fmt, epilog=DISTILL_TEACHERS + "\n" + EPILOG_OVERRIDES,
                        description="Distil a flow map from a teacher velocity: a checkpoint made by "
-                                   "`flowmaps train`, or the exact velocity of the gmm dataset. A "
-                                   "self-distillation objective (lsd, esd, ...) given here uses the "
-                                   "teacher as its velocity source (objective.source=teacher).")
+                                   "`flowmaps train`, the exact velocity of the gmm dataset, or a model "
+                                   "of your own (torchcfm, flow_matching, diffusers...) through "
+                                   "teacher.factory. A self-distillation objective (lsd, esd, ...) given "
+                                   "here uses the teacher as its velocity source "
+                                   "(objective.source=teacher).")
     p.add_argument("--objective", choices=["lmd", "emd", "pfmm", *SELF_DISTILLATION],
                    help="distillation objective (default: lmd)")
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher checkpoint (run directory or "

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from ..teachers.adapters import ADAPTERS
+from ..teachers.factory import FACTORY_PATTERN
+
 __all__ = ["Config", "ConfigError", "load_config", "list_presets", "apply_overrides", "to_dict"]
 
 
@@ -142,11 +145,20 @@ class ObjectiveConfig:
 
 @dataclass
 class TeacherConfig:
-    """Teacher velocity for distillation: a ``checkpoint`` made by ``flowmaps train``, or ``exact``
-    (the dataset's closed-form velocity; ``gmm`` data only)."""
+    """Teacher velocity for distillation, exactly one of: a ``checkpoint`` made by ``flowmaps train``;
+    ``exact`` (the dataset's closed-form velocity; ``gmm`` data only); or ``factory``, a function
+    ``package.module:function`` of your own code (imported, never unpickled) called with ``kwargs`` that
+    returns a velocity ``b(x, t)``, a module, or ``(module, scheduler)``. ``weights``: a ``.safetensors``
+    state dict loaded into the returned module. ``adapter``: how the module's output becomes our velocity
+    (``torchcfm``, ``flow_matching``, ``diffusers_flow``, ``diffusers_vp``; unset: it already is one). See
+    :mod:`flowmaps.teachers`. ``guidance``: classifier-free guidance of a class-conditional checkpoint."""
 
     checkpoint: str | None = None
     exact: bool = False
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    weights: str | None = None
+    adapter: str | None = None
     guidance: float = 1.0
 
 
@@ -319,6 +331,22 @@ def _validate(cfg: Config) -> None:
                           f"{cfg.train.batch_size}")
     if cfg.data.name == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'file'")
+    _validate_teacher(cfg.teacher)
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
+    if t.factory is not None and not FACTORY_PATTERN.match(t.factory):
+        raise ConfigError(f"teacher.factory: {t.factory!r} is not of the form package.module:function")
+    if t.factory is None:
+        for key in ("weights", "adapter"):
+            if getattr(t, key) is not None:
+                raise ConfigError(f"teacher.{key}: applies to teacher.factory=package.module:function only")
+        if t.kwargs:
+            raise ConfigError("teacher.kwargs: applies to teacher.factory=package.module:function only")
+    if t.adapter is not None and t.adapter not in ADAPTERS:
+        raise ConfigError(f"teacher.adapter: {t.adapter!r} is not one of {', '.join(ADAPTERS)}")
+    if any(not isinstance(k, str) for k in t.kwargs):
+        raise ConfigError(f"teacher.kwargs: keys must be names, got {sorted(map(repr, t.kwargs))}")
 
 
 # --- (de)serialisation with type checking -------------------------------------------------------
@@ -387,6 +415,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             value = _comma_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. {{width: 64}}, got {type(value).__name__} "
+                              f"{value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)

@@ -43,8 +43,12 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     dim = first.scales["dim"]
     maps, velocity = _split_models(loaded, names)
     spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
-    velocity, teacher_name, teacher_model = _teacher_velocity(cfg, spec, bundle, dim, velocity,
-                                                              device)
+    if spec is None and cfg.teacher.factory:  # distilled from the user's own model: rebuild it
+        velocity, spec = ex.factory_teacher(cfg, bundle, first.scales, device), cfg.teacher.factory
+        teacher_name, teacher_model = f"teacher ({spec})", None
+    else:
+        velocity, teacher_name, teacher_model = _teacher_velocity(cfg, spec, bundle, dim, velocity,
+                                                                  device)
     _check_classes(loaded, teacher_model, spec)
     run = RunDir(out, overwrite, create=False)  # every rank checks; rank 0 writes
     distributed.barrier()

@@ -273,6 +273,20 @@ def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, de
     return ClassifierFeatures(model), {"classifier_accuracy": accuracy}
 
 
+def _joined_batches(parts, batch_size: int):
+    """The images of ``parts`` (tensors or :class:`~flowmaps.data.images.ByteImages`) one after another,
+    in float batches of ``batch_size`` cut as from their concatenation, without concatenating them:
+    only one batch is decoded at a time."""
+    bounds, start = [], 0
+    for part in parts:
+        bounds.append((start, start + len(part), part))
+        start += len(part)
+    for lo in range(0, start, batch_size):
+        hi = min(lo + batch_size, start)
+        pieces = [part[max(lo, a) - a:min(hi, b) - a] for a, b, part in bounds if a < hi and lo < b]
+        yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True,
                     device="cpu") -> ImageReference:
     """Train/load the extractor (on ``device``) and write the dataset's reference statistics into
@@ -283,8 +297,10 @@ def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     extractor, info = _extractor(cfg, folder, bundle, progress, device)
-    images = torch.cat([bundle.train, bundle.held_out])
-    feats = compute_features(extractor, images, batch_size=cfg.eval.batch_size)
+    parts = (bundle.train, bundle.held_out)
+    count = sum(len(part) for part in parts)
+    feats = compute_features(extractor, _joined_batches(parts, cfg.eval.batch_size), n=count,
+                             batch_size=cfg.eval.batch_size)
     stats = FeatureStats.from_features(feats, extractor.name, extractor.fingerprint)
     g = torch.Generator().manual_seed(cfg.eval.seed)
     sample = feats[torch.randperm(feats.shape[0], generator=g)[:PR_SAMPLES]]
@@ -292,11 +308,10 @@ def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True,
     stats.save(files["stats"])
     np.save(files["sample"], sample.numpy())
     info = dict(info, data=cfg.data.name, features=cfg.eval.features, extractor=extractor.name,
-                fingerprint=extractor.fingerprint, images=int(images.shape[0]),
-                shape=list(images.shape[1:]))
+                fingerprint=extractor.fingerprint, images=count, shape=list(bundle.train.shape[1:]))
     files["info"].write_text(json.dumps(info, indent=2))
     if progress:
-        print(f"wrote reference statistics of {images.shape[0]} {cfg.data.name} images "
+        print(f"wrote reference statistics of {count} {cfg.data.name} images "
               f"({extractor.name}) to {folder}", flush=True)
     return ImageReference(extractor, stats, sample, info, cfg.eval.seed)
 

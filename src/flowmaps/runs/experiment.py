@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
+from ..data.images import ByteImages
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
@@ -24,11 +25,12 @@ from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, MeanFlow, Objective, Shortcut,
                           TimeSampler, Velocity)
+from ..teachers import TeacherError, check_teacher, from_factory
 from .config import SELF_DISTILLATION, Config, ConfigError, _build, to_dict
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
-           "build_model", "build_objective", "build_teacher", "Loaded", "load_model", "save_model",
-           "check_model_checkpoint"]
+           "build_model", "build_objective", "build_teacher", "factory_teacher", "Loaded", "load_model",
+           "save_model", "check_model_checkpoint"]
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
@@ -38,10 +40,13 @@ IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "
 class DataBundle:
     """Training samples (model space), held-out samples (data units), and what relates the two.
 
-    Vectors are ``(N, d)``; images ``(N, C, H, W)`` in [−1, 1] with optional class ``labels``."""
+    Vectors are ``(N, d)`` tensors; images ``(N, C, H, W)`` in [−1, 1] with optional class ``labels``,
+    kept as the reader stores them: :class:`~flowmaps.data.images.ByteImages` (uint8, decoded to
+    float32 per batch when indexed: ``held_out[:n]``, the trainer's draws) or, once resized or made
+    grey, float32 tensors."""
 
-    train: Tensor
-    held_out: Tensor
+    train: Tensor | ByteImages
+    held_out: Tensor | ByteImages
     standardizer: Standardizer | None
     reference: ExactReference | None = None  # exact target in model space (gmm data)
     kl: Callable[[Tensor], float] | None = None  # data-units KL oracle (checkerboard / gmm)
@@ -110,11 +115,11 @@ def _build_images(cfg: Config) -> DataBundle:
     if d.image_size:
         options["size"] = d.image_size
     dataset = load_image_dataset(d.name, d.path, **options)
-    n = dataset.images.shape[0]
+    n = len(dataset)
     if n < 2:
         raise ConfigError(f"data: {d.name} has {n} image(s); need at least 2")
     train, held_out = dataset.split(min(d.n_eval, max(1, n // 5)), seed=d.seed)
-    return DataBundle(train=train.images, held_out=held_out.images, standardizer=None,
+    return DataBundle(train=train.data, held_out=held_out.data, standardizer=None,
                       labels=train.labels, held_out_labels=held_out.labels,
                       num_classes=dataset.num_classes, image=True)
 
@@ -122,7 +127,7 @@ def _build_images(cfg: Config) -> DataBundle:
 def _resolve_scale(value, bundle: DataBundle):
     if value != "data":
         return float(value)
-    if bundle.image:  # one scale for all pixels
+    if bundle.image:  # one scale for all pixels (ByteImages: from a histogram, no float copy)
         return float(bundle.train.std().clamp_min(1e-6))
     return bundle.train.std(dim=0).clamp_min(1e-6).tolist()
 
@@ -186,10 +191,14 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
 
 
 def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
-    """The teacher velocity ``b(x, t)`` for distillation: exact (gmm) or a velocity checkpoint."""
+    """The teacher velocity ``b(x, t)`` for distillation: exact (gmm), a velocity checkpoint, or the
+    user's ``teacher.factory`` (:func:`factory_teacher`)."""
     t = cfg.teacher
-    if t.exact == bool(t.checkpoint):
-        raise ConfigError("teacher: set exactly one of teacher.checkpoint=PATH or teacher.exact=true")
+    if int(t.exact) + bool(t.checkpoint) + bool(t.factory) != 1:
+        raise ConfigError("teacher: set exactly one of teacher.checkpoint=PATH, teacher.exact=true or "
+                          "teacher.factory=package.module:function")
+    if t.factory:
+        return factory_teacher(cfg, bundle, scales, device)
     if t.exact:
         if bundle.reference is None:
             raise ConfigError("teacher.exact: only the gmm dataset (without standardize) has an exact "
@@ -220,6 +229,32 @@ def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
 
         return GuidedVelocity(loaded.model, t.guidance, null_label=null)
     return loaded.model
+
+
+def factory_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
+    """``teacher.factory`` (:func:`flowmaps.teachers.from_factory`): the user's function, its weights,
+    kwargs and adapter, on ``device``, checked by one forward pass on a few training samples (model space:
+    standardised when ``data.standardize``). Every failure is a one-line :class:`ConfigError` naming the
+    ``teacher.*`` key at fault."""
+    t = cfg.teacher
+    if t.guidance != 1.0:
+        raise ConfigError("teacher.guidance: applies to class-conditional flowmaps checkpoints; guide a "
+                          "teacher.factory model inside your function")
+    sigma0 = torch.as_tensor(scales["sigma0"], dtype=torch.float64)
+    if t.adapter is not None and (cfg.interpolant.name != "linear" or sigma0.numel() != 1):
+        raise ConfigError(f"teacher.adapter: {t.adapter} converts to the linear interpolant with one base "
+                          f"scale; this run has interpolant.name={cfg.interpolant.name}, "
+                          f"interpolant.sigma0={scales['sigma0']} (set interpolant.name=linear and a "
+                          "number for interpolant.sigma0)")
+    try:
+        velocity = from_factory(t.factory, kwargs=t.kwargs, weights=t.weights, adapter=t.adapter,
+                                sigma0=float(sigma0.reshape(-1)[0]))
+        if isinstance(velocity, torch.nn.Module):
+            velocity = velocity.to(device)
+        check_teacher(velocity, bundle.train[:8].to(device), where=f"the teacher of {t.factory}")
+    except TeacherError as err:
+        raise ConfigError(f"teacher.{err.key}: {err}") from None
+    return velocity
 
 
 SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": MeanFlow,

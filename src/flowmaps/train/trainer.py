@@ -31,9 +31,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..data.images import ByteImages
 from ..objectives.base import LossOutput, Objective
 
-DataSource = Tensor | Callable[..., Tensor]
+DataSource = Tensor | ByteImages | Callable[..., Tensor]
 
 __all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule"]
 
@@ -52,11 +53,17 @@ def inverse_sqrt_schedule(decay_start: int | None) -> Callable[[int], float]:
     return lambda k: 1.0 / math.sqrt(max(k / decay_start, 1.0))
 
 
+def _all_finite(data: Tensor, rows: int = 1 << 14) -> bool:
+    """``torch.isfinite(data).all()``, a block of rows at a time (no mask as large as the data)."""
+    return all(bool(torch.isfinite(block).all()) for block in data.split(rows))
+
+
 def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Callable[[int], Tensor]:
-    if isinstance(data, Tensor):
+    if isinstance(data, (Tensor, ByteImages)):
         if data.ndim < 2 or data.shape[0] == 0:
             raise ValueError(f"data must have shape (N, ...) with N > 0, got {tuple(data.shape)}")
-        if not torch.isfinite(data).all():
+        # ByteImages decode to finite levels; only the selected rows are decoded, per batch.
+        if isinstance(data, Tensor) and not _all_finite(data):
             raise ValueError("data contains NaN or infinite values")
 
         def draw(n: int) -> Tensor:
@@ -73,7 +80,7 @@ def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Call
         if takes_generator:
             return lambda n: data(n, generator=generator).to(device)
         return lambda n: data(n).to(device)
-    raise TypeError("data must be a tensor of samples (N, ...) or a callable n -> batch")
+    raise TypeError("data must be a tensor of samples (N, ...), ByteImages or a callable n -> batch")
 
 
 class _ObjectiveLoss(nn.Module):
@@ -105,7 +112,9 @@ class Trainer:
     Args:
         model: a :class:`~flowmaps.FlowMap` (or a velocity network for :class:`~flowmaps.objectives.Velocity`).
         objective: any :class:`~flowmaps.objectives.Objective`.
-        data: samples ``(N, ...)`` drawn with replacement, or a callable ``data(n[, generator=g])``.
+        data: samples ``(N, ...)`` drawn with replacement — a tensor, or images kept as 8-bit codes
+            (:class:`~flowmaps.data.images.ByteImages`, each drawn batch decoded to float32 on the
+            codes' device) — or a callable ``data(n[, generator=g])``.
         batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
         lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
@@ -123,9 +132,10 @@ class Trainer:
         compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
         distributed: wrap in DistributedDataParallel; ``None`` (default): when a process group with
             more than one rank is initialised (``flowmaps.train.distributed.init``).
-        labels: class labels ``(N,)`` of tensor ``data`` (class-conditional training): each batch's
-            labels are passed to the objective as ``cond``; with probability ``label_dropout`` a label
-            is replaced by ``null_label`` (the unconditional label, for classifier-free guidance).
+        labels: class labels ``(N,)`` of tensor or ByteImages ``data`` (class-conditional training):
+            each batch's labels are passed to the objective as ``cond``; with probability
+            ``label_dropout`` a label is replaced by ``null_label`` (the unconditional label, for
+            classifier-free guidance).
         augment: ``augment(x, generator) -> x`` applied to every drawn batch (e.g. horizontal flips).
         fused: the fused optimiser kernel with the device guard (module docstring); ``None``
             (default): on CUDA for ``adam``/``adamw``, else the multi-tensor (foreach) optimiser.
@@ -187,7 +197,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             dist_.rank_seed(seed, self.dist.rank))
         if labels is not None:
-            if not isinstance(data, Tensor) or labels.shape != (data.shape[0],):
+            if not isinstance(data, (Tensor, ByteImages)) or labels.shape != (data.shape[0],):
                 raise ValueError("labels must be a (N,) tensor beside a data tensor of N samples")
             if null_label is None:
                 raise ValueError("class-conditional training needs null_label (the unconditional "
@@ -583,10 +593,11 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
     loss history (a list), with the EMA of the weights in ``.ema`` (``ema_decay``, default 0.999 as in
     the CLI; ``None`` keeps none) and the trained model in ``.model``.
 
-    ``data`` is a tensor of samples ``(N, ...)`` or a callable drawing a batch (``data(n)`` or
-    ``data(n, generator=g)``). Further ``options`` go to :class:`Trainer` (optimizer, grad_clip,
-    lr_decay_start, weight_decay, max_bad_steps, grad_accum, precision, compile). The EMA does not
-    change the training of ``model``: with or without it the raw weights are the same.
+    ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
+    drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
+    :class:`Trainer` (optimizer, grad_clip, lr_decay_start, weight_decay, max_bad_steps, grad_accum,
+    precision, compile). The EMA does not change the training of ``model``: with or without it the raw
+    weights are the same.
     """
     trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed,
                       ema_decay=ema_decay, **options)
