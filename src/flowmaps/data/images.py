@@ -10,8 +10,10 @@ Nothing downloads and nothing is unpickled. The readers take local files in thei
 * ``imagenet32``: the official downsampled-ImageNet ``.npz`` files, read with ``allow_pickle=False``;
 * ``image_folder``: any folder of PNG/JPEG images (class labels from its subfolders), via Pillow.
 
-Every reader returns an :class:`ImageDataset`: float32 images ``(N, C, H, W)`` with the 8-bit value
-``u`` mapped to ``u / 127.5 − 1`` (so 0 → −1 and 255 → 1 exactly), and int64 labels or ``None``.
+Every reader returns an :class:`ImageDataset`: images ``(N, C, H, W)`` with the 8-bit value ``u``
+standing for ``u / 127.5 − 1`` (so 0 → −1 and 255 → 1 exactly), and int64 labels or ``None``. The
+images stay 8-bit in memory (:class:`ByteImages`, one byte per value: ImageNet-32's 1.28M training
+images take 3.9 GB instead of 15.7 GB as float32) and are decoded per batch, when indexed.
 A file that cannot be used raises :class:`ImageDataError`, a :class:`ValueError` whose message is one
 line naming the file and the problem (the CLI prints it as ``flowmaps: error: <message>``).
 """
@@ -30,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ImageDataset", "ImageDataError", "IMAGE_DATASETS", "load_image_dataset", "load_digits",
-           "read_idx", "read_cifar10", "read_imagenet32", "read_image_folder", "random_hflip",
-           "AugmentedImages"]
+__all__ = ["ByteImages", "ImageDataset", "ImageDataError", "IMAGE_DATASETS", "load_image_dataset",
+           "load_digits", "read_idx", "read_cifar10", "read_imagenet32", "read_image_folder",
+           "random_hflip", "AugmentedImages"]
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -42,14 +44,17 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 _DIGIT_CLASSES = tuple(str(k) for k in range(10))
+_DIGIT_LEVELS = [v / 8.0 - 1.0 for v in range(17)]  # scikit-learn's digits hold values 0..16
 
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N,)
 _CIFAR_RECORD = 1 + 3 * 32 * 32
 
 # u / 127.5 − 1 for every byte value, computed in float64 and rounded once to float32: exact at the
-# ends (0 → −1, 255 → 1) whatever the division kernel does.
+# ends (0 → −1, 255 → 1) whatever the division kernel does. (float32 arithmetic, u / 127.5 − 1 rounded
+# twice, differs from it in the last bit for some bytes: decoding is a lookup in this table.)
 _BYTE_TO_UNIT = torch.tensor([u / 127.5 - 1.0 for u in range(256)], dtype=torch.float32)
+_CHUNK = 1 << 22  # values decoded or counted at a time (16 MB of float32)
 
 
 class ImageDataError(ValueError):
@@ -59,31 +64,142 @@ class ImageDataError(ValueError):
 # ----------------------------------------------------------------------------------------- dataset
 
 
-@dataclass
-class ImageDataset:
-    """Images ``(N, C, H, W)`` float32 in ``[−1, 1]``, optional int64 ``labels`` ``(N,)``.
+class ByteImages:
+    """Images kept as 8-bit codes and decoded per batch: ``codes`` uint8 ``(N, ...)`` (images
+    ``(N, C, H, W)``) and ``levels``, the float32 value each code stands for (default ``u / 127.5 − 1``;
+    scikit-learn's digits use 17 levels ``v / 8 − 1``).
 
-    ``num_classes`` is 0 for unlabeled data; ``class_names`` (optional) names each label.
+    Memory is one byte per value, a quarter of a float32 copy. Indexing decodes only what it selects:
+    ``x[idx]`` is the float32 tensor ``levels[codes[idx]]`` on the codes' device, so a trainer draws
+    batches from it as from a float tensor (``len``, ``shape``, ``device``, ``to(device)`` as a
+    tensor's). The levels are computed in float64 and rounded once, so every decoded batch holds
+    exactly the floats a float32 copy of the whole set would. :meth:`subset` selects images without
+    decoding them, :meth:`std` is computed from a histogram of the codes, and :meth:`decode`
+    materialises everything as float32 (4 bytes a value; for small sets)."""
+
+    def __init__(self, codes: Tensor | np.ndarray, levels: Tensor | Sequence[float] | None = None):
+        codes = torch.as_tensor(codes)
+        if codes.dtype != torch.uint8 or codes.ndim < 1:
+            raise ValueError(f"ByteImages: codes must be a uint8 tensor (N, ...), got {codes.dtype} "
+                             f"of shape {tuple(codes.shape)}")
+        levels = _BYTE_TO_UNIT if levels is None else torch.as_tensor(levels, dtype=torch.float32)
+        if levels.ndim != 1 or not 1 <= levels.shape[0] <= 256 or not bool(torch.isfinite(levels).all()):
+            raise ValueError("ByteImages: levels must be 1 to 256 finite values (the value of each code)")
+        if levels.shape[0] < 256 and codes.numel() and int(codes.max()) >= levels.shape[0]:
+            raise ValueError(f"ByteImages: code {int(codes.max())} has no level ({levels.shape[0]} "
+                             "levels)")
+        self.codes, self.levels = codes.contiguous(), levels.to(codes.device)
+
+    @classmethod
+    def _wrap(cls, codes: Tensor, levels: Tensor) -> "ByteImages":
+        """Codes already checked against ``levels`` (a selection or a move): no validation pass."""
+        out = cls.__new__(cls)
+        out.codes, out.levels = codes.contiguous(), levels.to(codes.device)
+        return out
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the codes (one per value)."""
+        return self.codes.numel()
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def __getitem__(self, index) -> Tensor:
+        """The selected images decoded to float32 (``levels[codes[index]]``)."""
+        return self.levels[self.codes[index].long()]
+
+    def __repr__(self) -> str:
+        return (f"ByteImages(shape={tuple(self.shape)}, levels={self.levels.shape[0]}, "
+                f"device={self.device})")
+
+    def subset(self, index: Tensor | Sequence[int] | slice) -> "ByteImages":
+        """The images at ``index`` (along the first dimension), still as codes."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long).to(self.device)
+        return ByteImages._wrap(self.codes[index], self.levels)
+
+    def to(self, device) -> "ByteImages":
+        """The same images on ``device`` (codes and levels; nothing decoded)."""
+        return ByteImages._wrap(self.codes.to(device), self.levels)
+
+    def decode(self) -> Tensor:
+        """Every image as one float32 tensor (in chunks: no int64 copy of the codes)."""
+        out = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        flat_in, flat_out = self.codes.view(-1), out.view(-1)
+        for i in range(0, flat_in.numel(), _CHUNK):
+            flat_out[i:i + _CHUNK] = self.levels[flat_in[i:i + _CHUNK].long()]
+        return out
+
+    def histogram(self) -> Tensor:
+        """How many values hold each code: int64 ``(len(levels),)`` on the CPU, counted in chunks."""
+        flat = self.codes.view(-1)
+        counts = torch.zeros(self.levels.shape[0], dtype=torch.long, device=self.device)
+        for i in range(0, flat.numel(), _CHUNK):
+            counts += torch.bincount(flat[i:i + _CHUNK], minlength=self.levels.shape[0])
+        return counts.cpu()
+
+    def std(self) -> Tensor:
+        """The standard deviation of all values (unbiased, as ``Tensor.std()``), as a float32 0-d
+        tensor: from the histogram of the codes (exact counts) and the levels in float64, so equal to
+        ``decode().std()`` without a float copy."""
+        counts, values = self.histogram().double(), self.levels.cpu().double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * (values - mean).square()).sum() / (n - 1)
+        return var.sqrt().float()
+
+    def aminmax(self) -> tuple[float, float]:
+        """The smallest and largest value present (from the histogram)."""
+        present = self.levels.cpu()[self.histogram() > 0]
+        return float(present.min()), float(present.max())
+
+
+def _stored_images(images, name: str) -> "ByteImages | Tensor":
+    """``images`` as an :class:`ImageDataset` keeps them: a :class:`ByteImages` as is, a tensor as
+    float32; both ``(N, C, H, W)``."""
+    if not isinstance(images, (Tensor, ByteImages)) or images.ndim != 4:
+        shape = tuple(getattr(images, "shape", ()))
+        raise ValueError(f"ImageDataset {name!r}: images must be a tensor or ByteImages (N, C, H, W), "
+                         f"got shape {shape}")
+    if isinstance(images, Tensor) and images.dtype != torch.float32:
+        images = images.float()
+    return images
+
+
+class ImageDataset:
+    """Images ``(N, C, H, W)`` with values in ``[−1, 1]``, optional int64 ``labels`` ``(N,)``.
+
+    ``data`` holds the images as stored: a :class:`ByteImages` (every reader: one byte per value,
+    decoded per batch) or a float32 tensor (images given as floats, or resized / converted to grey by
+    :func:`load_image_dataset`). ``images`` is all of them as one float32 tensor: for a
+    :class:`ByteImages` a decoded copy made at each access (4 bytes a value; large sets are consumed by
+    indexing ``data`` instead). ``num_classes`` is 0 for unlabeled data; ``class_names`` (optional)
+    names each label.
     """
 
-    images: Tensor
-    labels: Tensor | None = None
-    num_classes: int = 0
-    name: str = ""
-    class_names: list[str] | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.images, Tensor) or self.images.ndim != 4:
-            shape = tuple(getattr(self.images, "shape", ()))
-            raise ValueError(f"ImageDataset {self.name!r}: images must be a tensor (N, C, H, W), "
-                             f"got shape {shape}")
-        if self.images.dtype != torch.float32:
-            self.images = self.images.float()
+    def __init__(self, images: "Tensor | ByteImages", labels: Tensor | None = None,
+                 num_classes: int = 0, name: str = "", class_names: list[str] | None = None):
+        self.name, self.num_classes = name, num_classes
+        self.data = _stored_images(images, name)
+        self.labels, self.class_names = labels, class_names
         if self.labels is not None:
             self.labels = torch.as_tensor(self.labels).long().reshape(-1)
-            if self.labels.shape[0] != self.images.shape[0]:
+            if self.labels.shape[0] != len(self):
                 raise ValueError(f"ImageDataset {self.name!r}: {self.labels.shape[0]} labels for "
-                                 f"{self.images.shape[0]} images")
+                                 f"{len(self)} images")
             if self.labels.numel() and (int(self.labels.min()) < 0
                                         or int(self.labels.max()) >= self.num_classes):
                 raise ValueError(f"ImageDataset {self.name!r}: labels must lie in [0, "
@@ -99,20 +215,36 @@ class ImageDataset:
                                  f"{self.num_classes} classes")
 
     @property
+    def images(self) -> Tensor:
+        """All images as one float32 tensor (decoded from :class:`ByteImages`: a full copy)."""
+        return self.data.decode() if isinstance(self.data, ByteImages) else self.data
+
+    @images.setter
+    def images(self, value: "Tensor | ByteImages") -> None:
+        if len(value) != len(self):
+            raise ValueError(f"ImageDataset {self.name!r}: {len(value)} images replace {len(self)}")
+        self.data = _stored_images(value, self.name)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.data.shape[1:])  # type: ignore[return-value]
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.data.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset({self.name!r}, {len(self)} images {self.shape}, "
+                f"{type(self.data).__name__}, num_classes={self.num_classes})")
 
     def subset(self, index: Tensor | Sequence[int] | slice) -> "ImageDataset":
-        """The images (and labels) at ``index``, with the same classes and name."""
+        """The images (and labels) at ``index``, with the same classes and name (still stored as
+        before: :class:`ByteImages` stay codes)."""
         if not isinstance(index, slice):
             index = torch.as_tensor(index, dtype=torch.long)
         labels = None if self.labels is None else self.labels[index]
-        return ImageDataset(self.images[index], labels, self.num_classes, self.name,
-                            self.class_names)
+        data = self.data.subset(index) if isinstance(self.data, ByteImages) else self.data[index]
+        return ImageDataset(data, labels, self.num_classes, self.name, self.class_names)
 
     def split(self, n_eval: int, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
         """``(train, held_out)``: ``n_eval`` images chosen by a permutation seeded with ``seed`` are
@@ -129,19 +261,17 @@ class ImageDataset:
         return self.subset(train), self.subset(held)
 
 
-def _bytes_to_unit(arr: np.ndarray) -> Tensor:
-    """uint8 array → float32 tensor of the same shape, ``u / 127.5 − 1``, converted in chunks (no
-    full-size intermediate beyond the output)."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    out = torch.empty(arr.shape, dtype=torch.float32)
-    if arr.size == 0:
-        return out
-    flat_in, flat_out = arr.reshape(-1), out.view(-1)
-    step = 1 << 22
-    for i in range(0, flat_in.size, step):
-        chunk = torch.from_numpy(flat_in[i:i + step].astype(np.int32))
-        flat_out[i:i + step] = _BYTE_TO_UNIT[chunk]
-    return out
+def _byte_images(pixels: np.ndarray, limit: int | None = None,
+                 levels: Tensor | None = None) -> ByteImages:
+    """:class:`ByteImages` of the first ``limit`` images of the uint8 array ``pixels``, sharing its
+    memory when it can; copied when ``limit`` cuts (so a large file's buffer is not kept alive for a
+    few images) or the array is read-only."""
+    if limit is not None and limit < pixels.shape[0]:
+        pixels = pixels[:limit].copy()
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()
+    return ByteImages(torch.from_numpy(pixels), levels)
 
 
 def _one_line(err: BaseException) -> str:
@@ -182,10 +312,13 @@ def load_digits(limit: int | None = None) -> ImageDataset:
         raise ImageDataError("digits: needs scikit-learn, which is not installed "
                              "(pip install scikit-learn)") from None
     bunch = _sk_load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64)[:limit]
-    x = torch.from_numpy(images / 8.0 - 1.0).float().unsqueeze(1)
+    values = np.asarray(bunch.images)[:limit]
+    codes = values.astype(np.uint8)
+    if not np.array_equal(codes, values):
+        raise ImageDataError("digits: scikit-learn's digits are not the integers 0..16 expected")
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)[:limit])
-    return ImageDataset(x, y, 10, "digits", list(_DIGIT_CLASSES))
+    return ImageDataset(_byte_images(codes[:, None], levels=_DIGIT_LEVELS), y, 10, "digits",
+                        list(_DIGIT_CLASSES))
 
 
 # --------------------------------------------------------------------------------------------- IDX
@@ -266,8 +399,7 @@ def read_idx(images_path: str | Path, labels_path: str | Path | None = None, *,
         if int(raw.max()) >= k:
             raise ImageDataError(f"{labels_path}: label {int(raw.max())} out of range for {k} classes")
         labels = torch.from_numpy(raw[:limit].astype(np.int64))
-    images = _bytes_to_unit(pixels[:limit]).unsqueeze(1)
-    return ImageDataset(images, labels, k, name)
+    return ImageDataset(_byte_images(pixels[:, None], limit), labels, k, name)
 
 
 # ---------------------------------------------------------------------------------------- CIFAR-10
@@ -358,9 +490,9 @@ def read_cifar10(path: str | Path, split: str = "train", *, limit: int | None = 
         count += len(y)
         if limit is not None and count >= limit:
             break
-    pixels = np.concatenate(xs)[:limit]
+    pixels = xs[0] if len(xs) == 1 else np.concatenate(xs)
     labels = torch.from_numpy(np.concatenate(ys)[:limit].astype(np.int64))
-    return ImageDataset(_bytes_to_unit(pixels), labels, 10, "cifar10", list(CIFAR10_CLASSES))
+    return ImageDataset(_byte_images(pixels, limit), labels, 10, "cifar10", list(CIFAR10_CLASSES))
 
 
 # -------------------------------------------------------------------------------------- ImageNet-32
@@ -451,11 +583,12 @@ def read_imagenet32(path: str | Path, split: str = "train", *,
         count += len(y)
         if limit is not None and count >= limit:
             break
-    pixels = np.concatenate(xs)[:limit]
+    pixels = xs[0] if len(xs) == 1 else np.concatenate(xs)
+    del xs
     labels = torch.from_numpy(np.concatenate(ys)[:limit])
     if len(labels) == 0:
         raise ImageDataError(f"{path}: no images")
-    return ImageDataset(_bytes_to_unit(pixels), labels, 1000, "imagenet32")
+    return ImageDataset(_byte_images(pixels, limit), labels, 1000, "imagenet32")
 
 
 # ------------------------------------------------------------------------------------ image folder
@@ -554,7 +687,7 @@ def read_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
             raise ImageDataError(f"{file}: image is {arr.shape[0]}x{arr.shape[1]} (HxW) but {first} is "
                                  f"{out.shape[1]}x{out.shape[2]}; give a size to resize them all")
         out[i] = arr
-    images = _bytes_to_unit(out.transpose(0, 3, 1, 2))
+    images = _byte_images(out.transpose(0, 3, 1, 2))
     if not labeled:
         return ImageDataset(images, None, 0, "image_folder")
     index = {c: k for k, c in enumerate(classes)}
@@ -602,8 +735,9 @@ def _read_mnist_like(name: str, path, split: str, limit: int | None,
     return ds
 
 
-def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear, antialiased resize of ``(N, C, H, W)`` in [−1, 1] (in chunks), clamped to [−1, 1]."""
+def _resize(images: "Tensor | ByteImages", size: tuple[int, int]) -> "Tensor | ByteImages":
+    """Bilinear, antialiased resize of ``(N, C, H, W)`` in [−1, 1] (in chunks, decoded a chunk at a
+    time), clamped to [−1, 1]: float32, since resized values fall between the 8-bit levels."""
     if tuple(images.shape[-2:]) == size:
         return images
     out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.float32)
@@ -613,15 +747,21 @@ def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
     return out.clamp_(-1.0, 1.0)
 
 
-def _set_channels(images: Tensor, channels: int) -> Tensor:
+def _set_channels(images: "Tensor | ByteImages", channels: int) -> "Tensor | ByteImages":
+    """Grey → RGB repeats the plane (codes stay codes); RGB → grey is a float32 luma (in chunks)."""
     c = images.shape[1]
     if c == channels:
         return images
     if c == 1 and channels == 3:
+        if isinstance(images, ByteImages):
+            return ByteImages._wrap(images.codes.repeat(1, 3, 1, 1), images.levels)
         return images.repeat(1, 3, 1, 1)
     if c == 3 and channels == 1:  # ITU-R 601 luma, as Pillow's "L"
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
-        return (images * weights).sum(1, keepdim=True)
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
+        out = torch.empty((images.shape[0], 1, *images.shape[2:]), dtype=torch.float32)
+        for i in range(0, images.shape[0], 1024):
+            out[i:i + 1024] = (images[i:i + 1024] * weights).sum(1, keepdim=True)
+        return out
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
@@ -676,9 +816,9 @@ def load_image_dataset(name: str, path: str | Path | None = None, **options) -> 
         reader = read_cifar10 if name == "cifar10" else read_imagenet32
         ds = reader(path, split, limit=limit)
     if size is not None:
-        ds.images = _resize(ds.images, size)
+        ds.data = _resize(ds.data, size)
     if channels is not None:
-        ds.images = _set_channels(ds.images, channels)
+        ds.data = _set_channels(ds.data, channels)
     return ds
 
 
@@ -703,13 +843,14 @@ def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float =
 class AugmentedImages:
     """A trainer data source: ``data(n, generator=g)`` draws ``n`` images with replacement (indices
     from ``torch.randint(..., generator=g)``) and, with ``hflip``, flips each with probability ``p``
-    (:func:`random_hflip`, same generator). ``images`` is a tensor ``(N, C, H, W)`` or an
-    :class:`ImageDataset`."""
+    (:func:`random_hflip`, same generator). ``images`` is a tensor ``(N, C, H, W)``, a
+    :class:`ByteImages` (decoded per batch) or an :class:`ImageDataset` (its stored ``data``)."""
 
-    def __init__(self, images: Tensor | ImageDataset, hflip: bool = True, p: float = 0.5):
+    def __init__(self, images: "Tensor | ByteImages | ImageDataset", hflip: bool = True,
+                 p: float = 0.5):
         if isinstance(images, ImageDataset):
-            images = images.images
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] == 0:
+            images = images.data
+        if not isinstance(images, (Tensor, ByteImages)) or images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"AugmentedImages needs images (N, C, H, W) with N > 0, got shape "
                              f"{tuple(getattr(images, 'shape', ()))}")
         if not 0.0 <= p <= 1.0:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import (CheckpointError, checkpoint_files, checkpoint_stem, load_checkpoint,
                           save_checkpoint)
+from ..data.images import ByteImages
 
 __all__ = ["FeatureClassifier", "train_feature_classifier", "save_feature_classifier",
            "load_feature_classifier", "FeatureClassifierError"]
@@ -69,18 +70,21 @@ class FeatureClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _check_images(images: Tensor, what: str = "images") -> Tensor:
-    if not isinstance(images, Tensor):
+def _check_images(images, what: str = "images") -> Tensor | ByteImages:
+    """Float images ``(N, C, H, W)`` as a tensor, or :class:`ByteImages` as they are (decoded per batch
+    by indexing)."""
+    if not isinstance(images, (Tensor, ByteImages)):
         images = torch.as_tensor(np.asarray(images))
     if images.ndim != 4:
         raise ValueError(f"{what} must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
+    if isinstance(images, Tensor) and not images.is_floating_point():
         raise ValueError(f"{what} must be floating point in [-1, 1], got {images.dtype}")
     return images
 
 
 @torch.no_grad()
-def _accuracy(model: FeatureClassifier, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+def _accuracy(model: FeatureClassifier, images: Tensor | ByteImages, labels: Tensor,
+              batch_size: int = 512) -> float:
     device = next(model.parameters()).device
     correct = 0
     for i in range(0, images.shape[0], batch_size):
@@ -97,7 +101,8 @@ def train_feature_classifier(images, labels, num_classes: int | None = None, ste
     """Train a :class:`FeatureClassifier` on labelled images; returns ``(model in eval mode, accuracy)``.
 
     ``images (N, C, H, W)`` in ``[−1, 1]`` (checked, to 1e-3: features of data and samples must be
-    computed on the same scale), ``labels (N,)`` integers in ``[0, num_classes)`` (``num_classes``
+    computed on the same scale; a float tensor, or :class:`~flowmaps.data.images.ByteImages` decoded
+    per batch), ``labels (N,)`` integers in ``[0, num_classes)`` (``num_classes``
     defaults to ``max(labels) + 1``). Plain supervised training, no augmentation: Adam at ``lr`` with a
     cosine decay to ``lr/10`` over ``steps`` minibatches of ``batch_size`` drawn with replacement.
 
@@ -114,9 +119,13 @@ def train_feature_classifier(images, labels, num_classes: int | None = None, ste
     y = torch.as_tensor(labels).reshape(-1).long().cpu()
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
-    if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 1.0 + 1e-3:
+    if isinstance(x, ByteImages):  # levels are finite; the range of the codes present, no float copy
+        finite, largest = True, max(abs(v) for v in x.aminmax())
+    else:
+        finite, largest = bool(torch.isfinite(x).all()), float(x.abs().max())
+    if not finite or largest > 1.0 + 1e-3:
         raise ValueError("training images must be finite and scaled to [-1, 1] (got values up to "
-                         f"{float(x.abs().max()):.4g} in magnitude)")
+                         f"{largest:.4g} in magnitude)")
     num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
@@ -130,8 +139,12 @@ def train_feature_classifier(images, labels, num_classes: int | None = None, ste
     else:
         perm = torch.randperm(x.shape[0], generator=generator)
         n_val = int(round(held_out * x.shape[0]))
-        val_x, val_y = x[perm[:n_val]], y[perm[:n_val]]
-        train_x, train_y = x[perm[n_val:]], y[perm[n_val:]]
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        if isinstance(x, ByteImages):  # codes stay codes, decoded per batch
+            val_x, train_x = x.subset(val_idx), x.subset(train_idx)
+        else:
+            val_x, train_x = x[val_idx], x[train_idx]
+        val_y, train_y = y[val_idx], y[train_idx]
     if train_x.shape[0] == 0:
         raise ValueError("no training images left after the held-out split")
     device = torch.device(device)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.images import ByteImages
 from .classifier import FeatureClassifier, _check_images, _weights_fingerprint
 from .images import FeatureStats
 
@@ -185,15 +186,15 @@ class InceptionFeatures(FeatureExtractor):
 
 # ------------------------------------------------------------------------------ statistics helpers
 
-ImageSource = Tensor | np.ndarray | Callable[[int], Tensor] | Iterable
+ImageSource = Tensor | np.ndarray | ByteImages | Callable[[int], Tensor] | Iterable
 
 
 def _batches(source, n: int | None, batch_size: int):
-    """Yield image batches from a tensor/array (its first ``n`` rows), a sampler ``f(k) -> (k, C, H, W)``
-    (called until ``n`` images are produced), or an iterable of batches (or ``(images, labels)`` pairs;
-    the first ``n`` images)."""
-    if isinstance(source, (Tensor, np.ndarray)):
-        x = source if isinstance(source, Tensor) else torch.as_tensor(source)
+    """Yield image batches from a tensor/array/:class:`ByteImages` (its first ``n`` rows, decoded a batch
+    at a time), a sampler ``f(k) -> (k, C, H, W)`` (called until ``n`` images are produced), or an
+    iterable of batches (or ``(images, labels)`` pairs; the first ``n`` images)."""
+    if isinstance(source, (Tensor, np.ndarray, ByteImages)):
+        x = source if isinstance(source, (Tensor, ByteImages)) else torch.as_tensor(source)
         stop = x.shape[0] if n is None else min(n, x.shape[0])
         for i in range(0, stop, batch_size):
             yield x[i:min(i + batch_size, stop)]

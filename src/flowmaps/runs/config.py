@@ -169,7 +169,9 @@ class TrainConfig:
     steps a resumable checkpoint ``checkpoints/step-K`` is written; the newest ``keep_checkpoints`` are
     kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
     steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
-    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps."""
+    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps.
+    ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
+    files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
     steps: int = 4000
     batch_size: int = 512
@@ -191,6 +193,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     device: str = "cpu"
     threads: int | None = None
+    logger: str = "jsonl"
 
 
 @dataclass
@@ -258,6 +261,7 @@ CHOICES = {
     "objective.pfmm_band": ("clip", "gap"),
     "train.optimizer": ("adam", "adamw", "radam"),
     "train.precision": ("fp32", "bf16"),
+    "train.logger": ("jsonl", "tensorboard"),
 }
 POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.n_frequencies",
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
@@ -407,6 +411,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     if annotation is list or origin is list:
+        if isinstance(value, str) and "," in value:  # the comma form, eval.steps=1,2,4
+            value = _comma_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return value
@@ -420,6 +426,20 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _comma_list(text: str) -> list:
+    """``"1,2,4"`` → ``[1, 2, 4]``: each comma-separated item read as a YAML scalar (empty items, as
+    after a trailing comma, are dropped), so a list key takes the form ``--steps`` takes on the command
+    line."""
+    items = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                items.append(yaml.safe_load(item))
+            except yaml.YAMLError:
+                items.append(item.strip())
+    return items
 
 
 def _build(cls, data: Any, prefix: str = "") -> Any:

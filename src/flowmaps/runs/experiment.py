@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
+from ..data.images import ByteImages
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
@@ -39,10 +40,13 @@ IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "
 class DataBundle:
     """Training samples (model space), held-out samples (data units), and what relates the two.
 
-    Vectors are ``(N, d)``; images ``(N, C, H, W)`` in [−1, 1] with optional class ``labels``."""
+    Vectors are ``(N, d)`` tensors; images ``(N, C, H, W)`` in [−1, 1] with optional class ``labels``,
+    kept as the reader stores them: :class:`~flowmaps.data.images.ByteImages` (uint8, decoded to
+    float32 per batch when indexed: ``held_out[:n]``, the trainer's draws) or, once resized or made
+    grey, float32 tensors."""
 
-    train: Tensor
-    held_out: Tensor
+    train: Tensor | ByteImages
+    held_out: Tensor | ByteImages
     standardizer: Standardizer | None
     reference: ExactReference | None = None  # exact target in model space (gmm data)
     kl: Callable[[Tensor], float] | None = None  # data-units KL oracle (checkerboard / gmm)
@@ -111,11 +115,11 @@ def _build_images(cfg: Config) -> DataBundle:
     if d.image_size:
         options["size"] = d.image_size
     dataset = load_image_dataset(d.name, d.path, **options)
-    n = dataset.images.shape[0]
+    n = len(dataset)
     if n < 2:
         raise ConfigError(f"data: {d.name} has {n} image(s); need at least 2")
     train, held_out = dataset.split(min(d.n_eval, max(1, n // 5)), seed=d.seed)
-    return DataBundle(train=train.images, held_out=held_out.images, standardizer=None,
+    return DataBundle(train=train.data, held_out=held_out.data, standardizer=None,
                       labels=train.labels, held_out_labels=held_out.labels,
                       num_classes=dataset.num_classes, image=True)
 
@@ -123,7 +127,7 @@ def _build_images(cfg: Config) -> DataBundle:
 def _resolve_scale(value, bundle: DataBundle):
     if value != "data":
         return float(value)
-    if bundle.image:  # one scale for all pixels
+    if bundle.image:  # one scale for all pixels (ByteImages: from a histogram, no float copy)
         return float(bundle.train.std().clamp_min(1e-6))
     return bundle.train.std(dim=0).clamp_min(1e-6).tolist()
 
@@ -369,7 +373,10 @@ def check_model_checkpoint(where: Path, meta: dict) -> None:
 
 
 def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
-    """Rebuild the FlowMap of a checkpoint (EMA weights when present and ``use_ema``)."""
+    """Rebuild the FlowMap of a checkpoint or run directory (EMA weights when present and ``use_ema``),
+    with its config, scales and standardiser; ``.model`` carries its interpolant, sample shape,
+    number of classes and standardiser (``.model.to_data_units``), as :func:`flowmaps.load` returns
+    it."""
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = _build(Config, meta["config"])
@@ -386,4 +393,8 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     model.to(device).eval()
     model.domain = meta.get("domain")  # where (s, t) was trained: inverse() refuses untrained directions
     std = Standardizer.from_dict(meta["standardizer"]) if meta.get("standardizer") else None
-    return Loaded(model, build_interpolant(cfg, scales), cfg, scales, std, meta)
+    interpolant = build_interpolant(cfg, scales)
+    # what sampling needs travels with the map (as FlowMap.from_pretrained sets it)
+    model.interpolant, model.standardizer = interpolant, std
+    model.sample_shape, model.num_classes = sample_shape(scales), scales.get("num_classes", 0)
+    return Loaded(model, interpolant, cfg, scales, std, meta)
