@@ -32,10 +32,10 @@ CASES = {
     "pfmm": (["objective.name=pfmm", "objective.stage_steps=2"], {}),
     "velocity": (["objective.name=velocity"], {}),
     # self-distillation: the learned loss weight (lsd, psd, esd) is synchronised like the model
-    "lsd": (["objective.name=lsd"], {}),
+    "lsd": (["objective.name=lsd", "objective.weighting=learned"], {}),
     "lsd_v": (["objective.name=lsd", "objective.form=v"], {}),
-    "esd": (["objective.name=esd"], {}),
-    "psd": (["objective.name=psd"], {}),
+    "esd": (["objective.name=esd", "objective.weighting=learned"], {}),
+    "psd": (["objective.name=psd", "objective.weighting=learned"], {}),
     "meanflow": (["objective.name=meanflow"], {}),
     "shortcut": (["objective.name=shortcut"], {}),
     "ct": (["objective.name=ct"], {}),

@@ -116,10 +116,12 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(uninterrupted, 
 
 # Self-distillation cases carry state beyond the model: the learned loss weight (lsd, psd), the EMA
 # teacher (shortcut) and the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3).
-CASES = {"lsd": ["objective.name=lsd"], "psd": ["objective.name=psd"],
+LEARNED = "objective.weighting=learned"  # the gmm preset's blocks use a constant weight
+CASES = {"lsd": ["objective.name=lsd", LEARNED], "psd": ["objective.name=psd", LEARNED],
          "meanflow": ["objective.name=meanflow"], "shortcut": ["objective.name=shortcut"],
          "ct": ["objective.name=ct"],
-         "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4"]}
+         "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4",
+                        LEARNED]}
 
 
 def build(objective: str, init_seed: int = 0, **train):
