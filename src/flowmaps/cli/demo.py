@@ -1,6 +1,6 @@
 """``flowmaps demo`` (``make demo``): the main job end to end on one preset: a teacher velocity, LMD and
-EMD distillations from it, an FMM map trained directly, then all evaluated at 1, 2, 4, 8 steps against
-the teacher's ODE solvers."""
+EMD distillations from it, an FMM map trained directly and an LSD map self-distilled from the data
+alone, then all evaluated at 1, 2, 4, 8 steps against the teacher's ODE solvers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..runs.rundir import RunDirError
 from ..runs.training import run_training
 
 DEMO_BUDGET = {  # steps per model; sized so `make demo` ends within 10 minutes on 2 CPU cores
-    "teacher": 10000, "lmd": 6000, "emd": 6000, "fmm": 8000,
+    "teacher": 10000, "lmd": 6000, "emd": 6000, "fmm": 8000, "lsd": 8000,
 }
 
 
@@ -37,17 +37,21 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     teacher_dir = run_training(load_config(args.preset, None, common + [
         "objective.name=velocity", steps("teacher"), decay("teacher"), "train.lr=2e-3"]),
-        root / "teacher", args.overwrite, distill=False, label="1/4 teacher velocity")
+        root / "teacher", args.overwrite, distill=False, label="1/5 teacher velocity")
     teacher_ckpt = str(teacher_dir / "checkpoints" / "final")
     runs = {}
     for i, (name, extra) in enumerate([("lmd", ["train.lr=1e-3"]),
                                        ("emd", ["objective.emd_form=full", "train.lr=1e-3"])]):
         runs[{"lmd": "LMD", "emd": "EMD-full"}[name]] = run_training(load_config(args.preset, None, common + extra + [
             f"objective.name={name}", f"teacher.checkpoint={teacher_ckpt}", steps(name), decay(name)]),
-            root / name, args.overwrite, distill=True, label=f"{i + 2}/4 {name.upper()} distillation")
+            root / name, args.overwrite, distill=True, label=f"{i + 2}/5 {name.upper()} distillation")
     runs["FMM"] = run_training(load_config(args.preset, None, common + [
         "objective.name=fmm", steps("fmm"), decay("fmm"), "train.lr=1e-3"]),
-        root / "fmm", args.overwrite, distill=False, label="4/4 FMM direct training")
+        root / "fmm", args.overwrite, distill=False, label="4/5 FMM direct training")
+    # The preset's LSD settings (its `objectives: lsd` block), with the demo's network and budget.
+    runs["LSD"] = run_training(load_config(args.preset, None, common + [
+        "objective.name=lsd", steps("lsd"), decay("lsd"), "train.lr=2e-3"]),
+        root / "lsd", args.overwrite, distill=False, label="5/5 LSD self-distillation")
     print("evaluating at 1, 2, 4, 8 steps against the teacher's ODE solvers ...", file=sys.stderr)
     checkpoints = [str(p / "checkpoints" / "final") for p in runs.values()]
     from ..runs.evaluate import evaluate_runs

@@ -258,11 +258,12 @@ def _add_export(sub, fmt) -> None:
 
 
 def _add_demo(sub, fmt) -> None:
-    p = sub.add_parser("demo", help="the main job: teacher, LMD, EMD, FMM on the checkerboard, "
+    p = sub.add_parser("demo", help="the main job: teacher, LMD, EMD, FMM, LSD on the checkerboard, "
                        "evaluated at 1, 2, 4, 8 steps", formatter_class=fmt,
                        description="Train a teacher velocity, distil flow maps with LMD and EMD, train "
-                                   "one with FMM directly, then evaluate all at 1, 2, 4, 8 steps "
-                                   "against the teacher's ODE solvers; prints the table, writes plots.")
+                                   "one with FMM directly and one by self-distillation (LSD) from the "
+                                   "data alone, then evaluate all at 1, 2, 4, 8 steps against the "
+                                   "teacher's ODE solvers; prints the table, writes plots.")
     p.add_argument("--preset", default="checkerboard", choices=list_presets(),
                    help="dataset preset (default checkerboard)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output root (default runs/demo)")
