@@ -186,7 +186,7 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
         return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
               sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=m.n_frequencies,
-              max_frequency=m.max_frequency)
+              max_frequency=m.max_frequency, skip=m.skip)
     return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
 
 
