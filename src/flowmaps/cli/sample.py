@@ -15,6 +15,7 @@ from ..data.points import load_array
 from ..objectives import GuidedVelocity
 from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
+from ..runs.grid_tuning import load_tuned_grids
 from ..runs.rundir import RunDirError, check_parents
 from ..solvers import solve_ode
 
@@ -54,18 +55,29 @@ def _jobs(args, loaded: Loaded) -> list[tuple[str, object]]:
     velocity = loaded.model.velocity
     if args.guidance != 1.0:
         velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
+    if (args.grid or args.gamma) and is_velocity:
+        raise ConfigError(f"--{'grid' if args.grid else 'gamma'}: a velocity checkpoint is sampled with "
+                          "an ODE solver; use --steps")
+    gamma = dict(gamma=args.gamma, interpolant=loaded.interpolant) if args.gamma else {}
+    tag = f"_gamma{args.gamma:g}" if args.gamma else ""
+
+    def flow(**grid):
+        return lambda x0, c, g: loaded.model.sample(x0, cond=c, generator=g, **grid, **gamma)
+
     jobs = []
+    if args.grid == "tuned":
+        steps = args.steps or [2, 4, 8]
+        for k, grid in load_tuned_grids(args.checkpoint, steps).items():
+            jobs.append((f"tuned{k}{tag}", flow(grid=grid)))
+        return jobs
     if args.grid:
-        if is_velocity:
-            raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
-        grid = torch.tensor(args.grid)
-        jobs.append(("grid", lambda x0, c: loaded.model.sample(x0, grid=grid, cond=c)))
+        jobs.append((f"grid{tag}", flow(grid=torch.tensor(args.grid))))
     for k in args.steps or ([] if args.grid else [1, 2, 4]):
         if is_velocity:
-            jobs.append((f"{args.solver}{k}", lambda x0, c, k=k: solve_ode(
+            jobs.append((f"{args.solver}{k}", lambda x0, c, g, k=k: solve_ode(
                 lambda x, t: velocity(x, t, c), x0, args.solver, steps=k).x))
         else:
-            jobs.append((f"steps{k}", lambda x0, c, k=k: loaded.model.sample(x0, steps=k, cond=c)))
+            jobs.append((f"steps{k}{tag}", flow(steps=k)))
     return jobs
 
 
@@ -108,7 +120,8 @@ def _draw(args, loaded: Loaded, jobs, files: list[Path]) -> dict[str, torch.Tens
     shown = {}
     with torch.no_grad():
         for (label, job), path in zip(jobs, files):
-            x = loaded.to_data_units(job(x0, cond))
+            # γ-sampling's fresh noise: one stream per job, from the same seed (a rerun repeats it)
+            x = loaded.to_data_units(job(x0, cond, torch.Generator().manual_seed(args.seed + 1)))
             np.save(path, x.numpy())
             shown[label] = x
             print(f"wrote {path} ({args.n} samples)")

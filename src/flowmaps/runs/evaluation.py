@@ -93,7 +93,8 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
              w2_samples: int = 2000, energy_samples: int = 4000, seed: int = 0,
              teacher_name: str = "teacher", progress: Callable[[str], None] | None = None,
              n_paths: int = 64, quality: Callable[[Tensor], dict] | None = None,
-             cond: Tensor | None = None) -> Evaluation:
+             cond: Tensor | None = None, tuned_grids: dict[str, dict[int, Tensor]] | None = None,
+             gammas=(), interpolant=None) -> Evaluation:
     """Evaluate every flow map at every step count, and the teacher's solvers at the same NFE.
 
     ``x0``: base samples in model space (shared by all samplers); ``held_out``: data units;
@@ -132,6 +133,17 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
         for k in steps:
             x, seconds = _timed(lambda: model.sample(x0, steps=k, cond=cond))
             score(name, "flow map", k, k, x, seconds)
+        for k, grid in sorted((tuned_grids or {}).get(name, {}).items()):
+            x, seconds = _timed(lambda: model.sample(x0, grid=grid, cond=cond))
+            score(name, "tuned grid", k, k, x, seconds)
+        for gamma in gammas:
+            for k in steps:
+                if k < 2:
+                    continue  # one jump has no interior time to re-noise at
+                x, seconds = _timed(lambda: model.sample(
+                    x0, steps=k, cond=cond, gamma=gamma, interpolant=interpolant,
+                    generator=torch.Generator(device=x0.device).manual_seed(seed + 1)))
+                score(name, f"gamma={gamma:g}", k, k, x, seconds)
         paths[name] = model.sample(x0[:n_paths], steps=max(steps), cond=sub(cond, n_paths),
                                    return_path=True)[1]
     if teacher is not None:
