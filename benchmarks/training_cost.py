@@ -21,7 +21,7 @@ Cost model, in units of one forward pass ``F`` of the network (teacher ``T = 1``
 ``gmm``; optimizer, data and small layers ignored). Forward+JVP costs ``C``; backward through a
 differentiated forward costs ``2×`` that forward (two matmuls per matmul), so backward through
 forward+JVP (reverse-over-forward) costs ``2C``:
-  velocity ``1 + 2``; LMD ``C + 2C + T``; EMD semigradient ``C + C + 2C + T`` as two JVPs (spec §3.9) or
+  velocity ``1 + 2``; LMD ``C + 2C + T`` (LMD v-form ``C + 2 + T``: gradient through the primal only); EMD semigradient ``C + C + 2C + T`` as two JVPs (spec §3.9) or
   ``(2C − 1) + 2C + T`` when one pass carries both tangents; EMD full ``C + 2C + T``; EMD v-form
   ``C + 2 + T`` (gradient through the primal only); FMM ``1 + C + 2 + 2C``; PFMM ``2T + 1 + 2``.
 Two columns: the spec's ``C ≈ 1.5`` ([P2] F.3), and ``C = 2``, the matmul FLOP count of an MLP (the
@@ -67,6 +67,8 @@ def model_cost(method: str, teacher: str | None, c: float = C_JVP, fused_two_tan
         return 1 + 2
     if method == "lmd":
         return c + 2 * c + tc
+    if method == "lmd-v":
+        return c + 2 + tc
     if method == "emd-semigradient":
         no_grad_jvp = (c - 1) if fused_two_tangents else c
         return no_grad_jvp + c + 2 * c + tc
@@ -132,8 +134,8 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
         teachers["gmm"] = gmm
     specs: list[tuple[str, str | None]] = [("velocity", None), ("fmm", None)]
     for teacher in teachers:
-        specs += [("lmd", teacher), ("emd-semigradient", teacher), ("emd-full", teacher),
-                  ("emd-v", teacher), ("pfmm", teacher)]
+        specs += [("lmd", teacher), ("lmd-v", teacher), ("emd-semigradient", teacher),
+                  ("emd-full", teacher), ("emd-v", teacher), ("pfmm", teacher)]
     if args.only:
         keep = set(args.only.split(","))
         specs = [sp for sp in specs if sp[0] in keep or sp[0] == "velocity"]
@@ -145,7 +147,9 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
         elif method == "fmm":
             objective = FMM(interp)
         elif method == "lmd":
-            objective = LMD(interp, b)
+            objective = LMD(interp, b, form="map")
+        elif method == "lmd-v":
+            objective = LMD(interp, b, form="v")
         elif method.startswith("emd-"):
             objective = EMD(interp, b, form=method.split("-", 1)[1])
         else:  # stays in stage 0 for the whole run: teacher = Euler step of b
