@@ -110,7 +110,8 @@ RECIPES: dict[str, dict] = {
 
 def recipe(name: str) -> dict:
     """A named recipe, or ``base+key=value+key=value`` on top of one (keys ``model.*``,
-    ``objective.*``, ``train.*`` and ``batch``; values parsed as Python literals where possible)."""
+    ``objective.*``, ``train.*``, and ``batch`` / ``steps`` (this row's batch size, or its step count
+    instead of the budget's, e.g. for a comparison at equal CPU time); values parsed as Python literals where possible)."""
     parts = name.split("+")
     base = RECIPES[parts[0]] if parts[0] in RECIPES else RECIPES["fit-defaults"]
     out = {k: dict(v) for k, v in base.items()}
@@ -130,7 +131,7 @@ def library_lmd(problem, steps, batch, seed, spec):
     model = fm.FlowMap(fm.MLP(problem.dim, sigma_data=problem.sigma_data, **spec["model"]))
     objective = LMD(problem.interpolant, problem.teacher, **spec["objective"])
     trainer = fm.Trainer(model, objective, problem.draw_fn, batch_size=batch, seed=seed,
-                         **spec["train"])
+                         **dict(dict(total_steps=steps), **spec["train"]))
     trainer.run(steps, progress=False)
     return (trainer.ema if trainer.ema is not None else model).eval()
 
@@ -277,7 +278,8 @@ def main(argv=None) -> int:
                 else:
                     spec = recipe(name)
                     batch = spec.get("run", {}).get("batch", args.batch)
-                    model = library_lmd(problem, steps, batch, seed, spec)
+                    model = library_lmd(problem, spec.get("run", {}).get("steps", steps), batch, seed,
+                                        spec)
                 cpu = time.process_time() - start
                 sc = scores(problem, model)
                 row = block["rows"].setdefault(name, {"runs": []})

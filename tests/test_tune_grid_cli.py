@@ -94,7 +94,7 @@ def test_gamma_sampling_from_the_cli_is_seeded(run, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["sample", "{run}", "--grid", "tuned", "--steps", "8"], "no grid for 8 steps"),
-    (["sample", "{run}", "--gamma", "1.5"], "gamma must be in [0, 1]"),
+    (["sample", "{run}", "--gamma", "1.5"], "expected gamma in [0, 1]"),
     (["tune-grid", "{run}/nowhere"], "nowhere"),
     (["tune-grid", "{run}", "--n", "0"], "positive integer"),
     (["evaluate", "{run}", "--grid", "best"], "invalid choice"),

@@ -64,27 +64,24 @@ def _grid(text: str) -> list[float] | str:
     return values
 
 
+def _checked(convert, ok, what: str):
+    """An argparse type: ``convert(text)`` that must satisfy ``ok``, else one line naming ``what``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_gamma = _checked(float, lambda v: 0.0 <= v <= 1.0, "gamma in [0, 1]")
+_positive = _checked(int, lambda v: v >= 1, "a positive integer")
+
+
 # --- parser --------------------------------------------------------------------------------------
-
-def _gamma(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"gamma must be in [0, 1], got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
 
 def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("--preset", choices=list_presets(), help="named preset (default: checkerboard)")
