@@ -8,9 +8,12 @@ Problems:
   as in ``benchmarks/quality_vs_cost.py``, trained once and cached): histogram KL against the exact
   density on 64000 samples at 1, 2, 4, 8, 16 steps.
 
-Every row is a training recipe run over several seeds *in this one process*, side by side: the library
-(``flowmaps.Trainer`` with the recipe's options, sampled with the EMA weights when the recipe keeps an
-EMA) and, as the reference row, ``plain``: a 40-line LMD loop written here (a plain MLP on
+Every row is a training recipe run over several seeds *in this one process*, side by side: ``library``
+is ``fm.fit`` with its own defaults (``FlowMap(MLP(2))``, ``LMD(interpolant, teacher)``, 512 per batch,
+sampled with the EMA it returns); ``fit-defaults`` is what ``fit`` did before this benchmark (no EMA,
+constant lr 1e-3, no clipping, MLP with 8 Fourier time frequencies); ``fit-defaults+key=value+…`` change
+one option at a time (``flowmaps.Trainer``, ``MLP`` and ``LMD`` options; sampled with the EMA weights when
+the recipe keeps an EMA); and, as the reference row, ``plain``: a 40-line LMD loop written here (a plain MLP on
 ``(x, s, t)``, ``torch.func.jvp``, Adam 1e-3, no EMA, nothing else). Reported per row: mean, min, max and
 max/min over seeds at each step count, the ratio of the mean 1-step error to the plain loop's, and the
 CPU seconds of training (``time.process_time``, one thread). The load average is recorded.
@@ -102,10 +105,18 @@ def plain_lmd(problem, steps, batch, seed):
 # fm.fit(FlowMap(MLP(2)), LMD(interp, teacher), data, steps=N, batch_size=512) did before this work.
 OLD_FIT = dict(model={}, objective={},
                train=dict(lr=1e-3, grad_clip=None, lr_decay_start=None, ema_decay=None))
-RECIPES: dict[str, dict] = {
-    "fit-defaults": OLD_FIT,
-    "library": dict(model={}, objective={}, train={}),  # fit's current defaults
-}
+RECIPES: dict[str, dict] = {"fit-defaults": OLD_FIT}
+
+
+def fit_defaults(problem, steps, batch, seed):
+    """The ``library`` row: ``fm.fit`` with its own defaults on ``FlowMap(MLP(d))`` and ``LMD``,
+    sampled with the EMA when fit keeps one (``.ema`` of its result)."""
+    torch.manual_seed(seed)
+    model = fm.FlowMap(fm.MLP(problem.dim, sigma_data=problem.sigma_data))
+    result = fm.fit(model, LMD(problem.interpolant, problem.teacher), problem.draw_fn, steps=steps,
+                    batch_size=batch, seed=seed)
+    ema = getattr(result, "ema", None)
+    return (ema if ema is not None else model).eval()
 
 
 def recipe(name: str) -> dict:
@@ -186,7 +197,7 @@ class Checkerboard:
         stem = RESULTS / "checkpoints" / f"checkerboard_teacher_{steps}"
         net = fm.FlowMap(fm.MLP(2, sigma_data=self.sigma_data))
         if stem.with_suffix(".json").exists():
-            groups, _ = load_checkpoint(stem)
+            groups, _ = load_checkpoint(stem, check=lambda where, meta: None)
             net.load_state_dict(groups["ema"])
         else:
             print(f"training the checkerboard teacher ({steps} steps) ...", flush=True)
@@ -241,12 +252,29 @@ def markdown(results: dict, problem, budgets) -> str:
                      + " | max/min (1) | / plain (1) | CPU s |")
         lines.append("|---|" + "---|" * (len(STEPS) + 3))
         for name, row in block["rows"].items():
+            if "summary" not in row:
+                continue
             s = row["summary"]
             cells = [f"{s[k]['mean']:.4f} [{s[k]['min']:.3f}–{s[k]['max']:.3f}]" for k in STEPS]
             ratio = (f"{s[1]['mean'] / plain['summary'][1]['mean']:.2f}" if plain else "–")
             lines.append(f"| {name} | " + " | ".join(cells)
                          + f" | {s[1]['spread']:.2f} | {ratio} | {s['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def write(stem: Path, meta: dict, results: dict, problem) -> str:
+    """Write ``stem.json`` and ``stem.md`` with every row so far; returns the table."""
+    meta = dict(meta, load_average_end=os.getloadavg())
+    budgets = [int(k) for k in results]
+    table = markdown({k: dict(v, plain=v["rows"].get("plain")) for k, v in results.items()},
+                     problem, budgets)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    command = " ".join(["benchmarks/quality_per_budget.py"] + [repr(a) if "," in a or "+" in a else a
+                                                               for a in meta["argv"]])
+    stem.with_suffix(".md").write_text(f"`{command}`\n\nload average {meta['load_average_start']} → "
+                                       f"{meta['load_average_end']}\n{table}")
+    return table
 
 
 def main(argv=None) -> int:
@@ -256,7 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--recipes", default="plain,fit-defaults,library",
-                   help="comma-separated: plain, a named recipe, or base+section.key=value+...")
+                   help="comma-separated: plain, a named recipe, or base+section.key=value+..., each "
+                        "optionally as label:recipe (the label names the row)")
     p.add_argument("--name", default=None, help="results file stem (default: <problem>)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -268,13 +297,18 @@ def main(argv=None) -> int:
     meta = {"problem": args.problem, "batch": args.batch, "seeds": seeds, "threads": args.threads,
             "load_average_start": os.getloadavg(), "argv": sys.argv[1:]}
     results: dict = {}
+    stem = RESULTS / (args.name or args.problem)
     for steps in budgets:
         block = results.setdefault(str(steps), {"batch": args.batch, "rows": {}})
         for seed in seeds:          # seeds outermost: every recipe sees the same load drift
-            for name in names:
+            for item in names:
+                label, _, name = item.rpartition(":")
+                label = label or name
                 start = time.process_time()
                 if name == "plain":
                     model = plain_lmd(problem, steps, args.batch, seed)
+                elif name == "library":
+                    model = fit_defaults(problem, steps, args.batch, seed)
                 else:
                     spec = recipe(name)
                     batch = spec.get("run", {}).get("batch", args.batch)
@@ -282,25 +316,13 @@ def main(argv=None) -> int:
                                         spec)
                 cpu = time.process_time() - start
                 sc = scores(problem, model)
-                row = block["rows"].setdefault(name, {"runs": []})
+                row = block["rows"].setdefault(label, {"recipe": name, "runs": []})
                 row["runs"].append({"seed": seed, "scores": sc, "cpu_s": cpu})
-                print(f"{steps} steps seed {seed} {name}: " + " ".join(
+                row["summary"] = summarise(row["runs"])
+                print(f"{steps} steps seed {seed} {label}: " + " ".join(
                     f"{k}:{v:.4f}" for k, v in sc.items()) + f" ({cpu:.0f} s CPU)", flush=True)
-        for name, row in block["rows"].items():
-            row["summary"] = summarise(row["runs"])
-        block["plain"] = block["rows"].get("plain")
-    meta["load_average_end"] = os.getloadavg()
-    table = markdown({k: dict(v, plain=v["rows"].get("plain")) for k, v in results.items()},
-                     problem, budgets)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / (args.name or args.problem)
-    for block in results.values():
-        block.pop("plain", None)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    stem.with_suffix(".md").write_text(f"`{' '.join(['benchmarks/quality_per_budget.py'] + sys.argv[1:])}`"
-                                       f"\n\nload average {meta['load_average_start']} → "
-                                       f"{meta['load_average_end']}\n{table}")
+                write(stem, meta, results, problem)  # after every run: a stopped run keeps its rows
+    print(write(stem, meta, results, problem))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 
