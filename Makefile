@@ -13,8 +13,9 @@ setup: $(STAMP)
 # libraries of the adapter tests. torchcfm and flow-matching declare torch (torchcfm also torchdyn and
 # torchvision), which would replace the pinned CPU torch: they go in with --no-deps, and what they import
 # (numpy, torch, torchdiffeq, POT, scipy) is there already. diffusers declares no torch, so it comes with
-# its own dependencies (huggingface-hub, requests, regex...; none of them torch).
-TEST_LIBS        := "pytest>=7.4" diffusers==0.42.1
+# its own dependencies (huggingface-hub, requests, regex...; none of them torch), as does tensorboard
+# (the train.logger=tensorboard tests).
+TEST_LIBS        := "pytest>=7.4" diffusers==0.42.1 "tensorboard>=2.10"
 TEST_LIBS_NODEPS := torchcfm==1.0.7 flow-matching==1.0.10
 
 $(STAMP): pyproject.toml Makefile

@@ -18,16 +18,17 @@ teacher = GaussianMixture(means=[[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]], stds=[0.
 
 model = fm.FlowMap(fm.MLP(dim=2, width=128, depth=3))   # X_{s,t}(x) = x + (t - s) v_{s,t}(x)
 objective = LMD(interpolant, teacher)                    # any callable b(x, t) works as a teacher
-history = fm.fit(model, objective, teacher.sample, steps=1500, batch_size=256, lr=2e-3,
-                 lr_decay_start=400, grad_clip=1.0, progress=True)
+result = fm.fit(model, objective, teacher.sample, steps=1500, batch_size=256, lr=2e-3,
+                lr_decay_start=400, grad_clip=1.0, progress=True)
+flow_map = result.ema                                    # the EMA of the weights: the better sampler
 
 x0 = interpolant.sample_base(torch.empty(4000, 2))       # base samples, N(0, I)
 exact = teacher.flow(x0.double(), 0.0, 1.0)               # exact map by RK4
-print(f"final loss {history[-1]:.4f}")
+print(f"final loss {result[-1]:.4f}")
 print("steps | flow-map error | Euler error (exact velocity)")
 with torch.no_grad():
     for k in (1, 2, 4):
-        x1 = model.sample(x0, steps=k)
+        x1 = flow_map.sample(x0, steps=k)
         euler = fm.solve_ode(teacher.velocity, x0.double(), "euler", steps=k).x
         err = (x1.double() - exact).norm(dim=1).mean()
         err_euler = (euler - exact).norm(dim=1).mean()

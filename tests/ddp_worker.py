@@ -43,20 +43,25 @@ CASES = {
 TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
 
 
-def build(case: str):
-    """``(model, objective, data)`` of a case, identical on every process (float64)."""
-    overrides, _ = CASES[case]
-    cfg = load_config("gmm", None, ["model.width=16", "model.depth=2", "data.n_train=512",
-                                    "data.n_eval=64", "teacher.exact=true", *overrides])
+def gmm_problem(overrides=(), n_train: int = 512, n_eval: int = 64, init_seed: int = 0):
+    """``(model, objective, data)``: a width-16 map on the gmm preset with its exact teacher, the
+    objective and options ``overrides`` give (shared by the trainer tests)."""
+    cfg = load_config("gmm", None, ["model.width=16", "model.depth=2", f"data.n_train={n_train}",
+                                    f"data.n_eval={n_eval}", "teacher.exact=true", *overrides])
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     interpolant = ex.build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
     teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
-    torch.manual_seed(0)
-    model = ex.build_model(cfg, scales).double()
-    objective = ex.build_objective(cfg, interpolant, teacher)
-    return model, objective, bundle.train.double()
+    torch.manual_seed(init_seed)
+    model = ex.build_model(cfg, scales)
+    return model, ex.build_objective(cfg, interpolant, teacher), bundle.train
+
+
+def build(case: str):
+    """``(model, objective, data)`` of a case, identical on every process (float64)."""
+    model, objective, data = gmm_problem(CASES[case][0])
+    return model.double(), objective, data.double()
 
 
 def flat_parameters(model, objective=None) -> torch.Tensor:

@@ -82,10 +82,19 @@ def test_sample_writes_npy_and_png_for_each_step_count(chain, tmp_path):
         assert x.shape == (300, 2) and np.isfinite(x).all()
     assert (out / "samples.png").stat().st_size > 1000
     assert "samples_steps4.npy" in r.stdout
-    # same seed -> same samples; the file exists now, so a rerun must be refused without --overwrite
+    # the file exists now, so a rerun must be refused without --overwrite, and leave it as it was
+    first = np.load(out / "samples_steps1.npy")
     again = flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
-    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--overwrite"))
+    assert np.array_equal(np.load(out / "samples_steps1.npy"), first)
+    # same seed -> bit-identical samples; another seed -> other samples
+    (out / "samples_steps1.npy").unlink()
+    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--seed", "0"))
+    assert np.array_equal(np.load(out / "samples_steps1.npy"), first)
+    _ok(flowmaps("sample", chain / "lmd", "--steps", "1", "--n", "300", "--out", out, "--overwrite",
+                 "--seed", "1"))
+    other = np.load(out / "samples_steps1.npy")
+    assert other.shape == first.shape and np.abs(other - first).mean() > 0.1
     grid = _ok(flowmaps("sample", chain / "lmd", "--grid", "0,0.5,1", "--n", "50", "--out", out))
     assert "samples_grid.npy" in grid.stdout
 
@@ -106,6 +115,33 @@ def test_evaluate_writes_table_json_and_plots(chain, tmp_path):
     for png in ("samples_grid.png", "trajectories.png", "w2_vs_nfe.png", "map_error_vs_nfe.png"):
         assert (out / "plots" / png).stat().st_size > 1000
     assert "| LMD | flow map | 1 | 1 |" in r.stdout
+    # map_error against an independent computation: the base points of eval.seed, the exact map by
+    # torchdiffeq's dopri5 at tight tolerance (evaluate uses the mixture's own fixed-step RK4), the
+    # flow map and the teacher's Euler written out here, and the norm by NumPy.
+    from torchdiffeq import odeint
+
+    lmd, teacher = ex.load_model(chain / "lmd"), ex.load_model(chain / "teacher")
+    cfg = lmd.config
+    x0 = lmd.interpolant.sample_base(torch.empty(400, 2), torch.Generator().manual_seed(cfg.eval.seed))
+    gmm = ex._gmm_reference(cfg, lmd.interpolant)
+    exact = odeint(lambda t, x: gmm.velocity(x, t.expand(x.shape[0])), x0.double(),
+                   torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", rtol=1e-9,
+                   atol=1e-9)[-1].numpy()
+
+    def error(x):
+        return float(np.linalg.norm(x.double().numpy() - exact, axis=1).mean())
+
+    with torch.no_grad():
+        expected = {("flow map", k): error(lmd.model(x0, 0.0, 1.0) if k == 1 else
+                                           lmd.model.sample(x0, steps=k)) for k in (1, 2, 4)}
+        x = x0
+        for i in range(4):  # Euler, 4 steps of h = 1/4, on the teacher velocity
+            x = x + 0.25 * teacher.model.velocity(x, torch.full((400,), i / 4))
+        expected[("euler", 4)] = error(x)
+    got = {(row["sampler"], row["steps"]): row["map_error"] for row in rows}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert len({round(v, 3) for v in expected.values()}) == len(expected)  # distinct: a real check
 
 
 @pytest.mark.parametrize("args, message", [
@@ -124,6 +160,16 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flowmaps: error:") and message in lines[0], r.stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_list_keys_take_the_comma_form():
+    """``eval.steps=1,2,4`` is the list [1, 2, 4], as ``--steps 1,2,4`` is; every list key reads it."""
+    cfg = load_config("digits", overrides=["eval.steps=1,2,4", "eval.solvers=euler,rk4",
+                                           "model.channel_mults=1,2,2", "model.attention_resolutions=4,",
+                                           "train.steps=7"])
+    assert cfg.eval.steps == [1, 2, 4] and cfg.eval.solvers == ["euler", "rk4"]
+    assert cfg.model.channel_mults == [1, 2, 2] and cfg.model.attention_resolutions == [4]
+    assert load_config("gmm", overrides=["eval.steps=[1, 2]"]).eval.steps == [1, 2]  # YAML form too
 
 
 def test_existing_run_directory_is_never_clobbered(chain):
@@ -198,3 +244,40 @@ def test_bad_data_files_are_refused_with_one_line(tmp_path, content, message):
     r = flowmaps("train", "--preset", "file", f"data.path={path}", "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# A plain `pip install flowmaps` has no matplotlib and no POT (the eval extra): the entry point run
+# with both made unimportable, as they are in a fresh venv without extras.
+PLAIN = ("import sys; sys.modules.update(dict.fromkeys(['matplotlib', 'ot'], None)); "
+         "from flowmaps.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def plain(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", PLAIN, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_the_main_job_runs_without_the_eval_extra(tmp_path):
+    """train, distill, sample and export work (figures skipped with one warning naming the extra);
+    evaluate and demo stop at once with one line naming it, writing nothing."""
+    r = plain("train", "--preset", "gmm", "--out", tmp_path / "teacher", "--quiet", "train.steps=20",
+              *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("flowmaps: warning")]
+    assert len(warnings) == 1 and "matplotlib" in warnings[0] and "flowmaps[eval]" in warnings[0]
+    assert (tmp_path / "teacher" / "checkpoints" / "final.json").is_file()
+    assert not (tmp_path / "teacher" / "plots" / "loss.png").exists()
+    _ok(plain("distill", "--preset", "gmm", "--teacher", tmp_path / "teacher", "--out",
+              tmp_path / "lmd", "--quiet", "train.steps=20", *TINY))
+    r = _ok(plain("sample", tmp_path / "lmd", "--n", "50", "--steps", "1,2", "--out", tmp_path / "s"))
+    assert np.load(tmp_path / "s" / "samples_steps2.npy").shape == (50, 2)
+    assert "matplotlib" in r.stderr and not (tmp_path / "s" / "samples.png").exists()
+    _ok(plain("export", tmp_path / "lmd", tmp_path / "exported"))
+    for argv in (["evaluate", tmp_path / "lmd", "--out", tmp_path / "eval"],
+                 ["demo", "--out", tmp_path / "demo"]):
+        r = plain(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert "flowmaps[eval]" in lines[0] and "matplotlib" in lines[0] and "POT" in lines[0]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "demo").exists()

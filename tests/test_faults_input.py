@@ -167,6 +167,9 @@ def test_the_shared_runs_are_good(runs, capsys, tmp_path):
     (["train.lr=fast"], ["train.lr", "expected a number"]),
     (["data.standardize=maybe"], ["data.standardize", "true or false"]),
     (["eval.steps=4"], ["eval.steps", "expected a list"]),
+    (["eval.steps=1,0,4"], ["eval.steps", "positive integers"]),
+    (["eval.steps=1,two"], ["eval.steps", "positive integers"]),
+    (["eval.solvers=euler,rk45"], ["eval.solvers", "rk45"]),
     (["train=5"], ["train", "expected a mapping"]),
     (["train.steps=-5"], ["train.steps", "must be > 0", "-5"]),
     (["train.steps=0"], ["train.steps", "must be > 0"]),
@@ -247,6 +250,13 @@ def test_missing_preset(refused):
 ])
 def test_argument_errors_are_one_line(refused, argv, words):
     refused(argv, *words)
+
+
+@pytest.mark.parametrize("command, n", [("sample", "-3"), ("sample", "0"), ("sample", "many"),
+                                        ("evaluate", "-1")])
+def test_a_bad_sample_count_is_one_line(refused, runs, command, n):
+    """``flowmaps sample RUN --n -3`` (a real run): one line naming --n, nothing written."""
+    refused([command, runs.lmd2, "--n", n], "--n", n)
 
 
 # --- data -----------------------------------------------------------------------------------------

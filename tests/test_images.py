@@ -179,3 +179,39 @@ def test_class_conditional_digits_sample_with_a_label_and_guidance(tmp_path, cap
     assert main(["train", "--preset", "checkerboard", "--out", str(tmp_path / "v"),
                  "model.name=unet", "--quiet"]) == 2
     assert "needs image data" in capsys.readouterr().err
+
+
+def test_trajectories_sheet_has_one_line_per_sample():
+    """trajectories.png on the digits: each method's band shows one sample's path per line, from the
+    base to the data, even when the methods' paths differ in length (a 2-step map has 3 points, the
+    teacher's RK4 path 17); before, every band wrapped at the first method's length."""
+    from flowmaps.data.grids import make_grid, to_uint8
+    from flowmaps.runs.evaluate import trajectory_bands
+
+    def path(points: int, samples: int = 10) -> torch.Tensor:  # tile (j, i) is a flat grey level
+        level = torch.arange(points)[:, None] * 0.05 + torch.arange(samples)[None, :] * 0.003 - 0.9
+        return level[:, :, None, None, None].expand(points, samples, 1, 8, 8).clone()
+
+    paths = {"LMD": path(3), "teacher": path(17)}
+    tiles, nrow = trajectory_bands(paths, n=8)
+    assert nrow == {"LMD": 3, "teacher": 17}
+    for name, p in paths.items():
+        grid = make_grid(tiles[name], nrow[name], padding=1)
+        assert grid.shape[:2] == (8 * 9 + 1, p.shape[0] * 9 + 1)  # 8 lines, one path per line
+        for i in range(8):
+            for j in range(p.shape[0]):
+                assert grid[1 + 9 * i, 1 + 9 * j, 0] == to_uint8(p[j, i])[0, 0, 0], (name, i, j)
+
+
+def test_labelled_sheets_take_a_line_length_per_band(tmp_path):
+    from PIL import Image
+
+    from flowmaps.data.grids import save_labeled_grids
+
+    tiles = images(12)
+    one = save_labeled_grids({"a": tiles, "b": tiles}, tmp_path / "one.png", nrow=12, scale=1,
+                             gap=0)
+    per = save_labeled_grids({"a": tiles, "b": tiles}, tmp_path / "per.png", nrow={"a": 12, "b": 3},
+                             scale=1, gap=0)
+    with Image.open(one) as a, Image.open(per) as b:
+        assert a.height == 2 * 10 and b.height == 10 + 4 * 9 + 1  # band b: 4 lines of 3

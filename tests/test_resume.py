@@ -405,11 +405,23 @@ def test_grad_accum_must_divide_the_batch():
 
 
 def test_compile_option_trains_like_eager():
-    """train.compile: the compiled network (and fused JVP) gives the eager run's parameters."""
+    """train.compile: the compiled network (and fused JVP) gives the eager run's parameters, and it
+    really went through torch.compile: dynamo captured graphs for the compiled run and none for the
+    eager one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     eager, compiled = build("lmd"), build("lmd", compile=True)
     for _ in range(3):
         eager.step()
+    assert counters["stats"]["unique_graphs"] == 0 and compiled.model.net.compiled_jvp
+    assert compiled.model.net._compiled_call_impl is not None  # nn.Module.compile() was applied
+    assert eager.model.net._compiled_call_impl is None and not eager.model.net.compiled_jvp
+    for _ in range(3):
         compiled.step()
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["stats"]["calls_captured"] > 0
+    assert counters["frames"]["ok"] >= 1
     assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()  # checkpoints agree
     for a, b in zip(compiled.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -162,3 +162,40 @@ def test_non_finite_losses_are_skipped_then_stop(problem):
         fm.fit(model, Exploding(problem["interp"]), problem["gmm"].sample(100), steps=10,
                max_bad_steps=3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fit_returns_the_ema_model(problem):
+    """fit keeps the EMA of the weights (ema_decay 0.999 by default, as the CLI) and hands it back: the
+    result is still the loss list, with .ema (eval mode, no gradients) equal to an EMA computed here
+    step by step from the raw weights; the raw weights are the same with or without it."""
+    interp, gmm = problem["interp"], problem["gmm"]
+
+    def data(n, generator):
+        return gmm.sample(n, generator=generator)
+
+    def fresh():
+        torch.manual_seed(0)
+        return fm.FlowMap(fm.MLP(2, width=16, depth=2))
+
+    model = fresh()
+    result = fm.fit(model, LMD(interp, gmm), data, steps=12, batch_size=32, seed=4, ema_decay=0.9)
+    assert isinstance(result, list) and len(result) == 12 and all(isinstance(v, float) for v in result)
+    assert result.model is model and result.best is result.ema
+    assert not result.ema.training and not any(p.requires_grad for p in result.ema.parameters())
+    # the same run one step at a time, averaging by hand
+    torch.manual_seed(0)
+    again = fresh()
+    trainer = fm.Trainer(again, LMD(interp, gmm), data, batch_size=32, seed=4)
+    ema = [p.detach().clone() for p in again.parameters()]
+    for k in range(12):
+        trainer.step()
+        decay = min(0.9, (1 + k) / (10 + k))
+        ema = [e + (1 - decay) * (p.detach() - e) for e, p in zip(ema, again.parameters())]
+    for mine, theirs, raw in zip(ema, result.ema.parameters(), model.parameters()):
+        torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(theirs, raw)  # the EMA is not the raw weights
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+    without = fm.fit(fresh(), LMD(interp, gmm), data, steps=12, batch_size=32, seed=4, ema_decay=None)
+    assert without.ema is None and without.best is without.model
+    assert all(torch.equal(a, b) for a, b in zip(without.model.parameters(), model.parameters()))
+    assert list(without) == list(result)

@@ -18,6 +18,13 @@ file format only: whether ``config`` is a valid resolved config is checked by th
 config schema (:func:`flowmaps.runs.experiment.check_model_checkpoint` passes that check to
 :func:`check_model_metadata`), so the format depends on no layer above it.
 
+Exported models. ``flowmaps export`` writes a folder with ``model.safetensors`` (one set of weights: the
+EMA, or the raw weights; no optimiser, RNG or training state) and ``config.json`` (format
+``"flowmaps-model"``, integer ``format_version``, library version, SHA-256 of the weights, and what
+:meth:`flowmaps.FlowMap.from_pretrained` needs to rebuild the map: network class and constructor
+options, interpolant, scales, standardiser, training domain). It follows the same compatibility rule
+and the same safety checks (:func:`save_model_folder`, :func:`load_model_folder`).
+
 Safety. Loading never executes code from a file: weights are parsed by safetensors (a JSON header plus
 raw tensor bytes) and metadata by :func:`json.loads`; ``pickle``/``torch.load`` are never used. A pickle
 or a ``torch.save`` zip offered as a checkpoint (``.pt``, ``.pth``, ``.ckpt``, or renamed
@@ -41,8 +48,10 @@ from ._version import __version__
 FORMAT = "flowmaps-checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_model_metadata", "read_safetensors",
-           "CheckpointError", "checkpoint_stem", "checkpoint_files", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_model_metadata", "check_scales",
+           "check_standardizer", "read_safetensors", "CheckpointError", "checkpoint_stem",
+           "checkpoint_files", "FORMAT", "FORMAT_VERSION", "save_model_folder", "load_model_folder",
+           "model_folder", "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
 
 
 class CheckpointError(ValueError):
@@ -175,7 +184,16 @@ def check_model_metadata(where: Path, meta: dict, check_config=None) -> None:
         raise CheckpointError(f"{where}: 'config' is missing or not a mapping")
     if check_config is not None:
         check_config(where, meta["config"])
-    scales = meta.get("scales")
+    dim = check_scales(where, meta.get("scales"))
+    check_standardizer(where, meta.get("standardizer"), dim)
+    step = meta.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+
+
+def check_scales(where: Path, scales) -> int:
+    """The ``scales`` mapping of a model (``dim``, ``sigma0``, ``sigma_data``, optional ``shape`` and
+    ``num_classes``); returns ``dim``."""
     if not isinstance(scales, dict):
         raise CheckpointError(f"{where}: 'scales' is missing or not a mapping")
     dim = scales.get("dim")
@@ -193,7 +211,11 @@ def check_model_metadata(where: Path, meta: dict, check_config=None) -> None:
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
         raise CheckpointError(f"{where}: scales.num_classes must be a non-negative integer, "
                               f"got {classes!r}")
-    std = meta.get("standardizer")
+    return dim
+
+
+def check_standardizer(where: Path, std, dim: int) -> None:
+    """``null`` or ``{"mean": [dim numbers], "std": [dim positive numbers]}``."""
     if std is not None:
         ok = isinstance(std, dict) and all(
             isinstance(std.get(k), list) and len(std[k]) == dim and all(_is_number(v) for v in std[k])
@@ -201,9 +223,6 @@ def check_model_metadata(where: Path, meta: dict, check_config=None) -> None:
         if not ok or not all(v > 0 for v in std["std"]):
             raise CheckpointError(f"{where}: 'standardizer' must be null or hold {dim} finite means and "
                                   "positive stds")
-    step = meta.get("step", 0)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
 
 
 def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, Tensor]], dict]:
@@ -229,39 +248,54 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
         raise CheckpointError(f"checkpoint file not found: {meta_path}")
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint file not found: {weights_path}")
-    raw_meta = meta_path.read_bytes()
-    try:
-        metadata = json.loads(raw_meta.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        kind = _sniff(raw_meta[:16], raw_meta[-16:])
-        what = f"{kind}, not JSON" if kind else "not valid JSON (truncated or corrupted)"
-        raise CheckpointError(f"{meta_path}: {what}; refusing to load it") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: not a flowmaps checkpoint (no \"format\": \"{FORMAT}\")")
-    version = metadata.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"{meta_path}: format_version must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
-        writer = metadata.get("library_version")
-        hint = "; upgrade flowmaps to read it" if version > FORMAT_VERSION else ""
-        raise CheckpointError(f"{meta_path}: checkpoint format {version} (written by flowmaps "
-                              f"{writer}) is not supported by this library (reads format "
-                              f"{FORMAT_VERSION}){hint}")
+    metadata = _read_metadata(meta_path, FORMAT, FORMAT_VERSION, "checkpoint")
     (check or check_model_metadata)(meta_path, metadata)
-    raw = weights_path.read_bytes()
-    _check_safetensors_layout(raw, weights_path)
-    digest = metadata.get("weights_sha256")
-    if digest is not None and digest != hashlib.sha256(raw).hexdigest():
-        raise CheckpointError(f"{weights_path}: checksum does not match {meta_path.name} (corrupted, "
-                              "or the two files come from different checkpoints)")
+    flat = _read_weights(weights_path, metadata.get("weights_sha256"), meta_path.name)
     groups: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in _parse_safetensors(raw, weights_path).items():
+    for key, tensor in flat.items():
         group, _, name = key.partition(".")
         groups.setdefault(group, {})[name] = tensor
     missing = set(metadata["groups"]) - set(groups)
     if missing:
         raise CheckpointError(f"{weights_path}: missing weight groups {sorted(missing)}")
     return groups, metadata
+
+
+def _read_metadata(meta_path: Path, fmt: str, version_read: int, what: str) -> dict:
+    """The JSON of a ``fmt`` file, after the compatibility rule of the module docstring: parsed with
+    :func:`json.loads` only (a pickle is named, never opened), ``format`` and an integer
+    ``format_version`` this library reads."""
+    raw_meta = meta_path.read_bytes()
+    try:
+        metadata = json.loads(raw_meta.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        kind = _sniff(raw_meta[:16], raw_meta[-16:])
+        text = f"{kind}, not JSON" if kind else "not valid JSON (truncated or corrupted)"
+        raise CheckpointError(f"{meta_path}: {text}; refusing to load it") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != fmt:
+        raise CheckpointError(f"{meta_path}: not a flowmaps {what} (no \"format\": \"{fmt}\")")
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{meta_path}: format_version must be an integer, got {version!r}")
+    if version != version_read:
+        writer = metadata.get("library_version")
+        hint = "; upgrade flowmaps to read it" if version > version_read else ""
+        raise CheckpointError(f"{meta_path}: {what} format {version} (written by flowmaps "
+                              f"{writer}) is not supported by this library (reads format "
+                              f"{version_read}){hint}")
+    return metadata
+
+
+def _read_weights(weights_path: Path, digest: str | None, meta_name: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file: its layout checked first (pickles and zips are named and
+    refused unread), then the SHA-256 recorded beside it (when given), then every floating-point
+    tensor's finiteness."""
+    raw = weights_path.read_bytes()
+    _check_safetensors_layout(raw, weights_path)
+    if digest is not None and digest != hashlib.sha256(raw).hexdigest():
+        raise CheckpointError(f"{weights_path}: checksum does not match {meta_name} (corrupted, "
+                              "or the two files come from different checkpoints)")
+    return _parse_safetensors(raw, weights_path)
 
 
 def _check_safetensors_layout(raw: bytes, path: Path) -> None:
@@ -304,3 +338,71 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     raw = path.read_bytes()
     _check_safetensors_layout(raw, path)
     return _parse_safetensors(raw, path)
+
+
+# --- exported models: a folder with model.safetensors and config.json ---------------------------
+
+MODEL_FORMAT = "flowmaps-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_WEIGHTS, MODEL_CONFIG = "model.safetensors", "config.json"
+
+
+def model_folder(path: str | Path) -> Path | None:
+    """The exported-model folder ``path`` names (the folder, or its ``config.json`` or
+    ``model.safetensors``), or ``None`` when it is something else (a run directory, a checkpoint)."""
+    path = Path(path)
+    if path.name in (MODEL_WEIGHTS, MODEL_CONFIG) and path.parent.is_dir():
+        return path.parent
+    if path.is_dir() and ((path / MODEL_CONFIG).exists() or (path / MODEL_WEIGHTS).exists()):
+        return path
+    return None
+
+
+def save_model_folder(directory: str | Path, tensors: dict[str, Tensor], config: dict,
+                      overwrite: bool = False) -> Path:
+    """Write an exported model: ``model.safetensors`` (``tensors``) then ``config.json`` (``config``
+    with the format, its version, the library version and the SHA-256 of the weights), each atomically;
+    the JSON last, so it marks a complete export. A folder that holds other files is refused unless
+    ``overwrite`` (which replaces these two files and leaves the rest)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory")
+    parent = next((p for p in directory.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CheckpointError(f"{directory}: {parent} is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(f"{directory}: already holds files; choose a new folder or overwrite "
+                              "(--overwrite)")
+    blob = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+    meta = dict(config, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
+                library_version=__version__, weights_sha256=hashlib.sha256(blob).hexdigest())
+    text = json.dumps(meta, indent=2, default=_json_default).encode()
+    _atomic_write(directory / MODEL_WEIGHTS, lambda h: h.write(blob))
+    _atomic_write(directory / MODEL_CONFIG, lambda h: h.write(text))
+    return directory
+
+
+def load_model_folder(directory: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Read an exported model folder; returns ``(tensors, config)``. The JSON is read under the
+    compatibility rule (format ``flowmaps-model``, version :data:`MODEL_FORMAT_VERSION`), the weights as
+    checkpoints' are (safetensors only, checksum required, finite); what the config describes is
+    checked by :meth:`flowmaps.FlowMap.from_pretrained`. Raises :class:`CheckpointError`."""
+    directory = Path(directory)
+    config_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
+    if not directory.is_dir():
+        raise CheckpointError(f"exported model not found: {directory} (a folder with {MODEL_WEIGHTS} "
+                              f"and {MODEL_CONFIG}, made by `flowmaps export`)")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            kind = _sniff(*_head_tail(weights_path)) if weights_path.is_file() else None
+            if kind is not None:
+                raise CheckpointError(f"{weights_path}: {kind}, not safetensors; refusing to load it")
+            raise CheckpointError(f"{directory}: {path.name} not found (an exported model is "
+                                  f"{MODEL_WEIGHTS} + {MODEL_CONFIG}, made by `flowmaps export`)")
+    config = _read_metadata(config_path, MODEL_FORMAT, MODEL_FORMAT_VERSION, "exported model")
+    digest = config.get("weights_sha256")
+    if not isinstance(digest, str):
+        raise CheckpointError(f"{config_path}: 'weights_sha256' is missing (every export records it)")
+    return _read_weights(weights_path, digest, config_path.name), config

@@ -19,10 +19,22 @@ through both is plain autograd, which is much cheaper than reverse-over-``torch.
 (:meth:`FlowMap.v_jvps`). :class:`~flowmaps.nets.mlp.MLP` implements both. Any other network goes through
 ``torch.func.jvp``, as does every network when ``fused_jvp=False``; the two paths give the same values
 and parameter gradients.
+
+Saving and loading (:meth:`FlowMap.save_pretrained`, :meth:`FlowMap.from_pretrained`). A trained map is
+a folder with ``model.safetensors`` and ``config.json`` (:mod:`flowmaps.checkpoint`): the network is
+rebuilt from its class name and the constructor arguments it was made with, which a network class
+records by being registered with :func:`register_network` (the built-in MLP and U-Net are). With the map
+come what sampling it needs: the interpolant (its base ``N(0, σ0²)``), the sample shape, the number of
+classes and the standardiser back to data units.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -30,9 +42,48 @@ from torch import Tensor, nn
 from torch.func import jvp as _func_jvp
 
 from ._tensor import batch_times, expand_as_data
+from .checkpoint import (CheckpointError, check_scales, check_standardizer, load_model_folder,
+                         save_model_folder)
+from .interpolants import Interpolant, make_interpolant
 from .solvers import uniform_grid
+from .standardizer import Standardizer
 
-__all__ = ["FlowMap", "renoise"]
+__all__ = ["FlowMap", "register_network", "NETWORKS", "renoise"]
+
+NETWORKS: dict[str, type[nn.Module]] = {}
+DOMAINS = (None, "triangle", "square", "diagonal")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def register_network(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: a network :meth:`FlowMap.save_pretrained` can write and
+    :meth:`FlowMap.from_pretrained` rebuild. Each instance records the arguments it was constructed
+    with (``network_options``, defaults filled in; tensors as lists), and the class is found again by
+    its name, so the options must be JSON values (numbers, strings, lists)."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recording_init(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        init(self, *args, **kwargs)
+        options = dict(bound.arguments)
+        options.pop(next(iter(signature.parameters)))  # self
+        self.network_options = _jsonable(options)
+
+    cls.__init__ = recording_init
+    NETWORKS[cls.__name__] = cls
+    return cls
 
 
 def renoise(x: Tensor, u: float | Tensor, t: float | Tensor, interpolant,
@@ -82,6 +133,13 @@ class FlowMap(nn.Module):
         # Where (s, t) was trained: None (unknown), "triangle" (forward jumps s ≤ t only), "square"
         # (both directions) or "diagonal" (a velocity). Set by the trainer, saved in checkpoints.
         self.domain: str | None = None
+        # What sampling a loaded map needs (set by the loaders, saved by save_pretrained): the
+        # interpolant (base N(0, σ0²) of x0 = interpolant.sample_base(...)), the shape of one sample,
+        # the number of classes (labels 0..K-1, K = unconditional) and the standardiser of the data.
+        self.interpolant: Interpolant | None = None
+        self.sample_shape: tuple[int, ...] | None = None
+        self.num_classes: int = 0
+        self.standardizer: Standardizer | None = None
 
     # --- evaluation -----------------------------------------------------------------------------
     def v(self, x: Tensor, s: float | Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
@@ -235,8 +293,8 @@ class FlowMap(nn.Module):
         when the model was trained on both directions (``times="square"``). With ``return_path`` the
         result is ``(x, path)`` with ``path`` of shape ``(len(grid), B, ...)``.
 
-        γ-sampling (``gamma > 0``, forward grids; needs the ``interpolant`` and draws its noise from
-        ``generator``): every jump but the last goes further, to ``u = t_{i+1} + γ (1 − t_{i+1})``, and
+        γ-sampling (``gamma > 0``, forward grids; along ``interpolant``, default :attr:`interpolant`;
+        noise from ``generator``): every jump but the last goes further, to ``u = t_{i+1} + γ (1 − t_{i+1})``, and
         the point is re-noised back to ``t_{i+1}`` along the interpolant,
         ``x ← (β_{t_{i+1}}/β_u) x + √(α_{t_{i+1}}² − (β_{t_{i+1}} α_u/β_u)²) σ0 ξ`` with fresh
         ``ξ ~ N(0, I)``: if ``x`` has the law of ``I_u``, the result has the law of ``I_{t_{i+1}}``.
@@ -260,6 +318,7 @@ class FlowMap(nn.Module):
         gamma = float(gamma)
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        interpolant = interpolant if interpolant is not None else self.interpolant
         if gamma > 0.0 and (interpolant is None or backward):
             raise ValueError("γ-sampling needs the interpolant (interpolant=...) and a forward grid")
         x, path = x0, [x0]
@@ -281,6 +340,95 @@ class FlowMap(nn.Module):
             raise ValueError(f"this flow map was trained on {trained} only, so its backward map "
                              "X_(t,s) is untrained; train it on both directions (times='square') to "
                              "run it backward")
+
+    def to_data_units(self, x: Tensor) -> Tensor:
+        """Samples in data units: the inverse of the standardiser the map was trained with (identity
+        when it has none)."""
+        return self.standardizer.inverse(x) if self.standardizer is not None else x
+
+    # --- saving and loading ---------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, interpolant: Interpolant | None = None,
+                        overwrite: bool = False, extra: dict | None = None) -> Path:
+        """Write this map to ``directory``: ``model.safetensors`` (its weights) and ``config.json``
+        (network class and options, interpolant, scales, standardiser, training domain; ``extra``
+        adds provenance). ``interpolant`` defaults to :attr:`interpolant`. A folder holding files is
+        refused unless ``overwrite``. Reload with :meth:`from_pretrained` or :func:`flowmaps.load`."""
+        interpolant = interpolant if interpolant is not None else self.interpolant
+        name = type(self.net).__name__
+        if NETWORKS.get(name) is not type(self.net) or not hasattr(self.net, "network_options"):
+            raise ValueError(f"save_pretrained: {name} is not a registered network class (decorate "
+                             "it with flowmaps.flowmap.register_network)")
+        if interpolant is None or interpolant.name not in ("linear", "trigonometric"):
+            raise ValueError("save_pretrained: give the interpolant the map was trained with (linear "
+                             f"or trigonometric), got {interpolant!r}")
+        sigma0 = interpolant.config()["sigma0"]
+        shape = list(self.sample_shape) if self.sample_shape else None
+        if shape is None:
+            dim = getattr(self.net, "dim", None)
+            if dim is None:
+                raise ValueError("save_pretrained: set sample_shape (the shape of one sample)")
+            shape = [int(dim)]
+        options = self.net.network_options
+        config = {"network": {"class": name, "options": options},
+                  "flowmap": {"fused_jvp": self.fused_jvp, "jvp_fp32": self.jvp_fp32},
+                  "domain": self.domain,
+                  "interpolant": {"name": interpolant.name, "sigma0": sigma0},
+                  "scales": {"dim": math.prod(shape), "shape": shape, "sigma0": sigma0,
+                             "sigma_data": options.get("sigma_data", 1.0),
+                             "num_classes": int(self.num_classes or getattr(self.net, "num_classes", 0))},
+                  "standardizer": self.standardizer.to_dict() if self.standardizer else None}
+        config.update(extra or {})
+        try:
+            json.dumps(config)
+        except TypeError as err:
+            raise ValueError(f"save_pretrained: the network options are not JSON ({err})") from None
+        return save_model_folder(directory, self.state_dict(), config, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "FlowMap":
+        """A map saved by :meth:`save_pretrained` (or ``flowmaps export``), in eval mode on ``device``,
+        with its interpolant, sample shape, number of classes and standardiser. Bad or corrupted files
+        raise :class:`~flowmaps.checkpoint.CheckpointError` (one line); nothing is unpickled."""
+        tensors, config = load_model_folder(directory)
+        where = Path(directory) / "config.json"
+        network = config.get("network")
+        if not isinstance(network, dict) or not isinstance(network.get("options"), dict):
+            raise CheckpointError(f"{where}: 'network' must hold a class name and its options")
+        net_cls = NETWORKS.get(network.get("class"))
+        if net_cls is None:
+            raise CheckpointError(f"{where}: unknown network class {network.get('class')!r} (known: "
+                                  f"{', '.join(sorted(NETWORKS))}; a custom class must be registered "
+                                  "and imported first)")
+        dim = check_scales(where, config.get("scales"))
+        check_standardizer(where, config.get("standardizer"), dim)
+        spec = config.get("interpolant")
+        try:
+            interpolant = make_interpolant(spec["name"], torch.tensor(spec["sigma0"]))
+            if not bool((interpolant.sigma0 > 0).all()):
+                raise ValueError("sigma0 must be positive")
+            net = net_cls(**network["options"])
+            flags = config.get("flowmap") or {}
+            model = cls(net, fused_jvp=bool(flags.get("fused_jvp", True)),
+                        jvp_fp32=bool(flags.get("jvp_fp32", True)))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{where}: cannot rebuild the map ({str(err).splitlines()[0]})"[:300]) \
+                from None
+        if config.get("domain") not in DOMAINS:
+            raise CheckpointError(f"{where}: 'domain' must be one of {DOMAINS}, got "
+                                  f"{config.get('domain')!r}")
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError:
+            raise CheckpointError(f"{Path(directory) / 'model.safetensors'}: weights do not match the "
+                                  f"network in {where.name}") from None
+        scales = config["scales"]
+        model.domain = config.get("domain")
+        model.interpolant = interpolant
+        model.sample_shape = tuple(scales.get("shape") or [dim])
+        model.num_classes = scales.get("num_classes", 0)
+        std = config.get("standardizer")
+        model.standardizer = Standardizer.from_dict(std) if std else None
+        return model.to(device).eval()
 
     def inverse(self, x1: Tensor, steps: int = 1, cond: Tensor | None = None) -> Tensor:
         """The backward map, data → base, on a uniform decreasing grid of ``steps`` jumps. Refused when

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runs import extras
 from ..runs.config import load_config
 from ..runs.rundir import RunDirError
 from ..runs.training import run_training
@@ -18,6 +19,7 @@ DEMO_BUDGET = {  # steps per model; sized so `make demo` ends within 10 minutes 
 
 
 def cmd_demo(args) -> int:
+    extras.require("flowmaps demo", extras.EVAL_MODULES, extras.EVAL_EXTRA)  # it ends by evaluating
     root = Path(args.out)
     if root.exists() and any(root.iterdir()) and not args.overwrite:
         raise RunDirError(f"--out {root}: already holds files; choose a new directory or pass "

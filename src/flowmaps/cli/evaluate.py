@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..runs import extras
 from ..runs.config import ConfigError
 
 
@@ -16,9 +17,14 @@ def cmd_evaluate(args) -> int:
     checkpoints = [c for c in args.checkpoints if c not in overrides]
     if not checkpoints:
         raise ConfigError("evaluate: give at least one checkpoint")
+    extras.require("flowmaps evaluate", extras.EVAL_MODULES, extras.EVAL_EXTRA)
+    device = args.device
+    for item in [o for o in overrides if o.startswith("train.device=")]:  # the config key, as --device
+        device = device or item.split("=", 1)[1]
+        overrides.remove(item)
     from ..runs.evaluate import evaluate_runs  # loads matplotlib, which not every command needs
 
     evaluate_runs(checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
-                  False if args.no_dopri5 else None, overrides=overrides, grid=args.grid,
-                  gammas=args.gamma)
+                  False if args.no_dopri5 else None, overrides=overrides, device=device or "cpu",
+                  grid=args.grid, gammas=args.gamma)
     return 0

@@ -1,7 +1,7 @@
 """The ``flowmaps`` command: the parser of every command, and :func:`main`, which runs one and turns
 its errors into exit statuses. Each command's work is in its own module (:mod:`flowmaps.cli.train`,
-:mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.demo`,
-:mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
+:mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.export`,
+:mod:`~flowmaps.cli.demo`, :mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
 ``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
@@ -29,6 +29,7 @@ from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, shutdown
 from .demo import cmd_demo
 from .evaluate import cmd_evaluate
+from .export import cmd_export
 from .fid_stats import cmd_fid_stats
 from .presets import cmd_presets
 from .sample import cmd_sample
@@ -78,7 +79,7 @@ def _checked(convert, ok, what: str):
 
 
 _gamma = _checked(float, lambda v: 0.0 <= v <= 1.0, "gamma in [0, 1]")
-_positive = _checked(int, lambda v: v >= 1, "a positive integer")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub, fmt)
     _add_evaluate(sub, fmt)
     _add_tune_grid(sub, fmt)
+    _add_export(sub, fmt)
     _add_demo(sub, fmt)
     _add_fid_stats(sub, fmt)
     _add_presets(sub)
@@ -201,7 +203,9 @@ def _add_sample(sub, fmt) -> None:
                                    "(data units) and samples.png. Flow maps jump along a uniform grid "
                                    "(or --grid); velocity checkpoints use an ODE solver (--solver).")
     p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json) or a run directory")
-    p.add_argument("--n", type=int, default=10000, help="number of samples (default 10000)")
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=10000,
+                   help="number of samples (default 10000; under torchrun write --num-samples: "
+                   "torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps), or "
                    "'tuned': the run's grids made by `flowmaps tune-grid` for each of --steps")
@@ -219,6 +223,10 @@ def _add_sample(sub, fmt) -> None:
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu); under "
+                   "torchrun each rank samples its share (cuda: cuda:LOCAL_RANK), rank 0 writes")
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="base points per network "
+                   "pass (default 1000), the unit shared out under torchrun")
     p.set_defaults(func=cmd_sample)
 
 
@@ -236,7 +244,9 @@ def _add_evaluate(sub, fmt) -> None:
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
                    "first checkpoint was distilled from)")
     p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
-    p.add_argument("--n", type=int, help="number of samples (default: eval.n_samples)")
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int,
+                   help="number of samples (default: eval.n_samples; under torchrun write "
+                   "--num-samples)")
     p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
     p.add_argument("--grid", choices=["uniform", "tuned"], default="uniform", help="tuned: also "
                    "evaluate each flow map on its run's tuned grids (`flowmaps tune-grid`), rows "
@@ -245,6 +255,9 @@ def _add_evaluate(sub, fmt) -> None:
                    "(repeatable), rows 'gamma=G'")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu, or train.device=... given "
+                   "among the overrides); under torchrun the ranks share the sampling (eval.batch_size "
+                   "base points at a time) and rank 0 scores and writes")
     p.set_defaults(func=cmd_evaluate, overrides=[])
 
 
@@ -261,11 +274,25 @@ def _add_tune_grid(sub, fmt) -> None:
                                    "use them.")
     p.add_argument("run", help="run directory or checkpoint of a flow map")
     p.add_argument("--steps", type=_steps_list, default=[2, 4, 8], help="step counts (default 2,4,8)")
-    p.add_argument("--n", type=_positive, default=2048, help="base points to tune on (default 2048)")
+    p.add_argument("--n", type=_positive_int, default=2048, help="base points to tune on (default 2048)")
     p.add_argument("--seed", type=int, default=7, help="seed of the base points (default 7)")
-    p.add_argument("--iters", type=_positive, default=150, help="Adam iterations per grid (default 150)")
+    p.add_argument("--iters", type=_positive_int, default=150, help="Adam iterations per grid (default 150)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_tune_grid)
+def _add_export(sub, fmt) -> None:
+    p = sub.add_parser("export", help="write a run's trained map to a folder of its own (for "
+                       "flowmaps.load)", formatter_class=fmt,
+                       description="Write DIR/model.safetensors (the EMA weights, or the raw weights "
+                                   "with --raw-weights; no optimiser, RNG or training state) and "
+                                   "DIR/config.json (network, interpolant, scales, standardiser, "
+                                   "training domain, versions, SHA-256 of the weights). Load it with "
+                                   "flowmaps.load(DIR) or flowmaps.FlowMap.from_pretrained(DIR).")
+    p.add_argument("run", help="run directory or checkpoint (STEM, STEM.json)")
+    p.add_argument("dir", help="output folder; must be new or empty unless --overwrite")
+    p.add_argument("--raw-weights", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace model.safetensors and "
+                   "config.json in a folder that holds files (other files are kept)")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_demo(sub, fmt) -> None:
@@ -293,6 +320,8 @@ def _add_fid_stats(sub, fmt) -> None:
                                    "the mean/covariance of its features over the dataset; with "
                                    "eval.features=inception the Inception-v3 statistics (local weights "
                                    "in eval.inception_weights). Evaluate with eval.fid_stats=DIR.")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps for the classifier and the features "
+                   "(default: the config's train.device, cpu)")
     _add_run_options(p, resume=False)
     p.set_defaults(func=cmd_fid_stats)
 

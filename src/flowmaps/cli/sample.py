@@ -1,6 +1,11 @@
 """``flowmaps sample``: draw samples from a checkpoint at one or more step counts (flow maps) or with an
 ODE solver (velocities), write each set as ``samples_<label>.npy`` in data units and a ``samples.png``.
-Everything is checked before the first file is written."""
+Everything is checked before the first file is written.
+
+On ``--device``, ``--batch-size`` base points at a time. The base points come from ``--seed`` on the CPU,
+so they are the same on any device; under ``torchrun`` each rank draws its share of the batches and
+rank 0 gathers and writes them: the sample of a given index is the one-process run's, bit for bit
+(:func:`~flowmaps.train.distributed.map_sharded`)."""
 
 from __future__ import annotations
 
@@ -15,26 +20,38 @@ from ..data.points import load_array
 from ..objectives import GuidedVelocity
 from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
+from ..runs import extras
+from ..runs.devices import open_device
 from ..runs.grid_tuning import load_tuned_grids
 from ..runs.rundir import RunDirError, check_parents
 from ..solvers import solve_ode
+from ..train import distributed
 
 
 def cmd_sample(args) -> int:
-    from ..runs.plotting import plot_samples  # loads matplotlib, which not every command needs
-
-    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights)
+    device, dist = open_device(args.device)
+    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
     stem = checkpoint_stem(args.checkpoint)
     out = Path(args.out) if args.out else stem.parent.parent / "samples"
     jobs = _jobs(args, loaded)
     image = len(sample_shape(loaded.scales)) == 3
     data = _data_to_plot(args, loaded, image)
-    files = _output_files(out, [label for label, _ in jobs], args.overwrite)
-    shown = _draw(args, loaded, jobs, files)
+    files = _output_files(out, [label for label, _ in jobs], args.overwrite)  # every rank checks
+    distributed.barrier()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    shown = _draw(args, loaded, jobs, files, device, write=dist.is_main)
+    if not dist.is_main:
+        return 0
     if image:
         png = save_labeled_grids({k: v[:64].clamp(-1, 1) for k, v in shown.items()},
                                  out / "samples.png")
+    elif not extras.plots_available():  # a plain install: the samples are written, the figure not
+        extras.warn_no_plots(str(out / "samples.png"))
+        return 0
     else:
+        from ..runs.plotting import plot_samples
+
         png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
                            out / "samples.png", title=str(stem))
     print(f"wrote {png}")
@@ -105,12 +122,17 @@ def _output_files(out: Path, labels: list[str], overwrite: bool) -> list[Path]:
     clash = [str(f) for f in files if f.exists()]
     if clash and not overwrite:
         raise RunDirError(f"{clash[0]} already exists; choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     return files
 
 
-def _draw(args, loaded: Loaded, jobs, files: list[Path]) -> dict[str, torch.Tensor]:
-    """Run every job from the same base points (and labels) and save its samples in data units."""
+def _noise(seed: int, row: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed + 1) * 1_000_003 + row)
+
+
+def _draw(args, loaded: Loaded, jobs, files: list[Path], device,
+          write: bool = True) -> dict[str, torch.Tensor]:
+    """Run every job from the same base points (and labels), ``--batch-size`` at a time on ``device``
+    (this rank's share under torchrun, gathered), and save its samples in data units (``write``)."""
     g = torch.Generator().manual_seed(args.seed)
     x0 = loaded.interpolant.sample_base(torch.empty(args.n, *sample_shape(loaded.scales)), g)
     cond = None
@@ -120,9 +142,15 @@ def _draw(args, loaded: Loaded, jobs, files: list[Path]) -> dict[str, torch.Tens
     shown = {}
     with torch.no_grad():
         for (label, job), path in zip(jobs, files):
-            # γ-sampling's fresh noise: one stream per job, from the same seed (a rerun repeats it)
-            x = loaded.to_data_units(job(x0, cond, torch.Generator().manual_seed(args.seed + 1)))
-            np.save(path, x.numpy())
+            # γ-sampling's fresh noise: a stream per chunk, seeded by --seed and the chunk's first row,
+            # so a rerun repeats it however the rows are shared among processes
+            x = distributed.map_sharded(
+                lambda xc, cc, rows: job(xc.to(device), None if cc is None else cc.to(device),
+                                         _noise(args.seed, int(rows[0]), device)),
+                x0, cond, torch.arange(args.n), chunk=args.batch_size)
+            x = loaded.to_data_units(x)
             shown[label] = x
-            print(f"wrote {path} ({args.n} samples)")
+            if write:
+                np.save(path, x.numpy())
+                print(f"wrote {path} ({args.n} samples)")
     return shown

@@ -100,12 +100,13 @@ def _label_font(height: int):
 
 
 def save_labeled_grids(rows: dict[str, Tensor | np.ndarray], path: str | Path,
-                       nrow: int | None = None, scale: int | None = None, padding: int = 1,
-                       pad_value: float = 0.0, gap: int = 4) -> Path:
+                       nrow: int | dict[str, int] | None = None, scale: int | None = None,
+                       padding: int = 1, pad_value: float = 0.0, gap: int = 4) -> Path:
     """Stack one grid per entry of ``rows`` vertically, each with its key written to its left (e.g.
     ``{"fmm, 1 step": x1, "fmm, 4 steps": x4}`` for a method × step-count sheet), and write a PNG.
 
-    Each grid has ``nrow`` images per line (default: all of that entry's images in one line, up to 16).
+    Each grid has ``nrow`` images per line (default: all of that entry's images in one line, up to 16);
+    a mapping ``{key: nrow}`` sets it per entry (e.g. the length of each method's trajectories).
     ``scale`` (integer, nearest-neighbour) defaults to the smallest making the widest grid at least
     256 px wide and each band at least 48 px tall. Grey grids are drawn in RGB beside colour ones;
     ``gap`` pixels separate the bands. Labels use Pillow's default font. Returns the path."""
@@ -117,7 +118,8 @@ def save_labeled_grids(rows: dict[str, Tensor | np.ndarray], path: str | Path,
     grids = []
     for label, images in rows.items():
         n = 1 if np.ndim(images) == 3 else len(images)
-        grid = make_grid(images, nrow or min(max(n, 1), 16), padding, pad_value)
+        per_line = nrow.get(label) if isinstance(nrow, dict) else nrow
+        grid = make_grid(images, per_line or min(max(n, 1), 16), padding, pad_value)
         grids.append((str(label), np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid))
     if scale is None:
         widest = max(g.shape[1] for _, g in grids)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..flowmap import register_network
+
 __all__ = ["TimeFeatures", "MLP"]
 
 _ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "softplus": nn.Softplus}
@@ -149,6 +151,7 @@ def _compiled_forward_and_jvps():
     return _COMPILED["fn"]
 
 
+@register_network
 class MLP(nn.Module):
     """Two-time MLP ``v_θ(x, s, t)`` for vectors of any dimension.
 

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..flowmap import register_network
+
 __all__ = ["UNet", "unet_preset", "UNET_PRESETS"]
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -149,6 +151,7 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+@register_network
 class UNet(nn.Module):
     """Two-time U-Net ``v_θ(x, s, t[, cond])`` for images, conditioned on ``(s, t − s)``.
 

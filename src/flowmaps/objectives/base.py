@@ -34,12 +34,29 @@ class LossOutput:
     """``loss``: scalar to minimise; ``terms``: detached batch means of each term (for logging);
     ``stats``: diagnostics that are not part of the loss (e.g. ``jvp_norm``, the mean norm of the
     forward-mode tangent of JVP objectives); ``skipped``: set by the trainer when the update was
-    skipped (``"loss"`` or ``"gradient"`` was non-finite)."""
+    skipped (``"loss"`` or ``"gradient"`` was non-finite); ``grad_norm``: the gradient norm before
+    clipping, set by the trainer; ``finite``: under the trainer's device guard, the two flags (loss,
+    gradient finite) that decide on the device whether the update is made.
+
+    Terms and stats are 0-dim tensors on the device of the loss (plain floats are accepted too): they
+    stay there, so a training step needs no host read; :meth:`logged` reads them all at once."""
 
     loss: Tensor
-    terms: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor | float] = field(default_factory=dict)
+    stats: dict[str, Tensor | float] = field(default_factory=dict)
     skipped: str | None = None
+    grad_norm: Tensor | None = None
+    finite: Tensor | None = None
+
+    def logged(self) -> dict[str, float]:
+        """``{"loss": …, **terms, **stats}`` as Python floats, in one host transfer."""
+        names = ["loss", *self.terms, *self.stats]
+        values = [self.loss, *self.terms.values(), *self.stats.values()]
+        device = self.loss.device
+        stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) if isinstance(v, Tensor)
+                               else torch.tensor(float(v), dtype=torch.float64, device=device)
+                               for v in values])
+        return dict(zip(names, stacked.tolist()))
 
 
 class Objective:
@@ -84,9 +101,9 @@ class Objective:
         per_sample = sum(terms.values())
         return per_sample if self.weight is None else self.weight(s, t) * per_sample
 
-    def summarize(self, terms: dict[str, Tensor]) -> dict[str, float]:
-        """The logged value of each term (its batch mean)."""
-        return {k: v.detach().mean().item() for k, v in terms.items()}
+    def summarize(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The logged value of each term: its batch mean, a detached 0-dim tensor (no host read)."""
+        return {k: v.detach().mean() for k, v in terms.items()}
 
     def begin_step(self, model, step: int) -> None:
         """Called by the trainer before each optimisation step (stateful objectives override it)."""
@@ -101,7 +118,7 @@ class Objective:
         flat = value.detach().reshape(value.shape[0], -1).float()
         if not hasattr(self, "_stats"):
             self._stats = {}
-        self._stats[name] = flat.norm(dim=1).mean().item()
+        self._stats[name] = flat.norm(dim=1).mean()
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """Training state beyond the model (tensors, JSON metadata); stateless objectives have none."""
@@ -112,7 +129,7 @@ class Objective:
 
     def __call__(self, model, x1: Tensor, cond: Tensor | None = None,
                  generator: torch.Generator | None = None) -> LossOutput:
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Tensor] = {}
         self.generator = generator  # for draws inside terms (e.g. PSD's intermediate time)
         x0 = self.interpolant.sample_base(x1, generator)
         s, t = self.times(x1.shape[0], x1, generator)

@@ -253,7 +253,7 @@ class SelfDistillation(Objective):
         n_d, out = self._n_diag, {}
         for name, values in terms.items():
             part = values[:n_d] if name == "diagonal" else values[n_d:]
-            out[name] = part.detach().mean().item() if part.numel() else 0.0
+            out[name] = part.detach().mean() if part.numel() else values.new_zeros(())
         return out
 
     def config(self) -> dict:

@@ -5,6 +5,10 @@ assembles a run (data, model, teacher, objective) and saves and loads models; :m
 the run directory; :mod:`~flowmaps.runs.training` trains or distils into one (``flowmaps train``,
 ``distill``); :mod:`~flowmaps.runs.evaluation` measures quality versus cost (vectors and images, with the
 image reference statistics) and :mod:`~flowmaps.runs.evaluate` evaluates checkpoints into a run directory
-(``flowmaps evaluate``); :mod:`~flowmaps.runs.plotting` draws the figures.
+(``flowmaps evaluate``); :mod:`~flowmaps.runs.plotting` draws the figures. :mod:`~flowmaps.runs.export`
+loads any model path (:func:`flowmaps.load`) and exports a run's map (``flowmaps export``);
+:mod:`~flowmaps.runs.devices` opens ``--device`` / ``train.device`` and torchrun's process group;
+:mod:`~flowmaps.runs.extras` checks the optional extras; :mod:`~flowmaps.runs.tracking` writes the
+TensorBoard sink beside ``metrics.jsonl``.
 
 Nothing is imported here, so that reading a config does not load matplotlib."""

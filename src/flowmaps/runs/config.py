@@ -174,7 +174,9 @@ class TrainConfig:
     while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps.
     ``lr_schedule``: ``inverse_sqrt`` (after ``lr_decay_start``), ``constant``, ``cosine`` or ``linear``
     (decay to ``lr_final`` × ``lr`` at ``steps``), after a linear warm-up of ``warmup_steps``.
-    ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on."""
+    ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on.
+    ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
+    files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
     steps: int = 4000
     batch_size: int = 512
@@ -200,6 +202,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     device: str = "cpu"
     threads: int | None = None
+    logger: str = "jsonl"
 
 
 @dataclass
@@ -268,6 +271,7 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "radam"),
     "train.lr_schedule": ("inverse_sqrt", "constant", "cosine", "linear"),
     "train.precision": ("fp32", "bf16"),
+    "train.logger": ("jsonl", "tensorboard"),
 }
 POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
@@ -422,6 +426,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
     if annotation is list or origin is list:
+        if isinstance(value, str) and "," in value:  # the comma form, eval.steps=1,2,4
+            value = _comma_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return value
@@ -435,6 +441,20 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _comma_list(text: str) -> list:
+    """``"1,2,4"`` → ``[1, 2, 4]``: each comma-separated item read as a YAML scalar (empty items, as
+    after a trailing comma, are dropped), so a list key takes the form ``--steps`` takes on the command
+    line."""
+    items = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                items.append(yaml.safe_load(item))
+            except yaml.YAMLError:
+                items.append(item.strip())
+    return items
 
 
 def _build(cls, data: Any, prefix: str = "") -> Any:

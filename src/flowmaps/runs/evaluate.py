@@ -1,6 +1,9 @@
 """Evaluate trained checkpoints against their teacher (``flowmaps evaluate``): load the flow maps and the
 teacher, draw shared base points, measure quality versus cost (:func:`flowmaps.runs.evaluation.evaluate`)
 and write ``table.md``, ``results.json`` and the plots into a run directory.
+
+On ``device`` (``--device``); under ``torchrun`` every rank loads the models and draws its share of the
+samples, and rank 0 builds the image reference, scores the gathered samples and writes the files.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch
 
 from ..data.grids import save_labeled_grids
 from ..objectives import GuidedVelocity
+from ..train import distributed
 from . import experiment as ex
 from .config import Config, ConfigError, _build, apply_overrides, to_dict
+from .devices import open_device
 from .evaluation import Evaluation, build_reference, evaluate, load_reference, markdown_table
 from .grid_tuning import load_tuned_grids
 from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
@@ -27,10 +32,14 @@ __all__ = ["evaluate_runs"]
 def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwrite: bool,
                   steps: list[int] | None, n: int | None, dopri5: bool | None,
                   names: list[str] | None = None, progress: bool = True,
-                  overrides: list[str] | None = None, grid: str = "uniform",
+                  overrides: list[str] | None = None, device: str = "cpu", grid: str = "uniform",
                   gammas: list[float] | None = None) -> dict:
-    """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``."""
-    loaded = [ex.load_model(c) for c in checkpoints]
+    """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``.
+    Under torchrun the ranks share the sampling; rank 0 returns the rows, the others none.
+    ``grid="tuned"`` adds rows on each run's tuned grids, ``gammas`` rows of γ-sampling."""
+    device, dist = open_device(device)
+    progress = progress and dist.is_main
+    loaded = [ex.load_model(c, device=device) for c in checkpoints]
     first = loaded[0]
     cfg = _with_eval_overrides(first.config, overrides)
     bundle = _shared_data(cfg, loaded, checkpoints)
@@ -45,12 +54,16 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         tuned = {label: load_tuned_grids(path, several) for label, path in zip(labels, paths)}
     spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
     if spec is None and cfg.teacher.factory:  # distilled from the user's own model: rebuild it
-        velocity, spec = ex.factory_teacher(cfg, bundle, first.scales), cfg.teacher.factory
+        velocity, spec = ex.factory_teacher(cfg, bundle, first.scales, device), cfg.teacher.factory
         teacher_name, teacher_model = f"teacher ({spec})", None
     else:
-        velocity, teacher_name, teacher_model = _teacher_velocity(cfg, spec, bundle, dim, velocity)
+        velocity, teacher_name, teacher_model = _teacher_velocity(cfg, spec, bundle, dim, velocity,
+                                                                  device)
     _check_classes(loaded, teacher_model, spec)
-    run = RunDir(out, overwrite)
+    run = RunDir(out, overwrite, create=False)  # every rank checks; rank 0 writes
+    distributed.barrier()
+    if dist.is_main:
+        run.create()
     e = cfg.eval
     steps = steps or e.steps
     n = n or e.n_samples
@@ -58,25 +71,28 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     x0 = first.interpolant.sample_base(torch.empty(n, *ex.sample_shape(first.scales)), g)
     cond = ex.class_labels(n, first.scales)
     exact_map = None
-    if bundle.reference is not None:
+    if bundle.reference is not None and dist.is_main:
         exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
     quality = None
-    if bundle.image:
-        reference = (load_reference(cfg, Path(e.fid_stats)) if e.fid_stats else
-                     build_reference(cfg, bundle, run.path / "reference", progress=progress))
+    if bundle.image and dist.is_main:
+        reference = (load_reference(cfg, Path(e.fid_stats), device) if e.fid_stats else
+                     build_reference(cfg, bundle, run.path / "reference", progress, device))
         quality = reference.quality
     result = evaluate(maps, velocity, x0, bundle.held_out, bundle.to_data_units, steps=steps,
                       solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
                       exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
                       energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
                       progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
-                      quality=quality, cond=cond, tuned_grids=tuned, gammas=gammas or (),
-                      interpolant=first.interpolant)
+                      quality=quality, cond=cond, device=device, chunk=e.batch_size,
+                      tuned_grids=tuned, gammas=gammas or (), interpolant=first.interpolant)
+    if not dist.is_main:
+        return {"rows": [], "table": "", "dir": run.path}
     table = markdown_table(result.rows)
     meta = {"checkpoints": checkpoints, "teacher": spec, "n_samples": n, "steps": steps,
             "grid": grid, "gammas": gammas or [],
             "data": cfg.data.name, "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "device": str(device), "processes": dist.world_size,
+            "chunk": e.batch_size}
     _write_results(run, table, meta, result)
     _plots(result, bundle, steps, run.plots, cfg, exact_map is not None)
     print(table)
@@ -126,7 +142,8 @@ def _split_models(loaded: list[ex.Loaded], names: list[str] | None) -> tuple[dic
     return maps, velocity
 
 
-def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim: int, velocity):
+def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim: int, velocity,
+                      device="cpu"):
     """``(velocity, name, loaded teacher or None)`` of the teacher ``spec`` ("exact", a checkpoint, or
     None: then the velocity checkpoint among those evaluated, if any). A teacher that is the config's
     own checkpoint is guided as it was for distillation (``teacher.guidance``)."""
@@ -136,7 +153,7 @@ def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim:
         return bundle.reference.velocity, "exact velocity", None
     if not spec:
         return velocity, "teacher", None
-    teacher = ex.load_model(spec)
+    teacher = ex.load_model(spec, device=device)
     guided = cfg.teacher.guidance != 1.0 and spec == cfg.teacher.checkpoint
     if teacher.scales["dim"] != dim:
         raise ConfigError(f"{spec}: teacher has dimension {teacher.scales['dim']}, the "
@@ -208,7 +225,14 @@ def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], fo
         elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
             rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
     save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
-    paths = {name: path[:, :8].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
-             for name, path in result.paths.items()}
-    save_labeled_grids(paths, folder / "trajectories.png",
-                       nrow=next(iter(result.paths.values())).shape[0])
+    tiles, nrow = trajectory_bands(result.paths)
+    save_labeled_grids(tiles, folder / "trajectories.png", nrow=nrow)
+
+
+def trajectory_bands(paths: dict[str, torch.Tensor], n: int = 8) -> tuple[dict, dict[str, int]]:
+    """``(tiles, nrow)`` of ``trajectories.png``: one band per method, one line per sample (the first
+    ``n``), base to data from left to right. Methods' paths differ in length (the teacher's RK4 path
+    has 17 points, a map's ``max(steps) + 1``), so each band has its own line length."""
+    tiles = {name: path[:, :n].transpose(0, 1).reshape(-1, *path.shape[2:]).clamp(-1, 1)
+             for name, path in paths.items()}
+    return tiles, {name: path.shape[0] for name, path in paths.items()}

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..flowmap import FlowMap
 from ..metrics.points import energy_distance, mean_map_error, wasserstein2
 from ..solvers import solve_ode
+from ..train import distributed
 from .config import Config, ConfigError
 
 __all__ = ["Row", "Evaluation", "evaluate", "markdown_table", "ImageReference", "build_reference",
@@ -76,13 +77,28 @@ class Evaluation:
     paths: dict[str, Tensor]
 
 
-def _timed(fn: Callable[[], Tensor], repeats: int = 2) -> tuple[Tensor, float]:
+def _sharded(sampler: Callable, x0: Tensor, cond: Tensor | None, chunk: int, device,
+             repeats: int = 2, rows: bool = False) -> tuple[Tensor, float, int]:
+    """``sampler(x0_chunk, cond_chunk) -> (x, nfe)`` over the chunks of this rank, gathered:
+    ``(samples on the CPU, best wall time of `repeats`, mean NFE per sample)``. With ``rows`` the
+    sampler also gets the chunk's row indices (``sampler(x, cond, rows)``)."""
     best, out = math.inf, None
+    index = torch.arange(x0.shape[0])
     for _ in range(repeats):
+        work = torch.zeros(2, dtype=torch.float64)  # sum of NFE x rows, rows
+
+        def one(xc: Tensor, cc: Tensor | None, rc: Tensor) -> Tensor:
+            args = (xc.to(device), None if cc is None else cc.to(device)) + ((rc,) if rows else ())
+            x, nfe = sampler(*args)
+            work.add_(torch.tensor([float(nfe) * xc.shape[0], float(xc.shape[0])],
+                                   dtype=torch.float64))
+            return x
+
         start = time.perf_counter()
-        out = fn()
+        out = distributed.map_sharded(one, x0, cond, index, chunk=chunk)
         best = min(best, time.perf_counter() - start)
-    return out, best
+    total, rows = distributed.all_reduce_sum(work).tolist()
+    return out, best, round(total / max(rows, 1.0))
 
 
 @torch.no_grad()
@@ -93,22 +109,29 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
              w2_samples: int = 2000, energy_samples: int = 4000, seed: int = 0,
              teacher_name: str = "teacher", progress: Callable[[str], None] | None = None,
              n_paths: int = 64, quality: Callable[[Tensor], dict] | None = None,
-             cond: Tensor | None = None, tuned_grids: dict[str, dict[int, Tensor]] | None = None,
-             gammas=(), interpolant=None) -> Evaluation:
+             cond: Tensor | None = None, device="cpu", chunk: int | None = None,
+             tuned_grids: dict[str, dict[int, Tensor]] | None = None, gammas=(),
+             interpolant=None) -> Evaluation:
     """Evaluate every flow map at every step count, and the teacher's solvers at the same NFE.
 
     ``x0``: base samples in model space (shared by all samplers); ``held_out``: data units;
     ``exact_map``: ``X_{0,1}(x0)`` in model space, when known. ``quality(x) -> {field: value}``
     replaces the vector metrics (W2, energy, KL) — images use it for the Fréchet distance and
     precision/recall. ``cond``: class labels of the base points (class-conditional models and
-    teachers get them).
+    teachers get them). Samples are drawn on ``device``, ``chunk`` base points at a time (default:
+    all at once), sharded under torchrun (module docstring); rank 0 alone scores them (the other
+    ranks return no rows).
     """
     rows: list[Row] = []
     samples: dict = {}
     paths: dict = {}
     scale = 10_000 / x0.shape[0]
+    chunk = chunk or x0.shape[0]
+    main = distributed.is_main()
 
     def score(method, sampler, k, nfe, x, seconds):
+        if not main:
+            return
         xd = to_data_units(x)
         samples[(method, sampler, k)] = xd
         if quality is not None:
@@ -116,7 +139,8 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
         else:
             g = torch.Generator().manual_seed(seed)
             metrics = dict(w2=wasserstein2(xd, held_out, max_samples=w2_samples, generator=g),
-                           energy=energy_distance(xd, held_out, max_samples=energy_samples),
+                           energy=energy_distance(xd, held_out, max_samples=energy_samples,
+                                                  generator=torch.Generator().manual_seed(seed)),
                            kl=kl(xd) if kl is not None else None)
         rows.append(Row(method=method, sampler=sampler, steps=k, nfe=nfe,
                         ms_per_10k=1e3 * seconds * scale,
@@ -126,42 +150,55 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
             progress(f"{method} {sampler} steps={k} nfe={nfe}")
 
     def sub(c, n):
-        return None if c is None else c[:n]
+        return None if c is None else c[:n].to(device)
 
+    def field(c):  # the teacher velocity for labels c (a chunk's)
+        return teacher if c is None else (lambda x, t: teacher(x, t, c))
+
+    def solved(solver, **options):
+        def run(xc, cc):
+            sol = solve_ode(field(cc), xc, solver, **options)
+            return sol.x, sol.nfe
+        return run
+
+    paths_x0 = x0[:n_paths].to(device)
     for name, model in flow_maps.items():
         model.eval()
         for k in steps:
-            x, seconds = _timed(lambda: model.sample(x0, steps=k, cond=cond))
-            score(name, "flow map", k, k, x, seconds)
+            x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, steps=k, cond=cc), k), x0,
+                                       cond, chunk, device)
+            score(name, "flow map", k, nfe, x, seconds)
         for k, grid in sorted((tuned_grids or {}).get(name, {}).items()):
-            x, seconds = _timed(lambda: model.sample(x0, grid=grid, cond=cond))
-            score(name, "tuned grid", k, k, x, seconds)
+            x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, grid=grid, cond=cc), k), x0,
+                                       cond, chunk, device)
+            score(name, "tuned grid", k, nfe, x, seconds)
         for gamma in gammas:
-            for k in steps:
-                if k < 2:
-                    continue  # one jump has no interior time to re-noise at
-                x, seconds = _timed(lambda: model.sample(
-                    x0, steps=k, cond=cond, gamma=gamma, interpolant=interpolant,
-                    generator=torch.Generator(device=x0.device).manual_seed(seed + 1)))
-                score(name, f"gamma={gamma:g}", k, k, x, seconds)
-        paths[name] = model.sample(x0[:n_paths], steps=max(steps), cond=sub(cond, n_paths),
-                                   return_path=True)[1]
+            for k in [k for k in steps if k > 1]:  # one jump has no interior time to re-noise at
+                # fresh noise per chunk, seeded by the evaluation seed and the chunk's first row
+                x, seconds, nfe = _sharded(lambda xc, cc, rows: (model.sample(
+                    xc, steps=k, cond=cc, gamma=gamma, interpolant=interpolant,
+                    generator=torch.Generator(device=xc.device).manual_seed(
+                        (seed + 1) * 1_000_003 + int(rows[0]))), k), x0, cond, chunk, device,
+                    rows=True)
+                score(name, f"gamma={gamma:g}", k, nfe, x, seconds)
+        if main:
+            paths[name] = model.sample(paths_x0, steps=max(steps), cond=sub(cond, n_paths),
+                                       return_path=True)[1].cpu()
     if teacher is not None:
-        field = teacher if cond is None else (lambda c: lambda x, t: teacher(x, t, c))
-        b = field if cond is None else field(cond)
         for k in steps:
             for solver in solvers:
                 per = {"euler": 1, "heun": 2, "rk4": 4}[solver]
                 if k % per:
                     continue
-                sol, seconds = _timed(lambda: solve_ode(b, x0, solver, steps=k // per))
-                score(teacher_name, solver, k // per, sol.nfe, sol.x, seconds)
+                x, seconds, nfe = _sharded(solved(solver, steps=k // per), x0, cond, chunk, device)
+                score(teacher_name, solver, k // per, nfe, x, seconds)
         if dopri5:
-            sol, seconds = _timed(lambda: solve_ode(b, x0, "dopri5", rtol=rtol, atol=rtol),
-                                  repeats=1)
-            score(teacher_name, "dopri5", None, sol.nfe, sol.x, seconds)
-        b_paths = field if cond is None else field(sub(cond, n_paths))
-        paths[teacher_name] = solve_ode(b_paths, x0[:n_paths], "rk4", steps=16, return_path=True).path
+            x, seconds, nfe = _sharded(solved("dopri5", rtol=rtol, atol=rtol), x0, cond, chunk,
+                                       device, repeats=1)
+            score(teacher_name, "dopri5", None, nfe, x, seconds)
+        if main:
+            paths[teacher_name] = solve_ode(field(sub(cond, n_paths)), paths_x0, "rk4", steps=16,
+                                            return_path=True).path.cpu()
     return Evaluation(rows, samples, paths)
 
 
@@ -239,7 +276,7 @@ def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, de
         return InceptionFeatures(e.inception_weights, device=device), {}
     files = reference_files(folder, "classifier")
     if bundle is None:
-        return ClassifierFeatures(load_feature_classifier(files["classifier"])), {}
+        return ClassifierFeatures(load_feature_classifier(files["classifier"]).to(device)), {}
     if bundle.labels is None:
         raise ConfigError(f"eval.features: {cfg.data.name} has no labels to train the feature "
                           "classifier; use eval.features=inception")
@@ -248,7 +285,7 @@ def _extractor(cfg: Config, folder: Path, bundle=None, progress: bool = True, de
               flush=True)
     model, accuracy = train_feature_classifier(
         bundle.train, bundle.labels, bundle.num_classes, steps=e.classifier_steps, seed=e.seed,
-        validation=(bundle.held_out, bundle.held_out_labels), progress=progress)
+        validation=(bundle.held_out, bundle.held_out_labels), progress=progress, device=device)
     save_feature_classifier(model, files["classifier"], {"data": cfg.data.name, "accuracy": accuracy,
                                                          "steps": e.classifier_steps})
     return ClassifierFeatures(model), {"classifier_accuracy": accuracy}
@@ -268,14 +305,16 @@ def _joined_batches(parts, batch_size: int):
         yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True) -> ImageReference:
-    """Train/load the extractor and write the dataset's reference statistics into ``folder``."""
+def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True,
+                    device="cpu") -> ImageReference:
+    """Train/load the extractor (on ``device``) and write the dataset's reference statistics into
+    ``folder``."""
     from ..metrics.features import compute_features
     from ..metrics.images import FeatureStats
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    extractor, info = _extractor(cfg, folder, bundle, progress)
+    extractor, info = _extractor(cfg, folder, bundle, progress, device)
     parts = (bundle.train, bundle.held_out)
     count = sum(len(part) for part in parts)
     feats = compute_features(extractor, _joined_batches(parts, cfg.eval.batch_size), n=count,
@@ -295,8 +334,9 @@ def build_reference(cfg: Config, bundle, folder: Path, progress: bool = True) ->
     return ImageReference(extractor, stats, sample, info, cfg.eval.seed)
 
 
-def load_reference(cfg: Config, folder: Path) -> ImageReference:
-    """Read a reference folder made by :func:`build_reference` (``flowmaps fid-stats``)."""
+def load_reference(cfg: Config, folder: Path, device="cpu") -> ImageReference:
+    """Read a reference folder made by :func:`build_reference` (``flowmaps fid-stats``); its feature
+    extractor runs on ``device``."""
     from ..metrics.images import FeatureStats
 
     files = reference_files(folder, cfg.eval.features)
@@ -308,7 +348,7 @@ def load_reference(cfg: Config, folder: Path) -> ImageReference:
     if info.get("data") != cfg.data.name:
         raise ConfigError(f"eval.fid_stats: {folder} holds statistics of {info.get('data')!r}, not "
                           f"{cfg.data.name!r}")
-    extractor, _ = _extractor(cfg, folder)
+    extractor, _ = _extractor(cfg, folder, device=device)
     stats = FeatureStats.load(files["stats"])
     if stats.fingerprint and stats.fingerprint != extractor.fingerprint:
         raise ConfigError(f"eval.fid_stats: {files['stats']} was computed with other feature weights")

@@ -373,7 +373,10 @@ def check_model_checkpoint(where: Path, meta: dict) -> None:
 
 
 def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
-    """Rebuild the FlowMap of a checkpoint (EMA weights when present and ``use_ema``)."""
+    """Rebuild the FlowMap of a checkpoint or run directory (EMA weights when present and ``use_ema``),
+    with its config, scales and standardiser; ``.model`` carries its interpolant, sample shape,
+    number of classes and standardiser (``.model.to_data_units``), as :func:`flowmaps.load` returns
+    it."""
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = _build(Config, meta["config"])
@@ -390,4 +393,8 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     model.to(device).eval()
     model.domain = meta.get("domain")  # where (s, t) was trained: inverse() refuses untrained directions
     std = Standardizer.from_dict(meta["standardizer"]) if meta.get("standardizer") else None
-    return Loaded(model, build_interpolant(cfg, scales), cfg, scales, std, meta)
+    interpolant = build_interpolant(cfg, scales)
+    # what sampling needs travels with the map (as FlowMap.from_pretrained sets it)
+    model.interpolant, model.standardizer = interpolant, std
+    model.sample_shape, model.num_classes = sample_shape(scales), scales.get("num_classes", 0)
+    return Loaded(model, interpolant, cfg, scales, std, meta)

@@ -23,7 +23,7 @@ class RunDir:
     which continues the run in it). Nothing is created before :meth:`create` (rank 0 only)."""
 
     ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "plots", "samples", "results.json",
-                 "table.md")
+                 "table.md", "tensorboard")
 
     def __init__(self, path: str | Path, overwrite: bool = False, create: bool = True,
                  resume: bool = False):

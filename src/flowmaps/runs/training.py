@@ -8,6 +8,7 @@ plots samples of the result. Under torchrun every rank runs all of it; rank 0 al
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -27,14 +28,16 @@ from ..train import distributed
 from ..train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
 from ..train.trainer import Trainer
 from . import experiment as ex
+from . import extras, tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
+from .devices import open_device
 from .rundir import RunDir, RunDirError, default_out
 
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
 
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.threads", "train.device", "train.max_bad_steps")
+                     "train.threads", "train.device", "train.max_bad_steps", "train.logger")
 
 
 class TrainingStopped(Exception):
@@ -55,17 +58,15 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     the run after the current step with a checkpoint and raise :class:`TrainingInterrupted` (``main``
     prints how to resume and exits 0); non-finite steps raise :class:`TrainingStopped` (exit 3).
     """
-    from . import plotting  # noqa: F401 (matplotlib draws the plots at the end: a missing one fails first)
-
     if resume:
         if out is None:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         cfg = _resume_config(Path(out), cfg)
     _check_objective(cfg, distill)
-    device = _setup_torch(cfg)
-    dist = distributed.init(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    tracking.check_logger(cfg.train.logger)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device, dist = open_device(cfg.train.device, "train.device")
     resumed = _resume_point(Path(out), dist.world_size) if resume else None
     parts = _assemble(cfg, distill, device)
     if resumed is not None and resumed[2]["step"] >= cfg.train.steps:
@@ -110,15 +111,6 @@ def _check_objective(cfg: Config, distill: bool) -> None:
     if not distill and teacher:
         what = "objective.source: teacher" if name in SELF_DISTILLATION else f"objective.name: {name}"
         raise ConfigError(f"{what} distils from a teacher; use `flowmaps distill`")
-
-
-def _setup_torch(cfg: Config) -> torch.device:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    return device
 
 
 def _resume_point(out: Path, world_size: int) -> tuple[Path, dict, dict]:
@@ -233,7 +225,14 @@ class TrainingRun:
                      else "")
             print(f"[{self.label}] {self.run.path}: {name} on {cfg.data.name}, {t.steps} steps, "
                   f"batch {t.batch_size}{world}", file=sys.stderr)
-        history, signal_name = self._run_steps(progress)
+        self.sink = tracking.open_sink(t.logger, self.run.path, self.trainer.step_count if resumed
+                                       else None) if self.main else None
+        try:
+            history, signal_name = self._run_steps(progress)
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
         if self.trainer.stopped:
             path = self.checkpoint()
             raise TrainingInterrupted(
@@ -260,8 +259,11 @@ class TrainingRun:
         t = self.cfg.train
         with StopOnSignal() as stop:
             try:
+                # Read the device every log_every steps, and at every checkpoint (the callback
+                # checkpoints the state of the step it is given: the last one read).
                 history = self.trainer.run(t.steps - self.trainer.step_count, progress=progress,
-                                           callback=self._after_step, should_stop=stop)
+                                           callback=self._after_step, should_stop=stop,
+                                           sync_every=math.gcd(t.log_every, t.checkpoint_every))
             except FloatingPointError as err:
                 kept = (latest_checkpoint(self.run.checkpoints, check=ex.check_model_checkpoint)
                         if self.main else None)
@@ -273,16 +275,24 @@ class TrainingRun:
         """The trainer's callback: log skipped and every ``log_every``-th step, checkpoint periodically."""
         t, trainer = self.cfg.train, self.trainer
         if self.main and out.skipped:
-            self.run.log({"step": step, "event": "skipped", "non_finite": out.skipped,
-                          "loss": out.loss.item(), **out.terms, "grad_norm": trainer.last_grad_norm})
+            values = out.logged()
+            terms = {k: values[k] for k in out.terms}
+            self.log({"step": step, "event": "skipped", "non_finite": out.skipped,
+                          "loss": values["loss"], **terms, "grad_norm": float(out.grad_norm)})
             print(f"flowmaps: warning: step {step}: non-finite {out.skipped}, update skipped "
-                  f"(terms {out.terms})", file=sys.stderr)
+                  f"(terms {terms})", file=sys.stderr)
         if self.main and (step % t.log_every == 0 or step == t.steps):
-            self.run.log({"step": step, "loss": out.loss.item(), **out.terms, **out.stats,
-                          "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.last_grad_norm,
+            self.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
+                          "grad_norm": float(out.grad_norm),
                           "seconds": round(time.perf_counter() - self.start, 3)})
         if step % t.checkpoint_every == 0 and step < t.steps:
             self.checkpoint()
+
+    def log(self, record: dict) -> None:
+        """A record for ``metrics.jsonl`` and the ``train.logger`` sink (rank 0)."""
+        self.run.log(record)
+        if getattr(self, "sink", None) is not None:
+            self.sink.log(record)
 
     def checkpoint(self, final: bool = False) -> Path | None:
         """Write ``final`` or the next rotated ``step-K`` (with the validation loss); every rank calls it."""
@@ -298,7 +308,7 @@ class TrainingRun:
                                                    cond=self.val_cond)
                 path = self.rotation.save(self.trainer.step_count,
                                           lambda stem, best: self._write_checkpoint(stem, best, state), val)
-                self.run.log({"step": self.trainer.step_count, "event": "checkpoint", "path": str(path),
+                self.log({"step": self.trainer.step_count, "event": "checkpoint", "path": str(path),
                               "validation_loss": val})
         distributed.barrier()
         return path
@@ -311,22 +321,28 @@ class TrainingRun:
     # --- after training ----------------------------------------------------------------------------
 
     def _plot(self, history: list[float], resumed: bool) -> None:
-        """``plots/loss.png`` and ``plots/samples.png`` (samples of the trained model beside data)."""
-        from .plotting import plot_loss, plot_samples
-
+        """``plots/loss.png`` and ``plots/samples.png`` (samples of the trained model beside data).
+        Without matplotlib (a plain install) the loss plot and vector sample plots are skipped with a
+        warning; image sheets need only Pillow."""
         cfg, bundle, name = self.cfg, self.parts.bundle, self.cfg.objective.name
         n_plot, shown = self._samples()
         if not self.main:
             return
-        plot_loss(history if not resumed else self.run.losses(), self.run.plots / "loss.png",
-                  title=f"{name} on {cfg.data.name}")
+        if not extras.plots_available():
+            extras.warn_no_plots("plots/loss.png" + ("" if bundle.image else " or plots/samples.png"))
+        else:
+            from .plotting import plot_loss, plot_samples
+
+            plot_loss(history if not resumed else self.run.losses(), self.run.plots / "loss.png",
+                      title=f"{name} on {cfg.data.name}")
+            if not bundle.image:
+                plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()},
+                             bundle.held_out, self.run.plots / "samples.png",
+                             title=f"{name} on {cfg.data.name}")
         if bundle.image:
             save_labeled_grids({"data": bundle.held_out[:n_plot],
                                 **{k: v.cpu().clamp(-1, 1) for k, v in shown.items()}},
                                self.run.plots / "samples.png")
-        else:
-            plot_samples({k: bundle.to_data_units(v.cpu()) for k, v in shown.items()},
-                         bundle.held_out, self.run.plots / "samples.png", title=f"{name} on {cfg.data.name}")
 
     def _samples(self) -> tuple[int, dict[str, Tensor]]:
         """Samples of the trained model (EMA weights when kept): RK4 for a velocity, 1, 2 and 4 steps for a

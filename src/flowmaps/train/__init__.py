@@ -3,7 +3,7 @@ shares), :mod:`~flowmaps.train.distributed` (torchrun, per-rank seeds, the DDP-w
 :mod:`~flowmaps.train.resume` (checkpoint rotation, newest-checkpoint discovery, graceful stop)."""
 
 from .resume import CheckpointRotation, StopOnSignal, latest_checkpoint
-from .trainer import Trainer, fit, inverse_sqrt_schedule
+from .trainer import FitResult, Trainer, fit, inverse_sqrt_schedule
 
-__all__ = ["Trainer", "fit", "inverse_sqrt_schedule", "CheckpointRotation", "latest_checkpoint",
+__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule", "CheckpointRotation", "latest_checkpoint",
            "StopOnSignal"]

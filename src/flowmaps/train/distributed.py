@@ -17,6 +17,13 @@ bare network happens inside one ``DDP.forward``), so the one ``backward`` of the
 DDP's hooks for every parameter, whether it was reached through the primal or through a tangent. The
 test ``tests/test_distributed.py`` runs two processes and asserts that the parameters are bit-identical
 across ranks after every step and equal a one-process run on the concatenated batch.
+
+**Sharded sampling and evaluation.** :func:`map_sharded` applies a function to fixed chunks of rows
+(``[0, c)``, ``[c, 2c)``, ...) of a batch every rank holds in full, each rank taking a contiguous share of
+the chunks, and gathers the results in order on every rank. The chunks are the same whatever the
+number of processes, so a sample of a given global index is computed from the same inputs in the same
+batch as in a one-process run: sharded results equal unsharded ones bit for bit
+(``tests/test_sharding.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init", "info", "rank_seed", "all_reduce_sum", "barrier", "is_main",
-           "shutdown", "broadcast_flag", "all_gather_bytes", "all_gather_rows"]
+           "shutdown", "broadcast_flag", "all_gather_bytes", "all_gather_rows", "shard_rows",
+           "map_sharded"]
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,16 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (in place; identity for one process)."""
+    """Sum a tensor over ranks (in place; identity for one process). A tensor on another device than
+    the backend moves (gloo: CPU, nccl: CUDA) goes there and back."""
     if info().enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        device = _comm_device()
+        if values.device == device:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        else:
+            moved = values.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            values.copy_(moved)
     return values
 
 
@@ -118,14 +133,52 @@ def all_gather_bytes(data: torch.Tensor) -> list[torch.Tensor]:
 
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank along dim 0 (gathered evaluation samples)."""
+    """Concatenate every rank's rows along dim 0, in rank order, on every rank (on the CPU); the
+    ranks may hold different numbers of rows (the other dimensions and the dtype agree)."""
     if not info().enabled:
         return x
     device = _comm_device()
-    x = x.to(device)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    x = x.to(device).contiguous()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=device))
+    counts = [int(c) for c in torch.cat(counts).cpu()]
+    most = max(counts)
+    if x.shape[0] < most:  # all_gather moves equal shapes: pad, then trim
+        x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    out = [torch.empty_like(x) for _ in counts]
     dist.all_gather(out, x)
-    return torch.cat(out).cpu()
+    return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu()
+
+
+def shard_rows(n: int, chunk: int, rank: int | None = None, world_size: int | None = None
+               ) -> tuple[int, int]:
+    """Rows ``[start, end)`` of rank ``rank``: a contiguous run of whole chunks of ``chunk`` rows (the
+    last chunk of the batch may be short), the ``ceil(n / chunk)`` chunks split as evenly as possible."""
+    here = info()
+    rank = here.rank if rank is None else rank
+    world_size = here.world_size if world_size is None else world_size
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    chunks = -(-n // chunk)
+    per, extra = divmod(chunks, world_size)
+    first = rank * per + min(rank, extra)
+    count = per + (rank < extra)
+    return min(first * chunk, n), min((first + count) * chunk, n)
+
+
+def map_sharded(fn, x: torch.Tensor, *others: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """``fn(x_chunk, *other_chunks)`` over the chunks of rows of ``x`` (``others`` sliced alike;
+    ``None`` passes through) that fall to this rank (:func:`shard_rows`), gathered in order on every
+    rank (on the CPU). One process: every chunk, the same result."""
+    start, end = shard_rows(x.shape[0], chunk)
+
+    def rows(i: int, j: int):
+        return [x[i:j]] + [None if o is None else o[i:j] for o in others]
+
+    outs = [fn(*rows(i, min(i + chunk, end))) for i in range(start, end, chunk)]
+    if not outs:  # a rank with no rows still joins the gather: an empty result of the right
+        outs = [fn(*rows(0, 1))[:0]]  # shape and dtype (networks refuse empty batches)
+    return all_gather_rows(torch.cat([o.detach().cpu() for o in outs]))
 
 
 def _comm_device() -> torch.device:

@@ -7,6 +7,16 @@ learning-rate schedule, update the EMA. All randomness of data, base samples and
 :meth:`Trainer.state_dict` captures it for an exact resume. Under ``torchrun`` the same step runs on
 every rank inside DistributedDataParallel (see :mod:`flowmaps.train.distributed` for the forward-mode pitfall
 and its fix); non-finite steps are skipped on every rank alike.
+
+Host reads. A step leaves its loss, terms, statistics and gradient norm on the device; :meth:`Trainer.run`
+reads them (one transfer) every ``sync_every`` steps, where the caller logs. On CUDA no step waits for
+the GPU: the optimiser is fused (``adam``/``adamw``) and skips a non-finite update on the device
+(``found_inf``), the EMA is one ``torch._foreach_lerp_`` weighted by the same flag, and the skipped steps
+are reported when the window is read (the *device guard*). Where no fused optimiser exists (``radam``,
+and the CPU, where foreach is used so that results stay bit-identical) the trainer reads one flag per
+step to skip the update (the *host guard*): on the CPU that read is not a device synchronisation.
+Both guards give the same results; a skipped step advances the step counter and the learning-rate
+schedule but leaves weights, optimiser state and EMA unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import contextlib
 import copy
 import inspect
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -25,10 +36,12 @@ from ..objectives.base import LossOutput, Objective
 
 DataSource = Tensor | ByteImages | Callable[..., Tensor]
 
-__all__ = ["Trainer", "fit", "inverse_sqrt_schedule", "learning_rate_schedule", "LR_SCHEDULES"]
+__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule", "learning_rate_schedule",
+           "LR_SCHEDULES"]
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+FUSED = ("adam", "adamw")  # torch implements these fused (one kernel, found_inf skips on the device)
 
 
 def inverse_sqrt_schedule(decay_start: int | None) -> Callable[[int], float]:
@@ -163,6 +176,8 @@ class Trainer:
             ``label_dropout`` a label is replaced by ``null_label`` (the unconditional label, for
             classifier-free guidance).
         augment: ``augment(x, generator) -> x`` applied to every drawn batch (e.g. horizontal flips).
+        fused: the fused optimiser kernel with the device guard (module docstring); ``None``
+            (default): on CUDA for ``adam``/``adamw``, else the multi-tensor (foreach) optimiser.
 
     Determinism: a run is a function of its seed; :meth:`state_dict` / :meth:`load_state_dict` capture
     everything that evolves (weights, EMA, optimiser and schedule, every rank's generator, the global
@@ -179,8 +194,9 @@ class Trainer:
                  labels: Tensor | None = None, label_dropout: float = 0.0,
                  null_label: int | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
-                 lr_schedule: str = "inverse_sqrt", warmup_steps: int = 0,
-                 total_steps: int | None = None, lr_final: float = 0.0, ema_warmup: bool = True):
+                 fused: bool | None = None, lr_schedule: str = "inverse_sqrt",
+                 warmup_steps: int = 0, total_steps: int | None = None, lr_final: float = 0.0,
+                 ema_warmup: bool = True):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -230,6 +246,8 @@ class Trainer:
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
         self.draw = _batch_sampler(data, self.generator, self.device)
+        if labels is not None:
+            labels = labels.to(self.device)  # indexed by the generator's draws without a host copy
         self.labels, self.label_dropout, self.null_label = labels, float(label_dropout), null_label
         self.augment = augment
         self.batch_size, self.grad_clip, self.grad_accum = batch_size, grad_clip, grad_accum
@@ -242,7 +260,17 @@ class Trainer:
             # Broadcasts rank 0's parameters and buffers, so every replica starts identical.
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = self.loss_fn = DistributedDataParallel(self.loss_fn, device_ids=ids)
-        self.optimizer = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
+        if fused is None:
+            fused = self.device.type == "cuda" and optimizer in FUSED
+        if fused and optimizer not in FUSED:
+            raise ValueError(f"fused: torch has no fused {optimizer}; use one of {FUSED}")
+        # foreach on the CPU gives the single-tensor loop's results bit for bit (adam, adamw; radam
+        # within round-off: torch's multi-tensor RAdam orders the rectified step's products otherwise)
+        kernel = {"fused": True} if fused else (
+            {"foreach": True} if self.device.type in ("cpu", "cuda") else {})
+        self.optimizer = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay, **kernel)
+        self._kernel = {"foreach": kernel.get("foreach"), "fused": kernel.get("fused")}
+        self.device_guard = bool(fused)
         schedule = learning_rate_schedule(lr_schedule, lr_decay_start, warmup_steps, total_steps,
                                           lr_final)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -251,9 +279,16 @@ class Trainer:
         if ema_decay is not None:
             self.ema = copy.deepcopy(model).eval()
             self.ema.requires_grad_(False)
+            self._ema_pairs = (list(self.ema.parameters()), [p.detach() for p in model.parameters()],
+                               list(self.ema.buffers()), list(model.buffers()))
         self.step_count = 0
         self.bad_steps, self.max_bad_steps = 0, max_bad_steps
-        self.last_grad_norm = float("nan")
+        self._grad_norm: Tensor | None = None
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The gradient norm (before clipping) of the last step, read from the device."""
+        return float("nan") if self._grad_norm is None else float(self._grad_norm)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -261,7 +296,12 @@ class Trainer:
 
     def step(self) -> LossOutput:
         """One optimisation step; returns the objective's output (loss and logged terms, averaged over
-        micro-batches and ranks)."""
+        micro-batches and ranks, still on the device).
+
+        With the host guard a non-finite step is reported at once (``out.skipped``; the limit of
+        ``max_bad_steps`` raises :class:`FloatingPointError` here); with the device guard it is skipped
+        on the device, ``out.finite`` holds its two flags (loss, gradient) and :meth:`settle` reports
+        it."""
         self.model.train()
         self.objective.begin_step(self.model, self.step_count)
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,16 +321,22 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.grad_clip if self.grad_clip is not None else float("inf")
         # Gradients are identical on every rank after DDP's all-reduce, so is their norm.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.last_grad_norm = float(grad_norm)
-        if not torch.isfinite(out.loss):
-            return self._skip(out, "loss")
-        if not math.isfinite(self.last_grad_norm):
-            return self._skip(out, "gradient")
-        self.optimizer.step()
+        out.grad_norm = self._grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).detach()
+        finite = torch.stack([torch.isfinite(out.loss.detach()), torch.isfinite(out.grad_norm)])
+        if self.device_guard:
+            out.finite = finite
+            keep = finite.all()
+            self.optimizer.found_inf = (~keep).float()  # the fused kernel skips a non-finite update
+            self.optimizer.step()
+            self._update_ema(keep)
+        else:
+            loss_ok, grad_ok = finite.tolist()  # the host guard's one read (a CPU tensor on the CPU)
+            if not (loss_ok and grad_ok):
+                return self._skip(out, "loss" if not loss_ok else "gradient")
+            self.optimizer.step()
+            self._update_ema()
+            self.bad_steps = 0
         self.scheduler.step()
-        self._update_ema()
-        self.bad_steps = 0
         self.step_count += 1
         return out
 
@@ -300,7 +346,7 @@ class Trainer:
             x, cond = self.draw(n), None
         else:
             g = self.generator
-            idx = torch.randint(self.labels.shape[0], (n,), generator=g, device=g.device).cpu()
+            idx = torch.randint(self.labels.shape[0], (n,), generator=g, device=g.device)
             x = self.draw.data[idx.to(self.draw.data.device)].to(self.device)
             cond = self.labels[idx.to(self.labels.device)].to(self.device)
             if self.label_dropout > 0:
@@ -311,45 +357,95 @@ class Trainer:
         return x, cond
 
     def _reduce(self, outs: list[LossOutput]) -> LossOutput:
-        """Average loss, terms and stats over micro-batches and (one all-reduce) over ranks."""
+        """Average loss, terms and stats over micro-batches and (one all-reduce) over ranks, in fp32 on
+        the device (no host read)."""
         from . import distributed as dist_
 
         keys_t, keys_s = list(outs[0].terms), list(outs[0].stats)
-        rows = [[o.loss.detach().float()] + [torch.tensor(float(o.terms[k])) for k in keys_t]
-                + [torch.tensor(float(o.stats[k])) for k in keys_s] for o in outs]
+
+        def scalar(v) -> Tensor:
+            if isinstance(v, Tensor):
+                return v.detach().reshape(()).to(self.device, torch.float32)
+            return torch.tensor(float(v), dtype=torch.float32, device=self.device)
+
+        rows = [[o.loss.detach().float()] + [scalar(o.terms[k]) for k in keys_t]
+                + [scalar(o.stats[k]) for k in keys_s] for o in outs]
         values = torch.stack([torch.stack([v.to(self.device) for v in row]) for row in rows]).mean(0)
         if self.dist.enabled:
             values = dist_.all_reduce_sum(values) / self.dist.world_size
-        values = values.cpu().tolist()
-        loss = outs[0].loss if len(outs) == 1 and not self.dist.enabled else \
-            torch.tensor(values[0])
-        return LossOutput(loss, dict(zip(keys_t, values[1:1 + len(keys_t)])),
-                          dict(zip(keys_s, values[1 + len(keys_t):])))
+        loss = outs[0].loss if len(outs) == 1 and not self.dist.enabled else values[0]
+        return LossOutput(loss, dict(zip(keys_t, values[1:1 + len(keys_t)].unbind())),
+                          dict(zip(keys_s, values[1 + len(keys_t):].unbind())))
 
     def _skip(self, out: LossOutput, what: str) -> LossOutput:
+        """Host guard: no update; the step and the schedule advance (as under the device guard)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps += 1
+        with warnings.catch_warnings():  # on purpose when the first step is skipped: no update made
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
         self.step_count += 1
-        out.skipped = what
-        if self.bad_steps >= self.max_bad_steps:
-            err = FloatingPointError(f"non-finite {what} for {self.bad_steps} consecutive steps "
-                                     f"(last at step {self.step_count}, terms {out.terms}); stopping")
-            err.output = out
-            raise err
+        self._count_bad(out, what)
         return out
 
+    def _count_bad(self, out: LossOutput, what: str) -> None:
+        out.skipped = what
+        self.bad_steps += 1
+        if self.bad_steps >= self.max_bad_steps:
+            terms = {k: round(v, 6) for k, v in out.logged().items() if k in out.terms}
+            err = FloatingPointError(f"non-finite {what} for {self.bad_steps} consecutive steps "
+                                     f"(last at step {self.step_count}, terms {terms}); stopping")
+            err.output = out
+            raise err
+
+    def settle(self, pending: list[tuple[int, LossOutput]]) -> list[tuple[int, LossOutput, float]]:
+        """Read steps ``[(step, output)]`` of :meth:`step` in one host transfer; returns
+        ``[(step, output, loss)]``.
+
+        Under the device guard this is where skipped steps are found (``output.skipped`` set) and
+        counted; reaching ``max_bad_steps`` raises :class:`FloatingPointError` whose ``settled``
+        attribute lists the steps up to the last bad one (steps after it in the window were taken)."""
+        if not pending:
+            return []
+        columns = [torch.stack([out.loss.detach().reshape(()).double() for _, out in pending])]
+        if self.device_guard:
+            columns.append(torch.stack([out.finite for _, out in pending]).double().flatten())
+        values = torch.cat(columns).tolist()
+        losses, flags = values[:len(pending)], values[len(pending):]
+        settled = []
+        for i, (step, out) in enumerate(pending):
+            settled.append((step, out, losses[i]))
+            if not self.device_guard:
+                continue
+            loss_ok, grad_ok = flags[2 * i], flags[2 * i + 1]
+            if loss_ok and grad_ok:
+                self.bad_steps = 0
+                continue
+            try:
+                self._count_bad(out, "loss" if not loss_ok else "gradient")
+            except FloatingPointError as err:
+                err.settled = settled
+                raise
+        return settled
+
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, keep: Tensor | None = None) -> None:
+        """One multi-tensor lerp of the EMA towards the weights; ``keep`` (device guard, a 0-dim bool)
+        zeroes the weight of a skipped step on the device."""
         if self.ema is None:
             return
         # Warm-up (as in common EMA implementations): early on the average would be dominated by the
         # initialisation, so the decay is capped at (1 + k) / (10 + k) after k updates.
         k = self.step_count
-        decay = min(self.ema_decay, (1.0 + k) / (10.0 + k)) if self.ema_warmup else self.ema_decay
-        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
-            b_ema.copy_(b)
+        decay = self.ema_decay
+        if self.ema_warmup:
+            decay = min(decay, (1.0 + k) / (10.0 + k))
+        ema_params, params, ema_buffers, buffers = self._ema_pairs
+        weight = 1.0 - decay
+        if keep is not None:
+            weight = keep.to(params[0].dtype) * weight
+        torch._foreach_lerp_(ema_params, params, weight)
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
 
     # --- checkpointing of the whole training state ------------------------------------------------
     def state_dict(self) -> tuple[dict[str, dict[str, Tensor]], dict]:
@@ -407,8 +503,9 @@ class Trainer:
         for key, value in meta["optimizer"]["scalars"].items():
             idx, _, name = key.partition(".")
             state.setdefault(int(idx), {})[name] = value
-        self.optimizer.load_state_dict({"state": state,
-                                        "param_groups": meta["optimizer"]["param_groups"]})
+        # The kernel (foreach, fused) is this run's choice for its device, not the writer's.
+        groups = [dict(group, **self._kernel) for group in meta["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.objective.load_state_dict(self.model, tensors.get("objective", {}), meta["objective"])
         rank = self.dist.rank
@@ -451,11 +548,14 @@ class Trainer:
 
     def run(self, steps: int, progress: bool = True,
             callback: Callable[[int, LossOutput], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[float]:
+            should_stop: Callable[[], bool] | None = None, sync_every: int = 50) -> list[float]:
         """Run ``steps`` more steps with a progress bar (loss, steps/s, ETA); returns the loss history.
 
-        ``should_stop`` is polled after every step (on every rank, agreed by an all-reduce): when it
-        returns true the loop ends after that step and ``self.stopped`` is set.
+        The steps are read on the host every ``sync_every`` steps and at the end (:meth:`settle`):
+        ``callback(step, output)`` is then called for each of them in order, so a callback that
+        checkpoints must be called at a multiple of ``sync_every`` (the state is then that step's).
+        ``should_stop`` is polled after every step (under torchrun at the reads only, agreed by an
+        all-reduce): when it returns true the loop ends after that step and ``self.stopped`` is set.
         """
         from tqdm.auto import tqdm
 
@@ -463,41 +563,86 @@ class Trainer:
 
         if steps < 0:
             raise ValueError("steps must be >= 0")
+        if sync_every < 1:
+            raise ValueError("sync_every must be >= 1")
         history: list[float] = []
         self.stopped = False
         name = getattr(self.objective, "name", "train")
         end = self.step_count + steps
+
+        pending: list[tuple[int, LossOutput]] = []
+
+        def report(settled) -> None:
+            for step, out, loss in settled:
+                history.append(loss)
+                if callback is not None:
+                    callback(step, out)
+            if history:
+                bar.set_postfix(loss=f"{history[-1]:.4g}")
+
+        def settle() -> None:
+            steps, pending[:] = list(pending), []
+            try:
+                settled = self.settle(steps)
+            except FloatingPointError as err:
+                report(err.settled)
+                raise
+            report(settled)
+
         with tqdm(total=end, initial=self.step_count, desc=name, unit="step", dynamic_ncols=True,
                   disable=not progress or not self.dist.is_main) as bar:
             while self.step_count < end:
                 try:
-                    out = self.step()
-                except FloatingPointError as err:
-                    if callback is not None and hasattr(err, "output"):
-                        callback(self.step_count, err.output)  # the last skipped step is logged too
+                    pending.append((self.step_count + 1, self.step()))
+                except FloatingPointError as err:  # host guard: the last skipped step is logged too
+                    pending.append((self.step_count, err.output))
+                    settle()
                     raise
-                history.append(out.loss.item())
-                if callback is not None:
-                    callback(self.step_count, out)
                 bar.update(1)
-                if self.step_count % 25 == 0 or self.step_count == end:
-                    bar.set_postfix(loss=f"{history[-1]:.4g}")
-                if should_stop is not None and dist_.broadcast_flag(should_stop(), self.device):
+                read = self.step_count % sync_every == 0 or self.step_count == end
+                stop = False
+                if should_stop is not None and (read or not self.dist.enabled):
+                    stop = dist_.broadcast_flag(should_stop(), self.device)
+                if read or stop:
+                    settle()
+                if stop:
                     self.stopped = True
                     break
         return history
 
 
+class FitResult(list):
+    """What :func:`fit` returns: the per-step losses (it is that list) and the trained models.
+
+    ``ema`` is the exponential moving average of the weights (a copy of the model in eval mode, or
+    ``None`` when ``ema_decay=None``): usually the better sampler, as the CLI samples and evaluates it.
+    ``model`` is the model passed to :func:`fit`, trained in place (the raw weights); ``trainer`` the
+    :class:`Trainer`, to continue training (``result.trainer.run(1000)``).
+    """
+
+    def __init__(self, losses: list[float], trainer: "Trainer"):
+        super().__init__(losses)
+        self.trainer, self.model, self.ema = trainer, trainer.model, trainer.ema
+
+    @property
+    def best(self) -> nn.Module:
+        """The EMA model when one is kept, else the raw model."""
+        return self.ema if self.ema is not None else self.model
+
+
 def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
         batch_size: int = 256, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-        **options) -> list[float]:
-    """Train ``model`` on ``objective`` for ``steps`` steps; returns the per-step loss history.
+        ema_decay: float | None = 0.999, **options) -> FitResult:
+    """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
+    loss history (a list), with the EMA of the weights in ``.ema`` (``ema_decay``, default 0.999 as in
+    the CLI; ``None`` keeps none) and the trained model in ``.model``.
 
     ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
     drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
-    :class:`Trainer` (optimizer, grad_clip, lr_decay_start, ema_decay, weight_decay, max_bad_steps,
-    grad_accum, precision, compile).
+    :class:`Trainer` (optimizer, grad_clip, lr_decay_start, weight_decay, max_bad_steps, grad_accum,
+    precision, compile). The EMA does not change the training of ``model``: with or without it the raw
+    weights are the same.
     """
-    options.setdefault("total_steps", steps)
-    trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed, **options)
-    return trainer.run(steps, progress=progress)
+    trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed,
+                      ema_decay=ema_decay, **dict(dict(total_steps=steps), **options))
+    return FitResult(trainer.run(steps, progress=progress), trainer)

@@ -1,0 +1,15 @@
+"""``flowmaps export RUN DIR``: the trained map of a run alone, for :func:`flowmaps.load` and
+:meth:`flowmaps.FlowMap.from_pretrained` (:mod:`flowmaps.runs.export`)."""
+
+from __future__ import annotations
+
+from ..runs.export import export_model
+
+
+def cmd_export(args) -> int:
+    done = export_model(args.run, args.dir, use_ema=not args.raw_weights, overwrite=args.overwrite)
+    what = "EMA weights" if done["weights"] == "ema" else "raw weights"
+    print(f"wrote {done['directory'] / 'model.safetensors'} and config.json ({what} of "
+          f"{done['objective']} at step {done['step']}); load it with flowmaps.load"
+          f"({str(done['directory'])!r})")
+    return 0
