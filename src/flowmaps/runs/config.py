@@ -85,7 +85,7 @@ class ModelConfig:
     width: int = 256
     depth: int = 4
     activation: str = "gelu"
-    n_frequencies: int = 8
+    n_frequencies: int = 0
     max_frequency: float = 8.0
     sigma_data: float | str = 1.0
     skip: bool = False
