@@ -77,7 +77,11 @@ class ModelConfig:
     """The network ``v(x, s, t)``: ``mlp`` (vectors: ``width``, ``depth``, ``activation``, Fourier time
     features) or ``unet`` (images, spec §5.2.2: ``channels``, ``channel_mults``, ``blocks_per_level``,
     ``attention_resolutions``, ``dropout``; positional embeddings of ``s`` and ``t − s``).
-    ``n_frequencies: 0`` feeds raw times; ``skip`` adds residual connections (mlp).
+    ``n_frequencies``: Fourier frequencies of the time features (mlp); ``null`` (default) lets the
+    objective choose: 0 (raw times ``s``, ``t − s``) for ``lmd``, whose maps they make 1.5–2.6× more
+    accurate (``benchmarks/quality_per_budget.py``), 8 for every other objective (semigradient EMD needs
+    them: 0.31 against 1.15 one-step error in ``tests/test_training.py``'s problem). ``skip`` adds
+    residual connections (mlp).
     ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
     dataset's labels (with a null label for classifier-free guidance)."""
 
@@ -85,7 +89,7 @@ class ModelConfig:
     width: int = 256
     depth: int = 4
     activation: str = "gelu"
-    n_frequencies: int = 0
+    n_frequencies: int | None = None
     max_frequency: float = 8.0
     sigma_data: float | str = 1.0
     skip: bool = False
@@ -302,7 +306,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use cpu, cuda, cuda:N "
                           "or mps")
     for key in ("model.n_frequencies", "train.warmup_steps"):
-        if flat[key] < 0:
+        if flat[key] is not None and flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if not 0 <= cfg.train.lr_final <= 1:
         raise ConfigError(f"train.lr_final: a fraction of train.lr in [0, 1], got {cfg.train.lr_final}")
