@@ -103,7 +103,7 @@ def plain_lmd(problem, steps, batch, seed):
 
 # Each recipe: options of MLP (model), LMD (objective) and Trainer (train). "fit-defaults" is what
 # fm.fit(FlowMap(MLP(2)), LMD(interp, teacher), data, steps=N, batch_size=512) did before this work.
-OLD_FIT = dict(model={}, objective={},
+OLD_FIT = dict(model=dict(n_frequencies=8), objective=dict(weighting="none"),
                train=dict(lr=1e-3, grad_clip=None, lr_decay_start=None, ema_decay=None))
 RECIPES: dict[str, dict] = {"fit-defaults": OLD_FIT}
 
