@@ -24,7 +24,8 @@ Cost model, in units of one forward pass ``F`` of the network (teacher ``T = 1``
 ``gmm``; optimizer, data and small layers ignored). Forward+JVP costs ``C``; backward through a
 differentiated forward costs ``2×`` that forward (two matmuls per matmul), so backward through
 forward+JVP (reverse-over-forward) costs ``2C``:
-  velocity ``1 + 2``; LMD ``C + 2C + T``; EMD semigradient ``C + C + 2C + T`` as two JVPs (spec §3.9) or
+  velocity ``1 + 2``; LMD ``C + 2C + T`` (LMD v-form ``C + 2 + T``: gradient through the primal only);
+  EMD semigradient ``C + C + 2C + T`` as two JVPs (spec §3.9) or
   ``(2C − 1) + 2C + T`` when one pass carries both tangents; EMD full ``C + 2C + T``; EMD v-form
   ``C + 2 + T`` (gradient through the primal only); FMM ``1 + C + 2 + 2C``; PFMM ``2T + 1 + 2``;
   self-distillation ``3η + (1 − η)·off`` with ``off`` = LSD ``C + 2C + 1``, LSD-v ``C + 2 + 1``,
@@ -74,6 +75,8 @@ def model_cost(method: str, teacher: str | None, c: float = C_JVP, fused_two_tan
         return 1 + 2
     if method == "lmd":
         return c + 2 * c + tc
+    if method == "lmd-v":
+        return c + 2 + tc
     if method == "emd-semigradient":
         no_grad_jvp = (c - 1) if fused_two_tangents else c
         return no_grad_jvp + c + 2 * c + tc
@@ -146,8 +149,8 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
         teachers["gmm"] = gmm
     specs: list[tuple[str, str | None]] = [("velocity", None), ("fmm", None)]
     for teacher in teachers:
-        specs += [("lmd", teacher), ("emd-semigradient", teacher), ("emd-full", teacher),
-                  ("emd-v", teacher), ("pfmm", teacher)]
+        specs += [("lmd", teacher), ("lmd-v", teacher), ("emd-semigradient", teacher),
+                  ("emd-full", teacher), ("emd-v", teacher), ("pfmm", teacher)]
     specs += [(name, None) for name in SELF_DISTILLATION]
     if args.only:
         keep = set(args.only.split(","))
@@ -160,7 +163,9 @@ def build_rows(args, interp, gmm, data) -> list[_Row]:
         elif method == "fmm":
             objective = FMM(interp)
         elif method == "lmd":
-            objective = LMD(interp, b)
+            objective = LMD(interp, b, form="map")
+        elif method == "lmd-v":
+            objective = LMD(interp, b, form="v")
         elif method.startswith("emd-"):
             objective = EMD(interp, b, form=method.split("-", 1)[1])
         elif method in SELF_DISTILLATION:  # the papers' defaults at η = 0.75

@@ -29,7 +29,7 @@ def random_flow_map(seed: int = 0, cond_dim: int = 0, plain: bool = False) -> Fl
     """A float64 MLP flow map whose zero-initialised output layer is replaced by random weights, so that
     v_{s,t}(x) is a non-trivial smooth function of (x, s, t). ``plain`` forces the torch.func.jvp path."""
     torch.manual_seed(seed)
-    net = MLP(2, width=32, depth=2, cond_dim=cond_dim).double()
+    net = MLP(2, width=32, depth=2, cond_dim=cond_dim, n_frequencies=8).double()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         net.out.weight.copy_(0.3 * torch.randn(net.out.weight.shape, generator=g, dtype=F64))

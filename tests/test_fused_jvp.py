@@ -34,7 +34,7 @@ def random_mlp(seed: int = 0, dim: int = 2, activation: str = "gelu", cond_dim: 
     """A float64 MLP with random weights everywhere, including the (normally zero) output layer."""
     torch.manual_seed(seed)
     net = MLP(dim, width=width, depth=depth, activation=activation, cond_dim=cond_dim,
-              sigma_data=sigma_data).double()
+              sigma_data=sigma_data, n_frequencies=8).double()   # the Fourier features' tangents too
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         net.out.weight.copy_(0.5 * torch.randn(net.out.weight.shape, generator=g, dtype=F64))

@@ -44,9 +44,9 @@ def _error(x, exact):
     return (x.double() - exact).norm(dim=1).mean().item()
 
 
-def _train(problem, objective, steps=STEPS, seed=0, lr=2e-3):
+def _train(problem, objective, steps=STEPS, seed=0, lr=2e-3, n_frequencies=0):
     torch.manual_seed(seed)
-    model = fm.FlowMap(fm.MLP(2, width=128, depth=3))
+    model = fm.FlowMap(fm.MLP(2, width=128, depth=3, n_frequencies=n_frequencies))
     gmm = problem["gmm"]
     history = fm.fit(model, objective, lambda n, generator: gmm.sample(n, generator=generator),
                      steps=steps, batch_size=256, lr=lr, lr_decay_start=steps // 4, grad_clip=1.0,
@@ -74,7 +74,10 @@ def test_emd_semigradient_beats_euler(problem):
     """The default semigradient EMD (eq. 29) is stable only at a smaller learning rate: at 1e-3 with Adam it
     diverged on this problem (measured), at 3e-4 it trains steadily but slower than LMD, so it gets twice
     the steps and a one-step threshold of two Euler steps (still ~2.3x below one Euler step)."""
-    _, _, errors = _train(problem, EMD(problem["interp"], problem["gmm"]), steps=2 * STEPS, lr=3e-4)
+    # It needs Fourier features of the times (MLP's default is raw times): measured 1-step error 0.31
+    # with 8 frequencies, 0.72 with 2 (up to 1 cycle), 1.15 with raw times.
+    _, _, errors = _train(problem, EMD(problem["interp"], problem["gmm"]), steps=2 * STEPS, lr=3e-4,
+                          n_frequencies=8)
     _report("EMD (semigradient)", errors, problem["euler"])
     assert errors[1] < problem["euler"][2]
     assert errors[4] < problem["euler"][4]

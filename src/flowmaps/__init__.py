@@ -6,7 +6,8 @@ Time convention everywhere: ``t = 0`` is the Gaussian base, ``t = 1`` is the dat
 Layers, each module importing only from its own layer and those before it, without cycles:
 
 1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``standardizer``,
-   ``flowmap``, ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
+   ``flowmap``, ``tuning`` (time grids tuned after training), ``exact``, ``checkpoint`` (safetensors +
+   JSON), ``_version``;
 2. ``nets`` — two-time networks (MLP, U-Net);
    ``teachers`` — models of torchcfm, flow_matching and diffusers (and the user's own ``module:function``)
    as teacher velocities in our convention;
@@ -28,7 +29,9 @@ from .runs.experiment import load_model
 from .runs.export import load
 from .solvers import ODESolution, solve_ode
 from .train import Trainer, fit
+from .tuning import tune_grid
 
 __all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
-           "solve_ode", "ODESolution", "GuidedVelocity", "load", "load_model", "exact", "objectives",
+           "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "exact",
+           "objectives",
            "teachers", "__version__"]

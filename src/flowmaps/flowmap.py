@@ -48,7 +48,7 @@ from .interpolants import Interpolant, make_interpolant
 from .solvers import uniform_grid
 from .standardizer import Standardizer
 
-__all__ = ["FlowMap", "register_network", "NETWORKS"]
+__all__ = ["FlowMap", "register_network", "NETWORKS", "renoise"]
 
 NETWORKS: dict[str, type[nn.Module]] = {}
 DOMAINS = (None, "triangle", "square", "diagonal")
@@ -84,6 +84,25 @@ def register_network(cls: type[nn.Module]) -> type[nn.Module]:
     cls.__init__ = recording_init
     NETWORKS[cls.__name__] = cls
     return cls
+
+
+def renoise(x: Tensor, u: float | Tensor, t: float | Tensor, interpolant,
+            generator: torch.Generator | None = None) -> Tensor:
+    """Carry a sample of ``I_u`` back to ``I_t`` (``t ≤ u``) along the interpolant with fresh noise:
+    ``(β_t/β_u) x + √(α_t² − (β_t α_u/β_u)²) σ0 ξ``, ``ξ ~ N(0, I)`` from ``generator``. For
+    ``I_u = α_u x0 + β_u x1`` the result has exactly the law of ``I_t``: its ``x1`` part is ``β_t x1``
+    and its Gaussian part has variance ``α_t² σ0²`` (spec §4, γ-sampling)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if not 0.0 < float(t) <= float(u) <= 1.0:
+        raise ValueError(f"re-noising goes back in time from u to t with 0 < t <= u <= 1, got "
+                         f"u={float(u)}, t={float(t)}")
+    a_u, b_u = interpolant.alpha(u), interpolant.beta(u)
+    a_t, b_t = interpolant.alpha(t), interpolant.beta(t)
+    scale = b_t / b_u
+    noise_std = (a_t**2 - (scale * a_u) ** 2).clamp_min(0.0).sqrt()
+    noise = interpolant.sample_base(x, generator)
+    return float(scale) * x + float(noise_std) * noise
 
 
 def _fp32(*values):
@@ -264,7 +283,8 @@ class FlowMap(nn.Module):
 
     # --- sampling -------------------------------------------------------------------------------
     def sample(self, x0: Tensor, steps: int | None = None, grid: Tensor | None = None,
-               cond: Tensor | None = None, return_path: bool = False) -> Any:
+               cond: Tensor | None = None, return_path: bool = False, gamma: float = 0.0,
+               interpolant=None, generator: torch.Generator | None = None) -> Any:
         """Compose jumps ``x ← X_{t_i, t_{i+1}}(x)`` along a time grid, starting from ``x0``.
 
         Give either ``steps`` (uniform grid on [0, 1], default 1 step) or an explicit ``grid``; the step
@@ -272,6 +292,14 @@ class FlowMap(nn.Module):
         (e.g. ``torch.linspace(1, 0, k + 1)``) runs the backward map, data → base, which is meaningful
         when the model was trained on both directions (``times="square"``). With ``return_path`` the
         result is ``(x, path)`` with ``path`` of shape ``(len(grid), B, ...)``.
+
+        γ-sampling (``gamma > 0``, forward grids; along ``interpolant``, default :attr:`interpolant`;
+        noise from ``generator``): every jump but the last goes further, to ``u = t_{i+1} + γ (1 − t_{i+1})``, and
+        the point is re-noised back to ``t_{i+1}`` along the interpolant,
+        ``x ← (β_{t_{i+1}}/β_u) x + √(α_{t_{i+1}}² − (β_{t_{i+1}} α_u/β_u)²) σ0 ξ`` with fresh
+        ``ξ ~ N(0, I)``: if ``x`` has the law of ``I_u``, the result has the law of ``I_{t_{i+1}}``.
+        ``γ = 0`` is the deterministic composition, ``γ = 1`` the multistep sampler of consistency
+        models (jump to the data, re-noise). NFE stays the number of jumps.
 
         Runs in the caller's grad mode; wrap in ``torch.no_grad()`` for inference.
         """
@@ -284,11 +312,24 @@ class FlowMap(nn.Module):
             raise ValueError("grid must be a 1-D tensor with at least two times")
         if not torch.isfinite(grid).all() or grid.min() < 0 or grid.max() > 1:
             raise ValueError("grid times must lie in [0, 1] (t=0 base, t=1 data)")
-        if (grid[1:] < grid[:-1]).any():
+        backward = bool((grid[1:] < grid[:-1]).any())
+        if backward:
             self._check_backward()
+        gamma = float(gamma)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        interpolant = interpolant if interpolant is not None else self.interpolant
+        if gamma > 0.0 and (interpolant is None or backward):
+            raise ValueError("γ-sampling needs the interpolant (interpolant=...) and a forward grid")
         x, path = x0, [x0]
+        last = grid.numel() - 2
         for i in range(grid.numel() - 1):
-            x = self(x, grid[i], grid[i + 1], cond)
+            if gamma > 0.0 and i < last:
+                target = grid[i + 1]
+                u = target + gamma * (1.0 - target)
+                x = renoise(self(x, grid[i], u, cond), u, target, interpolant, generator)
+            else:
+                x = self(x, grid[i], grid[i + 1], cond)
             if return_path:
                 path.append(x)
         return (x, torch.stack(path)) if return_path else x

@@ -25,5 +25,6 @@ def cmd_evaluate(args) -> int:
     from ..runs.evaluate import evaluate_runs  # loads matplotlib, which not every command needs
 
     evaluate_runs(checkpoints, args.teacher, out, args.overwrite, args.steps, args.n,
-                  False if args.no_dopri5 else None, overrides=overrides, device=device or "cpu")
+                  False if args.no_dopri5 else None, overrides=overrides, device=device or "cpu",
+                  grid=args.grid, gammas=args.gamma)
     return 0

@@ -34,6 +34,7 @@ from .fid_stats import cmd_fid_stats
 from .presets import cmd_presets
 from .sample import cmd_sample
 from .train import cmd_distill, cmd_train
+from .tune_grid import cmd_tune_grid
 
 EPILOG_OVERRIDES = """overrides:
   Any config key as section.key=value (YAML values), applied after the preset and --config, e.g.
@@ -52,17 +53,9 @@ def _steps_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _grid(text: str) -> list[float]:
+def _grid(text: str) -> list[float] | str:
+    if text.strip() == "tuned":
+        return "tuned"
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -70,6 +63,23 @@ def _grid(text: str) -> list[float]:
     if len(values) < 2 or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError("a grid needs at least two times in [0, 1]")
     return values
+
+
+def _checked(convert, ok, what: str):
+    """An argparse type: ``convert(text)`` that must satisfy ``ok``, else one line naming ``what``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_gamma = _checked(float, lambda v: 0.0 <= v <= 1.0, "gamma in [0, 1]")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -118,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub, fmt)
     _add_sample(sub, fmt)
     _add_evaluate(sub, fmt)
+    _add_tune_grid(sub, fmt)
     _add_export(sub, fmt)
     _add_demo(sub, fmt)
     _add_fid_stats(sub, fmt)
@@ -196,7 +207,11 @@ def _add_sample(sub, fmt) -> None:
                    help="number of samples (default 10000; under torchrun write --num-samples: "
                    "torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--steps", type=_steps_list, help="comma-separated step counts (default 1,2,4)")
-    p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps)")
+    p.add_argument("--grid", type=_grid, help="explicit time grid, e.g. 0,0.4,1 (flow maps), or "
+                   "'tuned': the run's grids made by `flowmaps tune-grid` for each of --steps")
+    p.add_argument("--gamma", type=_gamma, default=0.0, help="γ-sampling: jump past each grid time "
+                   "to t + γ(1 − t) and re-noise back along the interpolant (0: deterministic, the "
+                   "default; 1: consistency-model multistep); noise from --seed")
     p.add_argument("--solver", default="rk4", choices=["euler", "heun", "rk4"],
                    help="ODE solver for velocity checkpoints (default rk4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base samples (default 0)")
@@ -233,6 +248,11 @@ def _add_evaluate(sub, fmt) -> None:
                    help="number of samples (default: eval.n_samples; under torchrun write "
                    "--num-samples)")
     p.add_argument("--no-dopri5", action="store_true", help="skip the adaptive dopri5 reference")
+    p.add_argument("--grid", choices=["uniform", "tuned"], default="uniform", help="tuned: also "
+                   "evaluate each flow map on its run's tuned grids (`flowmaps tune-grid`), rows "
+                   "'tuned grid'")
+    p.add_argument("--gamma", type=_gamma, action="append", help="also evaluate γ-sampling at this γ "
+                   "(repeatable), rows 'gamma=G'")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/eval-<time>)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu, or train.device=... given "
@@ -241,6 +261,24 @@ def _add_evaluate(sub, fmt) -> None:
     p.set_defaults(func=cmd_evaluate, overrides=[])
 
 
+def _add_tune_grid(sub, fmt) -> None:
+    p = sub.add_parser("tune-grid", help="tune the interior times of k-step grids of a trained flow "
+                       "map, stored in the run for --grid tuned", formatter_class=fmt,
+                       description="For each k of --steps, optimise the interior times of the k-step "
+                                   "grid (endpoints 0 and 1 fixed, order kept) so that the k-step "
+                                   "composition matches a reference on --n base points of --seed: the "
+                                   "teacher's dopri5 endpoint (the exact map for gmm) where the run has "
+                                   "a teacher, else the map's own 64-step composition. Writes "
+                                   "RUN/tuned_grids.json (grids of other k kept); `flowmaps sample RUN "
+                                   "--grid tuned --steps 2,4` and `flowmaps evaluate RUN --grid tuned` "
+                                   "use them.")
+    p.add_argument("run", help="run directory or checkpoint of a flow map")
+    p.add_argument("--steps", type=_steps_list, default=[2, 4, 8], help="step counts (default 2,4,8)")
+    p.add_argument("--n", type=_positive_int, default=2048, help="base points to tune on (default 2048)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the base points (default 7)")
+    p.add_argument("--iters", type=_positive_int, default=150, help="Adam iterations per grid (default 150)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_tune_grid)
 def _add_export(sub, fmt) -> None:
     p = sub.add_parser("export", help="write a run's trained map to a folder of its own (for "
                        "flowmaps.load)", formatter_class=fmt,

@@ -22,6 +22,7 @@ from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
 from ..runs import extras
 from ..runs.devices import open_device
+from ..runs.grid_tuning import load_tuned_grids
 from ..runs.rundir import RunDirError, check_parents
 from ..solvers import solve_ode
 from ..train import distributed
@@ -71,18 +72,29 @@ def _jobs(args, loaded: Loaded) -> list[tuple[str, object]]:
     velocity = loaded.model.velocity
     if args.guidance != 1.0:
         velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
+    if (args.grid or args.gamma) and is_velocity:
+        raise ConfigError(f"--{'grid' if args.grid else 'gamma'}: a velocity checkpoint is sampled with "
+                          "an ODE solver; use --steps")
+    gamma = dict(gamma=args.gamma, interpolant=loaded.interpolant) if args.gamma else {}
+    tag = f"_gamma{args.gamma:g}" if args.gamma else ""
+
+    def flow(**grid):
+        return lambda x0, c, g: loaded.model.sample(x0, cond=c, generator=g, **grid, **gamma)
+
     jobs = []
+    if args.grid == "tuned":
+        steps = args.steps or [2, 4, 8]
+        for k, grid in load_tuned_grids(args.checkpoint, steps).items():
+            jobs.append((f"tuned{k}{tag}", flow(grid=grid)))
+        return jobs
     if args.grid:
-        if is_velocity:
-            raise ConfigError("--grid: a velocity checkpoint is sampled with an ODE solver; use --steps")
-        grid = torch.tensor(args.grid)
-        jobs.append(("grid", lambda x0, c: loaded.model.sample(x0, grid=grid, cond=c)))
+        jobs.append((f"grid{tag}", flow(grid=torch.tensor(args.grid))))
     for k in args.steps or ([] if args.grid else [1, 2, 4]):
         if is_velocity:
-            jobs.append((f"{args.solver}{k}", lambda x0, c, k=k: solve_ode(
+            jobs.append((f"{args.solver}{k}", lambda x0, c, g, k=k: solve_ode(
                 lambda x, t: velocity(x, t, c), x0, args.solver, steps=k).x))
         else:
-            jobs.append((f"steps{k}", lambda x0, c, k=k: loaded.model.sample(x0, steps=k, cond=c)))
+            jobs.append((f"steps{k}{tag}", flow(steps=k)))
     return jobs
 
 
@@ -113,6 +125,10 @@ def _output_files(out: Path, labels: list[str], overwrite: bool) -> list[Path]:
     return files
 
 
+def _noise(seed: int, row: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed + 1) * 1_000_003 + row)
+
+
 def _draw(args, loaded: Loaded, jobs, files: list[Path], device,
           write: bool = True) -> dict[str, torch.Tensor]:
     """Run every job from the same base points (and labels), ``--batch-size`` at a time on ``device``
@@ -126,9 +142,12 @@ def _draw(args, loaded: Loaded, jobs, files: list[Path], device,
     shown = {}
     with torch.no_grad():
         for (label, job), path in zip(jobs, files):
+            # γ-sampling's fresh noise: a stream per chunk, seeded by --seed and the chunk's first row,
+            # so a rerun repeats it however the rows are shared among processes
             x = distributed.map_sharded(
-                lambda xc, cc: job(xc.to(device), None if cc is None else cc.to(device)), x0, cond,
-                chunk=args.batch_size)
+                lambda xc, cc, rows: job(xc.to(device), None if cc is None else cc.to(device),
+                                         _noise(args.seed, int(rows[0]), device)),
+                x0, cond, torch.arange(args.n), chunk=args.batch_size)
             x = loaded.to_data_units(x)
             shown[label] = x
             if write:

@@ -77,6 +77,11 @@ class ModelConfig:
     """The network ``v(x, s, t)``: ``mlp`` (vectors: ``width``, ``depth``, ``activation``, Fourier time
     features) or ``unet`` (images, spec §5.2.2: ``channels``, ``channel_mults``, ``blocks_per_level``,
     ``attention_resolutions``, ``dropout``; positional embeddings of ``s`` and ``t − s``).
+    ``n_frequencies``: Fourier frequencies of the time features (mlp); ``null`` (default) lets the
+    objective choose: 0 (raw times ``s``, ``t − s``) for ``lmd``, whose maps they make 1.5–2.6× more
+    accurate (``benchmarks/quality_per_budget.py``), 8 for every other objective (semigradient EMD needs
+    them: 0.31 against 1.15 one-step error in ``tests/test_training.py``'s problem). ``skip`` adds
+    residual connections (mlp).
     ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
     dataset's labels (with a null label for classifier-free guidance)."""
 
@@ -84,9 +89,10 @@ class ModelConfig:
     width: int = 256
     depth: int = 4
     activation: str = "gelu"
-    n_frequencies: int = 8
+    n_frequencies: int | None = None
     max_frequency: float = 8.0
     sigma_data: float | str = 1.0
+    skip: bool = False
     channels: int = 32
     channel_mults: list = field(default_factory=lambda: [1, 2])
     blocks_per_level: int = 2
@@ -170,6 +176,9 @@ class TrainConfig:
     kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
     steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
     while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps.
+    ``lr_schedule``: ``inverse_sqrt`` (after ``lr_decay_start``), ``constant``, ``cosine`` or ``linear``
+    (decay to ``lr_final`` × ``lr`` at ``steps``), after a linear warm-up of ``warmup_steps``.
+    ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on.
     ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
     files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
@@ -180,7 +189,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     lr_decay_start: int | None = 1000
+    lr_schedule: str = "inverse_sqrt"
+    warmup_steps: int = 0
+    lr_final: float = 0.0
     ema_decay: float | None = 0.999
+    ema_warmup: bool = True
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -260,10 +273,11 @@ CHOICES = {
     "objective.pfmm_form": ("velocity", "map"),
     "objective.pfmm_band": ("clip", "gap"),
     "train.optimizer": ("adam", "adamw", "radam"),
+    "train.lr_schedule": ("inverse_sqrt", "constant", "cosine", "linear"),
     "train.precision": ("fp32", "bf16"),
     "train.logger": ("jsonl", "tensorboard"),
 }
-POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth", "model.n_frequencies",
+POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "model.max_frequency", "train.steps", "train.batch_size", "train.lr", "train.log_every",
             "train.checkpoint_every", "eval.n_samples", "eval.w2_samples", "eval.energy_samples",
             "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
@@ -291,6 +305,11 @@ def _validate(cfg: Config) -> None:
     if not _DEVICE.match(cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use cpu, cuda, cuda:N "
                           "or mps")
+    for key in ("model.n_frequencies", "train.warmup_steps"):
+        if flat[key] is not None and flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if not 0 <= cfg.train.lr_final <= 1:
+        raise ConfigError(f"train.lr_final: a fraction of train.lr in [0, 1], got {cfg.train.lr_final}")
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {cfg.train.weight_decay!r}")
     for key in ("interpolant.sigma0", "model.sigma_data"):

@@ -22,6 +22,7 @@ from . import experiment as ex
 from .config import Config, ConfigError, _build, apply_overrides, to_dict
 from .devices import open_device
 from .evaluation import Evaluation, build_reference, evaluate, load_reference, markdown_table
+from .grid_tuning import load_tuned_grids
 from .plotting import plot_quality_vs_nfe, plot_sample_grid, plot_trajectories
 from .rundir import RunDir
 
@@ -31,9 +32,11 @@ __all__ = ["evaluate_runs"]
 def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwrite: bool,
                   steps: list[int] | None, n: int | None, dopri5: bool | None,
                   names: list[str] | None = None, progress: bool = True,
-                  overrides: list[str] | None = None, device: str = "cpu") -> dict:
+                  overrides: list[str] | None = None, device: str = "cpu", grid: str = "uniform",
+                  gammas: list[float] | None = None) -> dict:
     """Evaluate checkpoints (see ``flowmaps evaluate --help``); ``overrides`` may change ``eval.*``.
-    Under torchrun the ranks share the sampling; rank 0 returns the rows, the others none."""
+    Under torchrun the ranks share the sampling; rank 0 returns the rows, the others none.
+    ``grid="tuned"`` adds rows on each run's tuned grids, ``gammas`` rows of γ-sampling."""
     device, dist = open_device(device)
     progress = progress and dist.is_main
     loaded = [ex.load_model(c, device=device) for c in checkpoints]
@@ -42,6 +45,13 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     bundle = _shared_data(cfg, loaded, checkpoints)
     dim = first.scales["dim"]
     maps, velocity = _split_models(loaded, names)
+    steps = steps or cfg.eval.steps
+    tuned = None
+    if grid == "tuned":
+        labels = list(maps)
+        paths = [c for c, item in zip(checkpoints, loaded) if item.config.objective.name != "velocity"]
+        several = [k for k in steps if k > 1]  # one jump has no interior time to tune
+        tuned = {label: load_tuned_grids(path, several) for label, path in zip(labels, paths)}
     spec = teacher or cfg.teacher.checkpoint or ("exact" if cfg.teacher.exact else None)
     if spec is None and cfg.teacher.factory:  # distilled from the user's own model: rebuild it
         velocity, spec = ex.factory_teacher(cfg, bundle, first.scales, device), cfg.teacher.factory
@@ -73,11 +83,13 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
                       exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
                       energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
                       progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
-                      quality=quality, cond=cond, device=device, chunk=e.batch_size)
+                      quality=quality, cond=cond, device=device, chunk=e.batch_size,
+                      tuned_grids=tuned, gammas=gammas or (), interpolant=first.interpolant)
     if not dist.is_main:
         return {"rows": [], "table": "", "dir": run.path}
     table = markdown_table(result.rows)
     meta = {"checkpoints": checkpoints, "teacher": spec, "n_samples": n, "steps": steps,
+            "grid": grid, "gammas": gammas or [],
             "data": cfg.data.name, "torch_threads": torch.get_num_threads(),
             "load_average": os.getloadavg(), "device": str(device), "processes": dist.world_size,
             "chunk": e.batch_size}

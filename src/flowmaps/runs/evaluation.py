@@ -78,21 +78,24 @@ class Evaluation:
 
 
 def _sharded(sampler: Callable, x0: Tensor, cond: Tensor | None, chunk: int, device,
-             repeats: int = 2) -> tuple[Tensor, float, int]:
+             repeats: int = 2, rows: bool = False) -> tuple[Tensor, float, int]:
     """``sampler(x0_chunk, cond_chunk) -> (x, nfe)`` over the chunks of this rank, gathered:
-    ``(samples on the CPU, best wall time of `repeats`, mean NFE per sample)``."""
+    ``(samples on the CPU, best wall time of `repeats`, mean NFE per sample)``. With ``rows`` the
+    sampler also gets the chunk's row indices (``sampler(x, cond, rows)``)."""
     best, out = math.inf, None
+    index = torch.arange(x0.shape[0])
     for _ in range(repeats):
         work = torch.zeros(2, dtype=torch.float64)  # sum of NFE x rows, rows
 
-        def one(xc: Tensor, cc: Tensor | None) -> Tensor:
-            x, nfe = sampler(xc.to(device), None if cc is None else cc.to(device))
+        def one(xc: Tensor, cc: Tensor | None, rc: Tensor) -> Tensor:
+            args = (xc.to(device), None if cc is None else cc.to(device)) + ((rc,) if rows else ())
+            x, nfe = sampler(*args)
             work.add_(torch.tensor([float(nfe) * xc.shape[0], float(xc.shape[0])],
                                    dtype=torch.float64))
             return x
 
         start = time.perf_counter()
-        out = distributed.map_sharded(one, x0, cond, chunk=chunk)
+        out = distributed.map_sharded(one, x0, cond, index, chunk=chunk)
         best = min(best, time.perf_counter() - start)
     total, rows = distributed.all_reduce_sum(work).tolist()
     return out, best, round(total / max(rows, 1.0))
@@ -106,7 +109,9 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
              w2_samples: int = 2000, energy_samples: int = 4000, seed: int = 0,
              teacher_name: str = "teacher", progress: Callable[[str], None] | None = None,
              n_paths: int = 64, quality: Callable[[Tensor], dict] | None = None,
-             cond: Tensor | None = None, device="cpu", chunk: int | None = None) -> Evaluation:
+             cond: Tensor | None = None, device="cpu", chunk: int | None = None,
+             tuned_grids: dict[str, dict[int, Tensor]] | None = None, gammas=(),
+             interpolant=None) -> Evaluation:
     """Evaluate every flow map at every step count, and the teacher's solvers at the same NFE.
 
     ``x0``: base samples in model space (shared by all samplers); ``held_out``: data units;
@@ -163,6 +168,19 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
             x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, steps=k, cond=cc), k), x0,
                                        cond, chunk, device)
             score(name, "flow map", k, nfe, x, seconds)
+        for k, grid in sorted((tuned_grids or {}).get(name, {}).items()):
+            x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, grid=grid, cond=cc), k), x0,
+                                       cond, chunk, device)
+            score(name, "tuned grid", k, nfe, x, seconds)
+        for gamma in gammas:
+            for k in [k for k in steps if k > 1]:  # one jump has no interior time to re-noise at
+                # fresh noise per chunk, seeded by the evaluation seed and the chunk's first row
+                x, seconds, nfe = _sharded(lambda xc, cc, rows: (model.sample(
+                    xc, steps=k, cond=cc, gamma=gamma, interpolant=interpolant,
+                    generator=torch.Generator(device=xc.device).manual_seed(
+                        (seed + 1) * 1_000_003 + int(rows[0]))), k), x0, cond, chunk, device,
+                    rows=True)
+                score(name, f"gamma={gamma:g}", k, nfe, x, seconds)
         if main:
             paths[name] = model.sample(paths_x0, steps=max(steps), cond=sub(cond, n_paths),
                                        return_path=True)[1].cpu()

@@ -171,6 +171,14 @@ def class_labels(n: int, scales: dict, device="cpu") -> torch.Tensor | None:
     return torch.arange(n, device=device) % k if k else None
 
 
+def time_frequencies(cfg: Config) -> int:
+    """``model.n_frequencies``, or when unset (``null``) the objective's choice: raw times for LMD, 8
+    Fourier frequencies otherwise (see :class:`~flowmaps.runs.config.ModelConfig`)."""
+    if cfg.model.n_frequencies is not None:
+        return cfg.model.n_frequencies
+    return 0 if cfg.objective.name == "lmd" else 8
+
+
 def build_model(cfg: Config, scales: dict) -> FlowMap:
     m = cfg.model
     if m.name == "unet":
@@ -185,8 +193,8 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
                    num_classes=scales.get("num_classes", 0), sigma_data=float(scales["sigma_data"]))
         return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
-              sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=m.n_frequencies,
-              max_frequency=m.max_frequency)
+              sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=time_frequencies(cfg),
+              max_frequency=m.max_frequency, skip=m.skip)
     return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
 
 

@@ -198,7 +198,9 @@ class TrainingRun:
                        max_bad_steps=t.max_bad_steps, grad_accum=t.grad_accum,
                        precision=t.precision, compile=t.compile,
                        labels=bundle.labels if conditional else None, label_dropout=t.label_dropout,
-                       null_label=scales["num_classes"] if conditional else None, augment=augment)
+                       null_label=scales["num_classes"] if conditional else None, augment=augment,
+                       lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                       lr_final=t.lr_final, ema_warmup=t.ema_warmup)
 
     def restore(self, resumed: tuple[Path, dict, dict]) -> None:
         """Continue from a checkpoint found by :func:`latest_checkpoint`."""

@@ -36,7 +36,8 @@ from ..objectives.base import LossOutput, Objective
 
 DataSource = Tensor | ByteImages | Callable[..., Tensor]
 
-__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule"]
+__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule", "learning_rate_schedule",
+           "LR_SCHEDULES"]
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
@@ -51,6 +52,39 @@ def inverse_sqrt_schedule(decay_start: int | None) -> Callable[[int], float]:
     if decay_start < 1:
         raise ValueError("lr decay start must be >= 1 step")
     return lambda k: 1.0 / math.sqrt(max(k / decay_start, 1.0))
+
+
+LR_SCHEDULES = ("inverse_sqrt", "constant", "cosine", "linear")
+
+
+def learning_rate_schedule(name: str = "inverse_sqrt", decay_start: int | None = None, warmup: int = 0,
+                total: int | None = None, final: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate factor after ``k`` steps.
+
+    ``inverse_sqrt``: :func:`inverse_sqrt_schedule` (constant while ``decay_start`` is ``None``);
+    ``constant``; ``cosine``: ``final + (1 − final)(1 + cos(π k/total))/2``; ``linear``:
+    ``1 − (1 − final) k/total`` (both need ``total``, the run's step count, and stay at ``final`` after
+    it). ``warmup > 0`` multiplies the factor by ``min(1, (k + 1)/warmup)``.
+    """
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if int(warmup) < 0:
+        raise ValueError("lr warm-up must be >= 0 steps")
+    if not 0.0 <= final <= 1.0:
+        raise ValueError("the final lr factor must be in [0, 1]")
+    if name in ("cosine", "linear") and (total is None or total < 1):
+        raise ValueError(f"the {name} lr schedule needs the total number of steps")
+    if name == "inverse_sqrt":
+        base = inverse_sqrt_schedule(decay_start)
+    elif name == "constant":
+        base = lambda k: 1.0  # noqa: E731
+    elif name == "cosine":
+        base = lambda k: final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(k / total, 1.0)))  # noqa: E731
+    else:
+        base = lambda k: 1.0 - (1.0 - final) * min(k / total, 1.0)  # noqa: E731
+    if not warmup:
+        return base
+    return lambda k: base(k) * min(1.0, (k + 1) / warmup)
 
 
 def _all_finite(data: Tensor, rows: int = 1 << 14) -> bool:
@@ -120,8 +154,13 @@ class Trainer:
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
         grad_clip: global gradient-norm clip (``None``: off).
         lr_decay_start: start of the inverse-sqrt decay (``None``: constant rate).
+        lr_schedule: ``"inverse_sqrt"`` (default, with ``lr_decay_start``), ``"constant"``, ``"cosine"``
+            or ``"linear"`` decay to ``lr_final`` × ``lr`` over ``total_steps`` (see :func:`learning_rate_schedule`).
+        warmup_steps: linear learning-rate warm-up over this many steps (0: none).
+        total_steps: the run's length, needed by the cosine and linear schedules (:func:`fit` sets it).
         ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
-            the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates.
+            with ``ema_warmup`` (default) the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))``
+            after ``k`` updates.
         seed: seeds the generator of data, base samples and times (rank ``r`` of a distributed run uses
             :func:`~flowmaps.train.distributed.rank_seed`), and the global RNG.
         max_bad_steps: consecutive non-finite steps tolerated (each update is skipped and reported in
@@ -155,7 +194,9 @@ class Trainer:
                  labels: Tensor | None = None, label_dropout: float = 0.0,
                  null_label: int | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, lr_schedule: str = "inverse_sqrt",
+                 warmup_steps: int = 0, total_steps: int | None = None, lr_final: float = 0.0,
+                 ema_warmup: bool = True):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -230,9 +271,10 @@ class Trainer:
         self.optimizer = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay, **kernel)
         self._kernel = {"foreach": kernel.get("foreach"), "fused": kernel.get("fused")}
         self.device_guard = bool(fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           inverse_sqrt_schedule(lr_decay_start))
-        self.ema_decay = ema_decay
+        schedule = learning_rate_schedule(lr_schedule, lr_decay_start, warmup_steps, total_steps,
+                                          lr_final)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.ema_decay, self.ema_warmup = ema_decay, bool(ema_warmup)
         self.ema = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(model).eval()
@@ -394,7 +436,9 @@ class Trainer:
         # Warm-up (as in common EMA implementations): early on the average would be dominated by the
         # initialisation, so the decay is capped at (1 + k) / (10 + k) after k updates.
         k = self.step_count
-        decay = min(self.ema_decay, (1.0 + k) / (10.0 + k))
+        decay = self.ema_decay
+        if self.ema_warmup:
+            decay = min(decay, (1.0 + k) / (10.0 + k))
         ema_params, params, ema_buffers, buffers = self._ema_pairs
         weight = 1.0 - decay
         if keep is not None:
@@ -600,5 +644,5 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
     weights are the same.
     """
     trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed,
-                      ema_decay=ema_decay, **options)
+                      ema_decay=ema_decay, **dict(dict(total_steps=steps), **options))
     return FitResult(trainer.run(steps, progress=progress), trainer)
