@@ -61,6 +61,8 @@ def gmm_problem(overrides=(), n_train: int = 512, n_eval: int = 64, init_seed: i
 def build(case: str):
     """``(model, objective, data)`` of a case, identical on every process (float64)."""
     model, objective, data = gmm_problem(CASES[case][0])
+    for module in objective.trainable_modules():  # a learned loss weight, in the model's precision
+        module.double()
     return model.double(), objective, data.double()
 
 

@@ -39,7 +39,9 @@ def reference_loop(optimizer: str, steps: int, **options):
     o = dict(OPTIONS, **options)
     model, objective, data = parts()
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[optimizer]
-    opt = cls(model.parameters(), lr=o["lr"], weight_decay=o.get("weight_decay", 0.0), foreach=False)
+    # the model's parameters, then those the objective trains beside it (LMD's learned loss weight)
+    params = [*model.parameters(), *(p for m in objective.trainable_modules() for p in m.parameters())]
+    opt = cls(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0), foreach=False)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(o["lr_decay_start"]))
     ema = copy.deepcopy(model).requires_grad_(False)
     torch.manual_seed(o["seed"])
@@ -49,7 +51,7 @@ def reference_loop(optimizer: str, steps: int, **options):
         opt.zero_grad(set_to_none=True)
         idx = torch.randint(data.shape[0], (o["batch_size"],), generator=g)
         objective(model, data[idx], generator=g).loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), o["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, o["grad_clip"])
         opt.step()
         schedule.step()
         decay = min(o["ema_decay"], (1.0 + k) / (10.0 + k))

@@ -41,7 +41,7 @@ def test_mlp_options_fused_pass_equals_torch_func(options, which):
 
 def test_skip_connections_change_the_function_but_not_the_parameters():
     plain = random_mlp(4)
-    skip = fm.MLP(2, width=32, depth=3, skip=True).double()
+    skip = fm.MLP(2, width=32, depth=3, skip=True, n_frequencies=8).double()  # random_mlp's time features
     skip.load_state_dict(plain.state_dict())           # same keys and shapes
     x, s, t, _, _ = make_inputs()
     h = torch.cat([x, plain.time_features(s), plain.time_features(t - s)], 1)

@@ -219,8 +219,8 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.device = params[0].device
-        for module in objective.trainable_modules():
-            module.to(self.device)
+        for module in objective.trainable_modules():  # a learned loss weight: the model's device and dtype
+            module.to(device=self.device, dtype=params[0].dtype)
             params += [p for p in module.parameters() if p.requires_grad]
         if hasattr(model, "domain"):  # where (s, t) is trained: FlowMap.inverse refuses untrained directions
             model.domain = objective.domain
