@@ -57,8 +57,18 @@ def cpu_seconds() -> float:
     return time.process_time()
 
 
+REUSE = False  # --reuse: a run whose final checkpoint and cpu.json exist is kept, not trained again
+
+
 def train(preset: str, out: Path, overrides: list[str], distill: bool = False, label: str = "") -> dict:
-    """Train one run; returns its directory and the CPU seconds it took (this process)."""
+    """Train one run; returns its directory and the CPU seconds it took (this process). With ``--reuse``
+    a finished run of the same configuration is read back instead (its config is compared first)."""
+    if REUSE and (out / "cpu.json").is_file() and (out / "checkpoints" / "final.json").is_file():
+        cfg = load_config(preset, None, overrides)
+        if load_config(None, out / "config.yaml", []) != cfg:
+            raise SystemExit(f"--reuse: {out} was trained with another configuration; remove it or "
+                             "drop --reuse")
+        return {**json.loads((out / "cpu.json").read_text()), "run": str(out)}
     start = cpu_seconds()
     run = run_training(load_config(preset, None, overrides), out, overwrite=True, distill=distill,
                        label=label, progress=sys.stderr.isatty())
@@ -296,7 +306,12 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, default=20000)
     parser.add_argument("--lmd-steps", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=7, help="calibrate-digits: interleaved rounds")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs of the same configuration (final checkpoint and "
+                             "cpu.json present) instead of training them again")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     torch.set_num_threads(args.threads)
     start, load_start = time.time(), os.getloadavg()
     summary = PARTS[args.part](args)
