@@ -34,6 +34,7 @@ import torch
 
 from flowmaps.runs.config import load_config
 from flowmaps.runs.evaluate import evaluate_runs
+from flowmaps.runs.experiment import time_frequencies
 from flowmaps.runs.training import run_training
 
 ROOT = Path(__file__).resolve().parent / "results" / "self_distillation"
@@ -64,8 +65,10 @@ def train(preset: str, out: Path, overrides: list[str], distill: bool = False, l
     """Train one run; returns its directory and the CPU seconds it took (this process). With ``--reuse``
     a finished run of the same configuration is read back instead (its config is compared first)."""
     if REUSE and (out / "cpu.json").is_file() and (out / "checkpoints" / "final.json").is_file():
-        cfg = load_config(preset, None, overrides)
-        if load_config(None, out / "config.yaml", []) != cfg:
+        cfg, saved = load_config(preset, None, overrides), load_config(None, out / "config.yaml", [])
+        for c in (cfg, saved):  # model.n_frequencies: null means the objective's choice
+            c.model.n_frequencies = time_frequencies(c)
+        if saved != cfg:
             raise SystemExit(f"--reuse: {out} was trained with another configuration; remove it or "
                              "drop --reuse")
         return {**json.loads((out / "cpu.json").read_text()), "run": str(out)}
