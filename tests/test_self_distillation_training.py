@@ -21,24 +21,15 @@ import pytest
 import torch
 
 import flowmaps as fm
-from flowmaps.exact import GaussianMixture
 from flowmaps.objectives import CT, ESD, LSD, PSD, MeanFlow, Shortcut
+from test_training import spec_mixture
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def problem():
-    interp = fm.Linear()
-    gmm = GaussianMixture(
-        means=[[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]],
-        covs=[[[0.3, 0.1], [0.1, 0.2]], [[0.05, 0.0], [0.0, 0.4]], [[0.1, 0.0], [0.0, 0.1]]],
-        weights=[0.5, 0.3, 0.2], interpolant=interp)
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(2000, 2, generator=g, dtype=torch.float64)
-    exact = gmm.flow(x0, 0.0, 1.0)
-    euler = {k: error(fm.solve_ode(gmm.velocity, x0, "euler", steps=k).x, exact) for k in (2, 4, 8, 16)}
-    return dict(interp=interp, gmm=gmm, x0=x0, exact=exact, euler=euler)
+    return spec_mixture(euler_steps=(2, 4, 8, 16))
 
 
 def error(x, exact):
