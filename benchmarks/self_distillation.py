@@ -80,10 +80,13 @@ def train(preset: str, out: Path, overrides: list[str], distill: bool = False, l
     return record
 
 
-def budget(steps: int, scale: float) -> list[str]:
+def budget(steps: int, scale: float, checkpoints: bool = False, log_every: int = 200) -> list[str]:
+    """``steps × scale`` steps, the LR decaying from a quarter of them; with ``checkpoints`` a
+    checkpoint every quarter (the digits pipeline's settings, images_digits.py), else none but the last."""
     n = max(20, int(steps * scale))
+    every = max(1, n // 4) if checkpoints else 1000000
     return [f"train.steps={n}", f"train.lr_decay_start={max(1, n // 4)}",
-            "train.checkpoint_every=1000000", "train.log_every=200"]
+            f"train.checkpoint_every={every}", f"train.log_every={log_every}"]
 
 
 def final(run: dict | str) -> str:
@@ -243,10 +246,8 @@ def read_results(part: str) -> dict:
 def train_digits(args) -> dict:
     calibration = read_results("calibrate-digits")
     name = args.method
-    steps = int(calibration["steps_within_pipeline_cpu"][name] * args.scale)
-    n = max(20, steps)
-    over = DIGITS_METHODS[name] + [f"train.steps={n}", f"train.lr_decay_start={max(1, n // 4)}",
-                                   f"train.checkpoint_every={max(1, n // 4)}", "train.log_every=100"]
+    over = DIGITS_METHODS[name] + budget(calibration["steps_within_pipeline_cpu"][name], args.scale,
+                                         checkpoints=True, log_every=100)
     return train("digits", ROOT / "digits" / name.lower(), over, label=name)
 
 

@@ -66,10 +66,14 @@ def build(case: str):
     return model.double(), objective, data.double()
 
 
-def flat_parameters(model, objective=None) -> torch.Tensor:
+def trained_parameters(model, objective=None) -> list[torch.Tensor]:
     """The model's parameters, then those the objective trains beside it (a learned loss weight)."""
     extra = [] if objective is None else [p for m in objective.trainable_modules() for p in m.parameters()]
-    return torch.cat([p.detach().reshape(-1) for p in [*model.parameters(), *extra]])
+    return [*model.parameters(), *extra]
+
+
+def flat_parameters(model, objective=None) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trained_parameters(model, objective)])
 
 
 def main(out: Path) -> int:

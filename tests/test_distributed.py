@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddp_worker
-from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters
+from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters, trained_parameters
 from flowmaps.checkpoint import load_checkpoint
 from flowmaps.runs import experiment as ex
 from flowmaps.train.distributed import rank_seed
@@ -53,7 +53,7 @@ def one_process_reference(case: str, world: int = 2) -> torch.Tensor:
     model, objective, data = build(case)
     accum = CASES[case][1].get("grad_accum", 1)
     generators = [torch.Generator().manual_seed(rank_seed(TRAIN["seed"], r)) for r in range(world)]
-    params = list(model.parameters()) + [p for m in objective.trainable_modules() for p in m.parameters()]
+    params = trained_parameters(model, objective)
     optimizer = torch.optim.Adam(params, lr=TRAIN["lr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                  inverse_sqrt_schedule(TRAIN["lr_decay_start"]))

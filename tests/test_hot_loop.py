@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from ddp_worker import gmm_problem
+from ddp_worker import gmm_problem, trained_parameters
 from flowmaps.train.trainer import Trainer, inverse_sqrt_schedule
 from test_resume import PoisonedObjective
 
@@ -39,8 +39,7 @@ def reference_loop(optimizer: str, steps: int, **options):
     o = dict(OPTIONS, **options)
     model, objective, data = parts()
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[optimizer]
-    # the model's parameters, then those the objective trains beside it (LMD's learned loss weight)
-    params = [*model.parameters(), *(p for m in objective.trainable_modules() for p in m.parameters())]
+    params = trained_parameters(model, objective)  # LMD's learned loss weight too
     opt = cls(params, lr=o["lr"], weight_decay=o.get("weight_decay", 0.0), foreach=False)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_schedule(o["lr_decay_start"]))
     ema = copy.deepcopy(model).requires_grad_(False)

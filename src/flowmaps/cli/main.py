@@ -279,6 +279,8 @@ def _add_tune_grid(sub, fmt) -> None:
     p.add_argument("--iters", type=_positive_int, default=150, help="Adam iterations per grid (default 150)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_tune_grid)
+
+
 def _add_export(sub, fmt) -> None:
     p = sub.add_parser("export", help="write a run's trained map to a folder of its own (for "
                        "flowmaps.load)", formatter_class=fmt,
