@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 
 
 def torchrun(*args, cwd=None, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a rank that aborts shows where
     return subprocess.run([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
                            *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=600)

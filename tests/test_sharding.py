@@ -26,7 +26,7 @@ TINY = ["model.width=16", "model.depth=2", "train.batch_size=32", "data.n_train=
 
 
 def torchrun(*args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a rank that aborts shows where
     return subprocess.run([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
                            "-m", "flowmaps", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600)

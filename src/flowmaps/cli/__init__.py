@@ -3,6 +3,6 @@ command is a small module (``train``, which also distils, ``sample``, ``evaluate
 ``fid_stats``, ``presets``) that reads its arguments and calls the :mod:`flowmaps.runs` that does the
 work."""
 
-from .main import main
+from .main import console, main
 
-__all__ = ["main"]
+__all__ = ["console", "main"]

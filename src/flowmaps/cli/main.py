@@ -26,7 +26,7 @@ from ..checkpoint import CheckpointError
 from ..runs.config import SELF_DISTILLATION, ConfigError, list_presets
 from ..runs.rundir import RunDirError
 from ..runs.training import TrainingInterrupted, TrainingStopped
-from ..train.distributed import is_main, shutdown
+from ..train.distributed import is_main, launched_by_torchrun, shutdown
 from .demo import cmd_demo
 from .evaluate import cmd_evaluate
 from .export import cmd_export
@@ -377,5 +377,21 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(sync=clean)
 
 
+def console() -> None:
+    """The ``flowmaps`` program (console script and ``python -m flowmaps``): :func:`main`, then exit.
+
+    Under torchrun the process ends with ``os._exit`` once :func:`main` has left the process group and
+    flushed its output. Objects still holding the gloo group (a DDP reducer, its pending work) would
+    otherwise be destroyed during interpreter finalisation, where a gloo worker thread that needs the
+    GIL aborts the process ("terminate called without an active exception") after the run finished.
+    Every file of the run is closed by then, so skipping finalisation loses nothing."""
+    status = main()
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

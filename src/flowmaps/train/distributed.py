@@ -199,21 +199,24 @@ def shutdown(sync: bool = True) -> None:
     without an active exception"). A gloo barrier alone is not enough: a rank returns from it once it
     has heard from its peers, while its own last message may still be in flight to a peer that has not
     returned yet; so the ranks then meet once more through the rendezvous store (no gloo traffic), and
-    only when every rank has left the barrier is the group destroyed. After an error pass
-    ``sync=False`` (the peers may never arrive)."""
+    only when every rank has left the barrier is the group destroyed. The ranks meet in the store a
+    last time after destroying it, so that no rank exits (closing its sockets) while a peer is still
+    tearing its connections down. After an error pass ``sync=False`` (the peers may never arrive)."""
     if dist.is_available() and dist.is_initialized():
-        if sync:
-            dist.barrier()
-            _store_barrier("flowmaps/shutdown")
+        if not sync:
+            dist.destroy_process_group()
+            return
+        store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+        dist.barrier()
+        _store_barrier(store, world, "flowmaps/shutdown")
         dist.destroy_process_group()
+        _store_barrier(store, world, "flowmaps/destroyed")
 
 
-def _store_barrier(key: str, timeout: float = 120.0) -> None:
+def _store_barrier(store, world: int, key: str, timeout: float = 120.0) -> None:
     """Wait until every rank has reached this point, counting arrivals in the rendezvous store."""
     import time
 
-    store = dist.distributed_c10d._get_default_store()
-    world = dist.get_world_size()
     store.add(key, 1)
     deadline = time.monotonic() + timeout
     while store.add(key, 0) < world:
