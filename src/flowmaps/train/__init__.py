@@ -1,9 +1,11 @@
 """Training: :mod:`~flowmaps.train.trainer` (:class:`Trainer` and :func:`fit`, the step every objective
-shares), :mod:`~flowmaps.train.distributed` (torchrun, per-rank seeds, the DDP-with-JVP pitfall) and
-:mod:`~flowmaps.train.resume` (checkpoint rotation, newest-checkpoint discovery, graceful stop)."""
+shares), :mod:`~flowmaps.train.schedules` (learning-rate schedules), :mod:`~flowmaps.train.distributed`
+(torchrun, per-rank seeds, the DDP-with-JVP pitfall) and :mod:`~flowmaps.train.resume` (checkpoint
+rotation, newest-checkpoint discovery, graceful stop)."""
 
 from .resume import CheckpointRotation, StopOnSignal, latest_checkpoint
-from .trainer import FitResult, Trainer, fit, inverse_sqrt_schedule
+from .schedules import inverse_sqrt_schedule
+from .trainer import FitResult, Trainer, fit
 
 __all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule", "CheckpointRotation", "latest_checkpoint",
            "StopOnSignal"]
