@@ -4,7 +4,7 @@ The only MNIST available offline on these machines is the 10,000-image subset in
 (``src/digits/<d>.json``: ``{"data": [...]}`` holding, for digit ``d``, its 28×28 images one after the
 other, row-major, as pixel/255 rounded to 3 decimals). This script converts it into
 ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte`` (the IDX format of the real MNIST files),
-so :func:`flowmaps.data.images.read_idx` and ``data.name: mnist`` read it like real MNIST.
+so :func:`flowmaps.data.image_readers.read_idx` and ``data.name: mnist`` read it like real MNIST.
 
 Get the package once with npm (the library itself never calls npm or downloads anything)::
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # check the result with the library's own reader, when it is importable
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from flowmaps.data.images import load_image_dataset
+        from flowmaps.data.image_readers import load_image_dataset
     except ImportError:
         return 0
     ds = load_image_dataset("mnist", args.out)

@@ -1,4 +1,4 @@
-"""Image datasets (flowmaps.data.images) and grids (flowmaps.data.grids): every reader on tiny files
+"""Image datasets (flowmaps.data.image_readers, flowmaps.data.images) and grids (flowmaps.data.grids): every reader on tiny files
 written here in the official formats (IDX plain/gzip, CIFAR-10 binary records and tar.gz, ImageNet-32
 .npz, a PNG/JPEG folder), malformed inputs refused with a one-line ImageDataError naming the file, flip
 augmentation, grids. Self-contained (no conftest fixtures); nothing is downloaded."""
@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from flowmaps.data.grids import make_grid, save_image_grid, save_labeled_grids, to_uint8
-from flowmaps.data.images import (AugmentedImages, ImageDataError, ImageDataset, load_digits,
-                                  load_image_dataset, random_hflip, read_cifar10, read_idx,
-                                  read_image_folder, read_imagenet32)
+from flowmaps.data.image_readers import (load_digits, load_image_dataset, read_cifar10, read_idx,
+                                         read_image_folder, read_imagenet32)
+from flowmaps.data.images import AugmentedImages, ImageDataError, ImageDataset, random_hflip
 
 torch.set_num_threads(1)
 

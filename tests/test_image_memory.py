@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from flowmaps import FlowMap, Linear, UNet
-from flowmaps.data.images import (AugmentedImages, ByteImages, ImageDataset, _set_channels, load_digits,
-                                  load_image_dataset, random_hflip, read_cifar10, read_idx,
-                                  read_image_folder, read_imagenet32)
+from flowmaps.data.image_readers import (_set_channels, load_digits, load_image_dataset, read_cifar10,
+                                         read_idx, read_image_folder, read_imagenet32)
+from flowmaps.data.images import AugmentedImages, ByteImages, ImageDataset, random_hflip
 from flowmaps.metrics.classifier import train_feature_classifier
 from flowmaps.objectives import FMM, Velocity
 from flowmaps.runs import evaluation as evaluation_module

@@ -1,11 +1,12 @@
 """Data: :mod:`~flowmaps.data.points` (2-D generators, user arrays, standardisation),
-:mod:`~flowmaps.data.images` (image datasets from local files, flip augmentation) and
-:mod:`~flowmaps.data.grids` (PNG grids of images). Nothing downloads and nothing is unpickled."""
+:mod:`~flowmaps.data.images` (image datasets in memory, flip augmentation),
+:mod:`~flowmaps.data.image_readers` (image datasets from local files) and :mod:`~flowmaps.data.grids`
+(PNG grids of images). Nothing downloads and nothing is unpickled."""
 
 from .grids import make_grid, save_image_grid, save_labeled_grids, to_uint8
-from .images import (IMAGE_DATASETS, AugmentedImages, ByteImages, ImageDataError, ImageDataset,
-                     load_digits, load_image_dataset, random_hflip, read_cifar10, read_idx,
-                     read_image_folder, read_imagenet32)
+from .image_readers import (IMAGE_DATASETS, load_digits, load_image_dataset, read_cifar10, read_idx,
+                            read_image_folder, read_imagenet32)
+from .images import AugmentedImages, ByteImages, ImageDataError, ImageDataset, random_hflip
 from .points import (DATASETS, Standardizer, checkerboard, eight_gaussians, load_array, make_dataset,
                      moons, spirals)
 

@@ -106,7 +106,7 @@ def build_data(cfg: Config) -> DataBundle:
 
 
 def _build_images(cfg: Config) -> DataBundle:
-    from ..data.images import load_image_dataset
+    from ..data.image_readers import load_image_dataset
 
     d = cfg.data
     options = {}
