@@ -171,6 +171,21 @@ def read_idx(images_path: str | Path, labels_path: str | Path | None = None, *,
 # ---------------------------------------------------------------------------------------- CIFAR-10
 
 
+def _collect(chunks: Iterable[tuple[np.ndarray, np.ndarray]], limit: int | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ``(pixels, labels)`` chunks (files or batches, in order) until ``limit`` images are
+    read; the labels are cut to ``limit``, the pixels by the caller's ``_byte_images``."""
+    xs, ys, count = [], [], 0
+    for x, y in chunks:
+        xs.append(x)
+        ys.append(y)
+        count += len(y)
+        if limit is not None and count >= limit:
+            break
+    pixels = xs[0] if len(xs) == 1 else np.concatenate(xs)
+    return pixels, np.concatenate(ys)[:limit]
+
+
 def _cifar_records(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
         hint = ""
@@ -248,16 +263,8 @@ def read_cifar10(path: str | Path, split: str = "train", *, limit: int | None = 
             except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as err:
                 raise ImageDataError(f"{path}: cannot read archive ({_one_line(err)})") from None
 
-    xs, ys, count = [], [], 0
-    for source, raw in sources():
-        x, y = _cifar_records(raw, source)
-        xs.append(x)
-        ys.append(y)
-        count += len(y)
-        if limit is not None and count >= limit:
-            break
-    pixels = xs[0] if len(xs) == 1 else np.concatenate(xs)
-    labels = torch.from_numpy(np.concatenate(ys)[:limit].astype(np.int64))
+    pixels, labels = _collect((_cifar_records(raw, source) for source, raw in sources()), limit)
+    labels = torch.from_numpy(labels.astype(np.int64))
     return ImageDataset(_byte_images(pixels, limit), labels, 10, "cifar10", list(CIFAR10_CLASSES))
 
 
@@ -338,20 +345,19 @@ def read_imagenet32(path: str | Path, split: str = "train", *,
     if split not in ("train", "val", "test"):
         raise ValueError(f"imagenet32: split must be 'train' or 'val', got {split!r}")
     path = _require_exists(path)
-    xs, ys, count = [], [], 0
-    for file in _imagenet_files(path, "train" if split == "train" else "val"):
-        x, y = _read_imagenet_npz(file)
-        if xs and x.shape[1:] != xs[0].shape[1:]:
-            raise ImageDataError(f"{file}: images of shape {x.shape[1:]} but earlier files hold "
-                                 f"{xs[0].shape[1:]}")
-        xs.append(x)
-        ys.append(y)
-        count += len(y)
-        if limit is not None and count >= limit:
-            break
-    pixels = xs[0] if len(xs) == 1 else np.concatenate(xs)
-    del xs
-    labels = torch.from_numpy(np.concatenate(ys)[:limit])
+
+    def files():
+        first = None
+        for file in _imagenet_files(path, "train" if split == "train" else "val"):
+            x, y = _read_imagenet_npz(file)
+            if first is not None and x.shape[1:] != first:
+                raise ImageDataError(f"{file}: images of shape {x.shape[1:]} but earlier files hold "
+                                     f"{first}")
+            first = x.shape[1:]
+            yield x, y
+
+    pixels, labels = _collect(files(), limit)
+    labels = torch.from_numpy(labels)
     if len(labels) == 0:
         raise ImageDataError(f"{path}: no images")
     return ImageDataset(_byte_images(pixels, limit), labels, 1000, "imagenet32")
