@@ -70,8 +70,9 @@ def problem_runs(name: str, scale: float, reuse: bool) -> tuple[Path, list[str],
         return lmd, ["eval.n_samples=64000"], "kl"
     stats = out / "reference"
     if not (reuse and (stats / "reference.json").exists()):
-        flowmaps_main.main(["fid-stats", "--preset", "digits", "--out", str(stats), "--overwrite",
-                            "--quiet"])
+        if flowmaps_main(["fid-stats", "--preset", "digits", "--out", str(stats), "--overwrite",
+                          "--quiet"]) != 0:
+            raise SystemExit("tuned_grids: flowmaps fid-stats failed")
     teacher = train("digits", out / "teacher", budget(6000, scale) + ["objective.name=velocity"],
                     False, "teacher", reuse)
     lmd = train("digits", out / "lmd", budget(2500, scale) + [
