@@ -16,7 +16,11 @@ class LMD(SelfDistillation):
     forward-mode JVP in ``t``; the gradient flows through the JVP tangent only (semigradient, eq. 27).
     ``semigradient=False`` gives eq. (26), which also differentiates through ``b̂`` at the transported
     point; it needs a differentiable teacher and is much worse near narrow modes (spec Appendix B).
-    ``form="v"`` is the v-form of spec §3.4: the same residual, the gradient through the primal only.
+    ``form="v"`` is the v-form of spec §3.4: the same residual, the gradient through the primal only. Its
+    step costs 1.63× a velocity step against 2.31× (``benchmarks/training_cost.py``), but its maps are
+    worse: on gmm_hard (``benchmarks/quality_per_budget.py``, 4000 × 512, seeds 0–2) the 1-step error
+    was 0.148 against 0.079 at equal steps, and 0.148 at about equal CPU time (5700 steps, 80 s against
+    86 s), so the default stays the semigradient form.
     Any other switch of :class:`~flowmaps.objectives.SelfDistillation` applies (``eta``, ``sampler``…).
 
     The loss is weighted by the learned log-variance head ``e^{−w_{s,t}} |r|² + w_{s,t}`` by default
