@@ -90,6 +90,38 @@ def test_every_residual_vanishes_at_the_exact_map(case, gmm_case):
     assert irr.mean() > 0.1  # the irreducible variance is far from zero
 
 
+class Offset(nn.Module):
+    """``v_{s,t}(x) + c``: wrong by ``c`` in every coordinate, on the diagonal too."""
+
+    def __init__(self, net, c):
+        super().__init__()
+        self.net, self.c = net, c
+
+    def forward(self, x, s, t):
+        return self.net(x, s, t) + self.c
+
+
+@pytest.mark.parametrize("gmm_case", ["linear", "trig-svec"])
+def test_a_teacher_diagonal_vanishes_at_the_exact_map_where_flow_matching_keeps_its_variance(gmm_case):
+    """LMD with a diagonal term (``eta > 0``): with ``diagonal="teacher"`` the target is ``b̂_t(I_t)``
+    itself, so at the exact map both terms vanish; the flow-matching target ``İ_t`` leaves the
+    irreducible variance. Perturbing the diagonal makes the teacher term equal to the perturbation."""
+    gmm = build_gmm(gmm_case)
+    exact = gmm.as_flow_map()
+    teacher_diag = LMD(gmm.interpolant, gmm.velocity, eta=0.25, diagonal="teacher")
+    flow_matching = LMD(gmm.interpolant, gmm.velocity, eta=0.25)
+    x0, x1, s, t = draw(gmm, teacher_diag, seed=5)
+    n_d = teacher_diag.times.n_diagonal(N)
+    terms = teacher_diag.terms(exact, x0, x1, s, t, cond=None)
+    assert terms["diagonal"].abs().max() < 1e-20 and terms["lagrangian"].max() < GMM_SQ_TOL
+    fm_terms = flow_matching.terms(exact, x0, x1, s, t, cond=None)
+    torch.testing.assert_close(fm_terms["diagonal"][:n_d], irreducible(gmm, x0[:n_d], x1[:n_d], t[:n_d]),
+                               atol=1e-10, rtol=1e-10)
+    terms = teacher_diag.terms(FlowMap(Offset(exact.net, 0.3)), x0, x1, s, t, cond=None)
+    torch.testing.assert_close(terms["diagonal"][:n_d], torch.full((n_d,), 0.09 * x1.shape[1],
+                                                                     dtype=F64), atol=1e-10, rtol=0)
+
+
 class Shifted(nn.Module):
     """v_{s,t}(x) + c·(t − s) + slope·s: exact on the diagonal, wrong off it."""
 
@@ -450,6 +482,8 @@ def test_adaptive_and_tangent_weightings():
     (dict(residual="lagrangian", source="teacher"), "teacher"),
     (dict(residual="lagrangian", teacher=lambda x, t: x), "source='teacher'"),
     (dict(residual="lagrange"), "residual"),
+    (dict(residual="lagrangian", diagonal="teacher"), "diagonal=teacher"),
+    (dict(residual="lagrangian", diagonal="velocity"), "diagonal"),
     (dict(sampler="dyadic", domain="square"), "dyadic"),
     (dict(eta=1.0), "eta"),
     (dict(guidance=2.0), "null_label"),

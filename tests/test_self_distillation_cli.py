@@ -54,6 +54,17 @@ def test_the_learned_weight_is_saved_with_the_run(tmp_path):
     assert weights["weight.linear.weight"].abs().max() > 0  # trained away from its zero start
 
 
+def test_lmd_takes_a_diagonal_term_on_the_teacher_from_the_config(tmp_path):
+    run = tmp_path / "lmd"
+    assert main(["distill", "--preset", "gmm", "--teacher", "exact", "--objective", "lmd", "--out",
+                 str(run), "train.steps=6", "objective.eta=0.25", "objective.diagonal=teacher",
+                 *TINY]) == 0
+    saved = load_config(None, run / "config.yaml")
+    assert saved.objective.eta == 0.25 and saved.objective.diagonal == "teacher"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("diagonal" in r and r["diagonal"] > 0 for r in records if "event" not in r)
+
+
 def test_distill_uses_the_teacher_as_the_velocity_source(tmp_path):
     run = tmp_path / "lsd"
     assert main(["distill", "--preset", "gmm", "--teacher", "exact", "--objective", "lsd", "--out",
@@ -76,6 +87,8 @@ def test_distill_uses_the_teacher_as_the_velocity_source(tmp_path):
     (["distill", "--teacher", "exact", "--objective", "lsd", "objective.source=self"],
      "flowmaps train"),
     (["train", "--objective", "lsd", "objective.weighting=heavy"], "objective.weighting"),
+    (["train", "--objective", "lsd", "objective.diagonal=teacher"], "diagonal=teacher"),
+    (["train", "--objective", "lsd", "objective.diagonal=exact"], "objective.diagonal"),
 ])
 def test_switch_combinations_that_make_no_sense_are_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -24,10 +24,11 @@ from .sources import SOURCES, VelocitySource
 from .times import DyadicPairs, SelfDistillationTimes, TimeSampler, as_time_sampler
 from .weighting import WEIGHTINGS, AdaptiveWeight, LearnedWeight, TangentNormalization
 
-__all__ = ["SelfDistillation", "RESIDUALS", "SAMPLERS", "GAMMAS"]
+__all__ = ["SelfDistillation", "RESIDUALS", "SAMPLERS", "GAMMAS", "DIAGONALS"]
 
 RESIDUALS = ("lagrangian", "eulerian", "progressive")
 SAMPLERS = ("uniform", "gap", "logit_normal", "dyadic")
+DIAGONALS = ("conditional", "teacher")
 GAMMAS = ("uniform", "midpoint")
 TERM_NAMES = {"lagrangian": "lagrangian", "eulerian": "eulerian", "progressive": "progressive"}
 
@@ -47,6 +48,10 @@ class SelfDistillation(Objective):
         stopgrad: ``"target"`` (the teacher term under sg: the papers' semigradients), ``"source"``
             (only the source's parameters frozen) or ``"none"`` (nothing, own diagonal only).
         eta: diagonal fraction of the batch, ``0 ≤ η < 1``.
+        diagonal: the diagonal term's target: ``"conditional"`` (flow matching,
+            ``|v̂_{t,t}(I_t) − İ_t|²``) or ``"teacher"`` (``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``, the teacher's
+            velocity at the same point: the same minimiser without the conditional noise; ``source``
+            ``"teacher"`` only).
         sampler: off-diagonal pairs ``"uniform"`` (on ``domain``), ``"logit_normal"`` (``time_mean``,
             ``time_std``, both times, sorted on the triangle; the diagonal times too) or ``"dyadic"``
             (shortcut grid, ``dyadic_levels``); or pass ``times=`` a :class:`SelfDistillationTimes`.
@@ -65,7 +70,7 @@ class SelfDistillation(Objective):
 
     def __init__(self, interpolant, **options):
         opts = dict(residual="lagrangian", form="map", source="self", teacher=None, stopgrad="target",
-                    eta=0.75, sampler="uniform", domain="triangle", time_mean=0.0, time_std=1.0,
+                    eta=0.75, diagonal="conditional", sampler="uniform", domain="triangle", time_mean=0.0, time_std=1.0,
                     dyadic_levels=7, fm_steps=0, anneal_steps=0, gamma="uniform", ema_decay=0.999,
                     weighting="none", adaptive_p=1.0, adaptive_eps=1e-3, tangent_c=0.1,
                     tangent_warmup=0, weight_channels=128, guidance=1.0, null_label=None, times=None,
@@ -83,7 +88,7 @@ class SelfDistillation(Objective):
             times = SelfDistillationTimes(opts["eta"], as_time_sampler(times))
         super().__init__(interpolant, times, opts["weight"])
         self.residual, self.form, self.stopgrad = opts["residual"], opts["form"], opts["stopgrad"]
-        self.gamma, self.weighting = opts["gamma"], opts["weighting"]
+        self.gamma, self.weighting, self.diagonal = opts["gamma"], opts["weighting"], opts["diagonal"]
         self._refuse_nonsense(opts)
         self.source = VelocitySource(opts["source"], teacher=opts["teacher"], ema_decay=opts["ema_decay"],
                                      guidance=opts["guidance"], null_label=opts["null_label"])
@@ -121,6 +126,11 @@ class SelfDistillation(Objective):
             if o[key] not in allowed:
                 raise ValueError(f"{key}: {o[key]!r} is not one of {', '.join(allowed)}")
         residual, source = o["residual"], o["source"]
+        if o["diagonal"] not in DIAGONALS:
+            raise ValueError(f"diagonal: {o['diagonal']!r} is not one of {', '.join(DIAGONALS)}")
+        if o["diagonal"] == "teacher" and source != "teacher":
+            raise ValueError(f"diagonal=teacher regresses the diagonal on a teacher's velocity, but the "
+                             f"source is {source!r}: use source=teacher or diagonal=conditional")
         if residual == "lagrangian" and source == "conditional":
             raise ValueError("a lagrangian residual needs the velocity at the transported point "
                              "X(s,t,I_s), but the conditional velocity İ is known only at I_s: use an "
@@ -207,8 +217,11 @@ class SelfDistillation(Objective):
                 self.term_name: torch.cat([zeros_d, pieces[self.term_name]])}
 
     def _diagonal(self, model, x0, x1, t, cond) -> Tensor:
-        """Flow matching on the diagonal, ``|v̂_{t,t}(I_t) − İ_t|²``, with dropout as configured."""
+        """The diagonal term, with dropout as configured: flow matching ``|v̂_{t,t}(I_t) − İ_t|²``, or
+        with ``diagonal="teacher"`` the teacher's velocity ``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``."""
         i_t, di_t = self.interpolant(x0, x1, t)
+        if self.diagonal == "teacher":
+            di_t = self.source.at(model, i_t, t, cond, grad="none").detach()
         return sq_norm(model.velocity(i_t, t, cond) - di_t)
 
     def _residual(self, model, x0, x1, s, t, cond) -> Tensor:

@@ -112,6 +112,7 @@ class ObjectiveConfig:
 
     Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``; and the switches
     of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
+    ``diagonal`` conditional | teacher (the diagonal term's target: ``İ_t`` or the teacher's velocity);
     ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
     conditional (``ema_decay`` for ema); ``stopgrad`` target | source | none; ``weighting`` none |
     learned | adaptive (``adaptive_p``, ``adaptive_eps``) | tangent (``tangent_c``,
@@ -132,6 +133,7 @@ class ObjectiveConfig:
     stage_steps: int = 500
     pfmm_band: str = "gap"
     eta: float | None = None
+    diagonal: str = "default"
     residual: str = "default"
     form: str = "default"
     source: str = "default"
@@ -264,6 +266,7 @@ CHOICES = {
     "objective.times": ("default", "triangle", "square"),
     "objective.distribution": ("default", "uniform", "gap", "logit_normal", "dyadic"),
     "objective.residual": ("default", "lagrangian", "eulerian", "progressive"),
+    "objective.diagonal": ("default", "conditional", "teacher"),
     "objective.form": ("default", "map", "v"),
     "objective.source": ("default", "self", "ema", "teacher", "conditional"),
     "objective.stopgrad": ("default", "target", "source", "none"),

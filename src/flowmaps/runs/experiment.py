@@ -270,7 +270,7 @@ SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": Mea
 # Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
 _SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
                 "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
-                "distribution": "sampler"}
+                "distribution": "sampler", "diagonal": "diagonal"}
 _SD_VALUES = ("eta", "time_mean", "time_std", "ema_decay", "adaptive_p", "adaptive_eps", "tangent_c",
               "tangent_warmup", "dyadic_levels")
 
