@@ -199,7 +199,9 @@ class Checkerboard:
         from flowmaps.objectives import Velocity
 
         stem = RESULTS / "checkpoints" / f"checkerboard_teacher_{steps}"
-        net = fm.FlowMap(fm.MLP(2, sigma_data=self.sigma_data))
+        # 8 Fourier time frequencies, as the CLI's velocity runs (MLP's own default, raw times, is
+        # LMD's); fixed here so the cached teacher stays loadable whatever that default is.
+        net = fm.FlowMap(fm.MLP(2, sigma_data=self.sigma_data, n_frequencies=8))
         if stem.with_suffix(".json").exists():
             groups, _ = load_checkpoint(stem, check=lambda where, meta: None)
             net.load_state_dict(groups["ema"])
