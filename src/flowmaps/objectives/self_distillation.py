@@ -70,11 +70,11 @@ class SelfDistillation(Objective):
 
     def __init__(self, interpolant, **options):
         opts = dict(residual="lagrangian", form="map", source="self", teacher=None, stopgrad="target",
-                    eta=0.75, diagonal="conditional", sampler="uniform", domain="triangle", time_mean=0.0, time_std=1.0,
-                    dyadic_levels=7, fm_steps=0, anneal_steps=0, gamma="uniform", ema_decay=0.999,
-                    weighting="none", adaptive_p=1.0, adaptive_eps=1e-3, tangent_c=0.1,
-                    tangent_warmup=0, weight_channels=128, guidance=1.0, null_label=None, times=None,
-                    weight=None)
+                    eta=0.75, diagonal="conditional", sampler="uniform", domain="triangle",
+                    time_mean=0.0, time_std=1.0, dyadic_levels=7, fm_steps=0, anneal_steps=0,
+                    gamma="uniform", ema_decay=0.999, weighting="none", adaptive_p=1.0,
+                    adaptive_eps=1e-3, tangent_c=0.1, tangent_warmup=0, weight_channels=128,
+                    guidance=1.0, null_label=None, times=None, weight=None)
         unknown = set(options) - set(opts)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}")
