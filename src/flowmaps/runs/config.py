@@ -2,16 +2,13 @@
 
 A run is fully described by one :class:`Config`; its resolved form is saved in every run directory and
 checkpoint, so ``flowmaps train --config RUN/config.yaml`` reproduces the run. Unknown keys, wrong
-types and out-of-range values raise :class:`ConfigError` with a one-line message naming the key.
+types and out-of-range values raise :class:`ConfigError` with a one-line message naming the key (the
+type checking of each value is :mod:`flowmaps.runs.typed`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,12 +18,9 @@ import yaml
 
 from ..teachers.adapters import ADAPTERS
 from ..teachers.factory import FACTORY_PATTERN
+from .typed import ConfigError, build, parse_override, read_yaml, to_dict
 
 __all__ = ["Config", "ConfigError", "load_config", "list_presets", "apply_overrides", "to_dict"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming the key and the problem."""
 
 
 @dataclass
@@ -371,15 +365,7 @@ def _validate_teacher(t: TeacherConfig) -> None:
         raise ConfigError(f"teacher.kwargs: keys must be names, got {sorted(map(repr, t.kwargs))}")
 
 
-# --- (de)serialisation with type checking -------------------------------------------------------
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return [to_dict(v) for v in obj]
-    return obj
-
+# --- flattened keys, merging, overrides (the typed reading is in .typed) -------------------------
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -390,101 +376,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(key, value, option)
-            except ConfigError as err:
-                errors.append(err)
-        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
-                            for o in options)
-        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is list or origin is list:
-        if isinstance(value, str) and "," in value:  # the comma form, eval.steps=1,2,4
-            value = _comma_list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, e.g. {{width: 64}}, got {type(value).__name__} "
-                              f"{value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, key)
-    raise ConfigError(f"{key}: unsupported type {annotation}")
-
-
-def _comma_list(text: str) -> list:
-    """``"1,2,4"`` → ``[1, 2, 4]``: each comma-separated item read as a YAML scalar (empty items, as
-    after a trailing comma, are dropped), so a list key takes the form ``--steps`` takes on the command
-    line."""
-    items = []
-    for item in text.split(","):
-        if item.strip():
-            try:
-                items.append(yaml.safe_load(item))
-            except yaml.YAMLError:
-                items.append(item.strip())
-    return items
-
-
-def _build(cls, data: Any, prefix: str = "") -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{where}; "
-                          f"known: {', '.join(sorted(names))}")
-    base = cls()
-    values = {}
-    for name in names:
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            values[name] = _check_type(key, data[name], hints[name])
-        else:
-            values[name] = getattr(base, name)
-    return cls(**values)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -501,36 +392,6 @@ def list_presets() -> list[str]:
     """Names of the YAML presets shipped in ``flowmaps/runs/presets``."""
     folder = resources.files("flowmaps.runs") / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _read_yaml(text: str, where: str) -> dict:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:  # safe_load: tags such as !!python/object are refused, never run
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        problem = " ".join(str(getattr(err, "problem", None) or "").split())[:120]
-        detail = "; ".join(x for x in (f"line {line + 1}" if line is not None else "", problem) if x)
-        raise ConfigError(f"{where}: not valid YAML" + (f" ({detail})" if detail else "")) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=value`` → (["a", "b"], YAML-parsed value)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=2000")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -566,7 +427,7 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     name = (data.get("objective") or {}).get("name", ObjectiveConfig.name)
     if isinstance(name, str) and name in by_objective:
         data = resolve(by_objective[name])
-    return _build(Config, data).validate()
+    return build(Config, data).validate()
 
 
 def _read_preset(preset: str) -> tuple[dict, dict]:
@@ -574,7 +435,7 @@ def _read_preset(preset: str) -> tuple[dict, dict]:
     if preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
     text = (resources.files("flowmaps.runs") / "presets" / f"{preset}.yaml").read_text()
-    data = _read_yaml(text, f"preset {preset}")
+    data = read_yaml(text, f"preset {preset}")
     data.setdefault("preset", preset)
     blocks = data.pop(PER_OBJECTIVE, None) or {}
     if not isinstance(blocks, dict) or any(not isinstance(b, dict) for b in blocks.values()):
@@ -591,9 +452,9 @@ def _read_config_file(path: Path) -> dict:
         raise ConfigError(f"{path}: not a UTF-8 text YAML file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-    from_file = _read_yaml(text, str(path))
+    from_file = read_yaml(text, str(path))
     try:  # unknown keys and wrong types, reported against the file that holds them
-        _build(Config, from_file)
+        build(Config, from_file)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return from_file

@@ -19,7 +19,8 @@ from ..data.grids import save_labeled_grids
 from ..objectives import GuidedVelocity
 from ..train import distributed
 from . import experiment as ex
-from .config import Config, ConfigError, _build, apply_overrides, to_dict
+from .config import Config, ConfigError, apply_overrides, to_dict
+from .typed import build
 from .devices import open_device
 from .evaluation import Evaluation, build_reference, evaluate, load_reference, markdown_table
 from .grid_tuning import load_tuned_grids
@@ -110,7 +111,7 @@ def _with_eval_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     if bad:
         raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* overrides only (the rest "
                           "comes from the checkpoints)")
-    return _build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
+    return build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
 
 
 def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -> ex.DataBundle:

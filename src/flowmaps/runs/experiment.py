@@ -26,7 +26,8 @@ from ..nets.mlp import MLP
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, MeanFlow, Objective, Shortcut,
                           TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
-from .config import SELF_DISTILLATION, Config, ConfigError, _build, to_dict
+from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
+from .typed import build
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
            "build_model", "build_objective", "build_teacher", "factory_teacher", "Loaded", "load_model",
@@ -369,7 +370,7 @@ def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Confi
 
 def _check_config(where: Path, config: dict) -> None:
     try:
-        _build(Config, config).validate()
+        build(Config, config).validate()
     except ConfigError as err:
         raise CheckpointError(f"{where}: invalid config ({err})") from None
 
@@ -387,7 +388,7 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     it."""
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
-        cfg = _build(Config, meta["config"])
+        cfg = build(Config, meta["config"])
         scales = meta["scales"]
     except (KeyError, ConfigError) as err:
         raise CheckpointError(f"{path}: metadata is incomplete or from an incompatible version "
