@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from flowmaps.metrics import wasserstein2
 from flowmaps.runs.config import load_config
 from flowmaps.runs.experiment import build_data
-from flowmaps.train.trainer import inverse_sqrt_schedule
+from flowmaps.train.schedules import inverse_sqrt_schedule
 
 HERE = Path(__file__).resolve().parent
 OURS = HERE / "results" / "quality_vs_cost" / "checkerboard"

@@ -28,7 +28,7 @@ from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters, train
 from flowmaps.checkpoint import load_checkpoint
 from flowmaps.runs import experiment as ex
 from flowmaps.train.distributed import rank_seed
-from flowmaps.train.trainer import inverse_sqrt_schedule
+from flowmaps.train.schedules import inverse_sqrt_schedule
 
 BIN = Path(sys.executable).parent
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ddp_worker import gmm_problem, trained_parameters
-from flowmaps.train.trainer import Trainer, inverse_sqrt_schedule
+from flowmaps.train.schedules import inverse_sqrt_schedule
+from flowmaps.train.trainer import Trainer
 from test_resume import PoisonedObjective
 
 torch.set_num_threads(1)

@@ -304,9 +304,9 @@ def test_loading_imagenet32_peaks_well_below_a_float32_copy(tmp_path):
 
 
 def test_the_finite_check_of_float_data_scans_every_block():
-    from flowmaps.train.trainer import _all_finite
+    from flowmaps.train.batches import all_finite
 
     x = torch.zeros(10, 3)
-    assert _all_finite(x, rows=3)
+    assert all_finite(x, rows=3)
     x[9, 2] = float("inf")  # in the last, partial block
-    assert not _all_finite(x, rows=3)
+    assert not all_finite(x, rows=3)

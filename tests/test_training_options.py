@@ -11,7 +11,7 @@ import torch
 
 import flowmaps as fm
 from flowmaps.runs.config import ConfigError, load_config
-from flowmaps.train.trainer import learning_rate_schedule
+from flowmaps.train.schedules import learning_rate_schedule
 from test_fused_jvp import F64, func_reference, make_inputs, pick, random_mlp
 
 

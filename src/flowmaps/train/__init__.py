@@ -1,5 +1,6 @@
 """Training: :mod:`~flowmaps.train.trainer` (:class:`Trainer` and :func:`fit`, the step every objective
-shares), :mod:`~flowmaps.train.schedules` (learning-rate schedules), :mod:`~flowmaps.train.distributed`
+shares), :mod:`~flowmaps.train.schedules` (learning-rate schedules),
+:mod:`~flowmaps.train.batches` (the data source behind each batch), :mod:`~flowmaps.train.distributed`
 (torchrun, per-rank seeds, the DDP-with-JVP pitfall) and :mod:`~flowmaps.train.resume` (checkpoint
 rotation, newest-checkpoint discovery, graceful stop)."""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import warnings
 from typing import Callable
 
@@ -32,47 +31,14 @@ from torch import Tensor, nn
 
 from ..data.images import ByteImages
 from ..objectives.base import LossOutput, Objective
-# The schedules live in .schedules; re-exported here, where tests and benchmarks import them from.
-from .schedules import LR_SCHEDULES, inverse_sqrt_schedule, learning_rate_schedule
+from .batches import DataSource, batch_sampler
+from .schedules import learning_rate_schedule
 
-DataSource = Tensor | ByteImages | Callable[..., Tensor]
-
-__all__ = ["Trainer", "fit", "FitResult", "inverse_sqrt_schedule", "learning_rate_schedule",
-           "LR_SCHEDULES"]
+__all__ = ["Trainer", "fit", "FitResult"]
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 FUSED = ("adam", "adamw")  # torch implements these fused (one kernel, found_inf skips on the device)
-
-
-def _all_finite(data: Tensor, rows: int = 1 << 14) -> bool:
-    """``torch.isfinite(data).all()``, a block of rows at a time (no mask as large as the data)."""
-    return all(bool(torch.isfinite(block).all()) for block in data.split(rows))
-
-
-def _batch_sampler(data: DataSource, generator: torch.Generator, device) -> Callable[[int], Tensor]:
-    if isinstance(data, (Tensor, ByteImages)):
-        if data.ndim < 2 or data.shape[0] == 0:
-            raise ValueError(f"data must have shape (N, ...) with N > 0, got {tuple(data.shape)}")
-        # ByteImages decode to finite levels; only the selected rows are decoded, per batch.
-        if isinstance(data, Tensor) and not _all_finite(data):
-            raise ValueError("data contains NaN or infinite values")
-
-        def draw(n: int) -> Tensor:
-            idx = torch.randint(data.shape[0], (n,), generator=generator, device=generator.device)
-            return data[idx.to(data.device)].to(device)
-
-        draw.data = data
-        return draw
-    if callable(data):
-        try:
-            takes_generator = "generator" in inspect.signature(data).parameters
-        except (TypeError, ValueError):
-            takes_generator = False
-        if takes_generator:
-            return lambda n: data(n, generator=generator).to(device)
-        return lambda n: data(n).to(device)
-    raise TypeError("data must be a tensor of samples (N, ...), ByteImages or a callable n -> batch")
 
 
 class _ObjectiveLoss(nn.Module):
@@ -203,7 +169,7 @@ class Trainer:
                                  "label used by label dropout and guidance)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
-        self.draw = _batch_sampler(data, self.generator, self.device)
+        self.draw = batch_sampler(data, self.generator, self.device)
         if labels is not None:
             labels = labels.to(self.device)  # indexed by the generator's draws without a host copy
         self.labels, self.label_dropout, self.null_label = labels, float(label_dropout), null_label
