@@ -13,8 +13,8 @@ is ``fm.fit`` with its own defaults (``FlowMap(MLP(2))``, ``LMD(interpolant, tea
 sampled with the EMA it returns); ``fit-defaults`` is what ``fit`` did before this benchmark (no EMA,
 constant lr 1e-3, no clipping, MLP with 8 Fourier time frequencies); ``fit`` is ``fit``'s present
 defaults through the Trainer (the ``library`` row's training); ``fit-defaults+key=value+…`` and
-``fit+key=value+…`` change one option at a time (``flowmaps.Trainer``, ``MLP`` and ``LMD`` options; sampled with the EMA weights when
-the recipe keeps an EMA); and, as the reference row, ``plain``: a 40-line LMD loop written here (a plain MLP on
+``fit+key=value+…`` change one option at a time (``flowmaps.Trainer``, ``MLP`` and ``LMD`` options;
+sampled with the EMA weights when the recipe keeps an EMA); and, as the reference row, ``plain``: a 40-line LMD loop written here (a plain MLP on
 ``(x, s, t)``, ``torch.func.jvp``, Adam 1e-3, no EMA, nothing else). Reported per row: mean, min, max and
 max/min over seeds at each step count, the ratio of the mean 1-step error to the plain loop's, and the
 CPU seconds of training (``time.process_time``, one thread). The load average is recorded.

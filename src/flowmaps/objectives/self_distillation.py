@@ -219,10 +219,12 @@ class SelfDistillation(Objective):
     def _diagonal(self, model, x0, x1, t, cond) -> Tensor:
         """The diagonal term, with dropout as configured: flow matching ``|v̂_{t,t}(I_t) − İ_t|²``, or
         with ``diagonal="teacher"`` the teacher's velocity ``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``."""
-        i_t, di_t = self.interpolant(x0, x1, t)
         if self.diagonal == "teacher":
-            di_t = self.source.at(model, i_t, t, cond, grad="none").detach()
-        return sq_norm(model.velocity(i_t, t, cond) - di_t)
+            i_t = self.interpolant.interpolate(x0, x1, t)
+            target = self.source.at(model, i_t, t, cond, grad="none")  # under no_grad
+        else:
+            i_t, target = self.interpolant(x0, x1, t)
+        return sq_norm(model.velocity(i_t, t, cond) - target)
 
     def _residual(self, model, x0, x1, s, t, cond) -> Tensor:
         warmup = self.tangent.warmup_factor(self.step) if self.tangent is not None else 1.0
