@@ -426,8 +426,8 @@ def test_dyadic_pairs_lie_on_the_shortcut_grid():
     gap = t - s
     k = -torch.log2(gap / 2)
     assert torch.equal(k, k.round()) and set(k.round().int().tolist()) == set(range(1, 8))
-    d = gap / 2
-    assert torch.equal(s / d, (s / d).round()) and (t <= 1).all() and (s >= 0).all()
+    # a jump of length 2d starts at a multiple of 2d (Frans et al.'s targets_shortcut.py), not of d
+    assert torch.equal(s / gap, (s / gap).round()) and (t <= 1).all() and (s >= 0).all()
     assert (s == 0).any() and torch.isclose(t, torch.ones_like(t)).any()  # both ends are reached
     counts = torch.bincount(k.round().int())[1:]
     assert counts.min() > 0.8 * 20000 / 7                      # equal shares of the levels

@@ -143,12 +143,12 @@ class TimeFeatures(nn.Module):
 _COMPILED: dict = {}
 
 
-def _compiled_forward_and_jvps():
-    """``torch.compile`` of :meth:`MLP._forward_and_jvps`, built on first use and shared by every MLP
-    (the module is an argument, so copies and EMA/frozen snapshots use their own weights)."""
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(MLP._forward_and_jvps)
-    return _COMPILED["fn"]
+def _compiled_forward_and_jvps(backend: str = "inductor"):
+    """``torch.compile`` of :meth:`MLP._forward_and_jvps` with ``backend``, built on first use and shared
+    by every MLP (the module is an argument, so copies and EMA/frozen snapshots use their own weights)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(MLP._forward_and_jvps, backend=backend)
+    return _COMPILED[backend]
 
 
 @register_network
@@ -257,15 +257,19 @@ class MLP(nn.Module):
             raise ValueError("detach needs one flag per tangent")
         tangents = [tuple(tangent) for tangent in tangents]
         if getattr(self, "compiled_jvp", False):
-            return _compiled_forward_and_jvps()(self, x, s, t, tangents, cond, detach)
+            backend = getattr(self, "compile_backend", "inductor")
+            return _compiled_forward_and_jvps(backend)(self, x, s, t, tangents, cond, detach)
         return self._forward_and_jvps(x, s, t, tangents, cond, detach)
 
-    def compile_jvp(self, enable: bool = True) -> "MLP":
+    def compile_jvp(self, enable: bool = True, backend: str = "inductor") -> "MLP":
         """Opt-in: run the fused forward+JVP pass through ``torch.compile`` (fuses the elementwise work
         of the tangent propagation and its backward). The first calls compile (tens of seconds on a
         CPU, again for new batch sizes or tangent patterns); it pays off only for long runs — measure
-        with ``benchmarks/training_cost.py --compile``. Plain :meth:`forward` is not compiled."""
+        with ``benchmarks/training_cost.py --compile``. Plain :meth:`forward` is not compiled.
+        ``backend``: torch.compile's backend (``"inductor"`` generates C++/Triton kernels;
+        ``"aot_eager"`` traces without code generation, no compiler needed)."""
         self.compiled_jvp = bool(enable)
+        self.compile_backend = str(backend)
         return self
 
     def _forward_and_jvps(self, x: Tensor, s: Tensor, t: Tensor, tangents: list, cond: Tensor | None,

@@ -14,6 +14,8 @@ EMD of [P1]: the named objectives are these switches with their papers' defaults
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ from .._tensor import sq_norm
 from .base import Objective, dropout_disabled
 from .residuals import FORMS, STOPGRADS, eulerian, lagrangian, progressive
 from .sources import SOURCES, VelocitySource
-from .times import DyadicPairs, SelfDistillationTimes, TimeSampler, as_time_sampler
+from .times import DyadicPairs, PairStart, SelfDistillationTimes, TimeSampler, as_time_sampler
 from .weighting import WEIGHTINGS, AdaptiveWeight, LearnedWeight, TangentNormalization
 
 __all__ = ["SelfDistillation", "RESIDUALS", "SAMPLERS", "GAMMAS", "DIAGONALS"]
@@ -29,6 +31,7 @@ __all__ = ["SelfDistillation", "RESIDUALS", "SAMPLERS", "GAMMAS", "DIAGONALS"]
 RESIDUALS = ("lagrangian", "eulerian", "progressive")
 SAMPLERS = ("uniform", "gap", "logit_normal", "dyadic")
 DIAGONALS = ("conditional", "teacher")
+DIAGONAL_TIMES = ("own", "pair")
 GAMMAS = ("uniform", "midpoint")
 TERM_NAMES = {"lagrangian": "lagrangian", "eulerian": "eulerian", "progressive": "progressive"}
 
@@ -62,7 +65,18 @@ class SelfDistillation(Objective):
         weighting: ``"none"``, ``"learned"`` (log-variance head ``e^{−w} ℓ + w``), ``"adaptive"``
             (``ℓ / sg(ℓ + adaptive_eps)^adaptive_p``) or ``"tangent"`` (``ℓ / sg(√ℓ + tangent_c)`` off the
             diagonal with a warm-up of ``tangent_warmup`` steps; v-forms only).
+        diagonal_times: ``"own"`` (the diagonal times from the sampler's own distribution on the
+            diagonal) or ``"pair"`` (each diagonal sample takes the start ``s`` of a pair drawn like the
+            off-diagonal ones, then ``t = s``: MeanFlow's ``sample_tr``, whose ``r = t`` samples keep the
+            noisier of two draws).
+        offdiag_dropout: run the off-diagonal residual with the network's dropout on (MeanFlow's JVP pass
+            runs in train mode); default off, as in [P2] (spec Q10).
         guidance, null_label: classifier-free guidance of the source at scale ``w`` (class labels).
+            With the conditional source (MeanFlow) the guided target applies to every sample, the
+            diagonal included (MeanFlow's loss); with the self, EMA or teacher sources the diagonal stays
+            conditional flow matching on ``İ_t`` ([P2] §3: only the distillation term is guided).
+        guidance_kappa, guidance_interval: MeanFlow's κ and guidance interval (conditional source; see
+            :mod:`flowmaps.objectives.sources`).
     """
 
     name = "self_distillation"
@@ -74,7 +88,8 @@ class SelfDistillation(Objective):
                     time_mean=0.0, time_std=1.0, dyadic_levels=7, fm_steps=0, anneal_steps=0,
                     gamma="uniform", ema_decay=0.999, weighting="none", adaptive_p=1.0,
                     adaptive_eps=1e-3, tangent_c=0.1, tangent_warmup=0, weight_channels=128,
-                    guidance=1.0, null_label=None, times=None, weight=None)
+                    guidance=1.0, null_label=None, guidance_kappa=0.0, guidance_interval=(0.0, 1.0),
+                    diagonal_times="own", offdiag_dropout=False, times=None, weight=None)
         unknown = set(options) - set(opts)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}")
@@ -91,7 +106,9 @@ class SelfDistillation(Objective):
         self.gamma, self.weighting, self.diagonal = opts["gamma"], opts["weighting"], opts["diagonal"]
         self._refuse_nonsense(opts)
         self.source = VelocitySource(opts["source"], teacher=opts["teacher"], ema_decay=opts["ema_decay"],
-                                     guidance=opts["guidance"], null_label=opts["null_label"])
+                                     guidance=opts["guidance"], null_label=opts["null_label"],
+                                     kappa=opts["guidance_kappa"], interval=opts["guidance_interval"])
+        self.offdiag_dropout = bool(opts["offdiag_dropout"])
         self.learned = LearnedWeight(opts["weight_channels"]) if self.weighting == "learned" else None
         self.adaptive = (AdaptiveWeight(opts["adaptive_p"], opts["adaptive_eps"])
                          if self.weighting == "adaptive" else None)
@@ -108,6 +125,9 @@ class SelfDistillation(Objective):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if domain not in ("triangle", "square"):
             raise ValueError(f"domain must be 'triangle' or 'square', got {domain!r}")
+        if opts["diagonal_times"] not in DIAGONAL_TIMES:
+            raise ValueError(f"diagonal_times: {opts['diagonal_times']!r} is not one of "
+                             f"{', '.join(DIAGONAL_TIMES)}")
         if sampler == "dyadic":
             if domain != "triangle":
                 raise ValueError("the dyadic sampler draws forward jumps only (domain=triangle)")
@@ -116,6 +136,8 @@ class SelfDistillation(Objective):
         else:
             pairs = TimeSampler(domain, sampler, opts["time_mean"], opts["time_std"])
             diagonal = pairs.diagonal()
+        if opts["diagonal_times"] == "pair":
+            diagonal = PairStart(pairs)
         return SelfDistillationTimes(opts["eta"], pairs, diagonal, opts["fm_steps"], opts["anneal_steps"])
 
     def _refuse_nonsense(self, o: dict) -> None:
@@ -156,7 +178,7 @@ class SelfDistillation(Objective):
         if o["weighting"] == "tangent" and (o["form"] != "v" or residual == "progressive"):
             raise ValueError("tangent normalisation (AYF/sCM) applies to v-form lagrangian or eulerian "
                              "residuals (form=v)")
-        if o["guidance"] != 1.0 and residual == "progressive":
+        if (o["guidance"] != 1.0 or o["guidance_kappa"] != 0.0) and residual == "progressive":
             raise ValueError("guidance applies to lagrangian and eulerian residuals (a velocity source)")
         if o["weight"] is not None and o["weighting"] != "none":
             raise ValueError("give either a weight function or a weighting, not both")
@@ -207,7 +229,7 @@ class SelfDistillation(Objective):
         if n_d:
             pieces["diagonal"] = self._diagonal(model, x0[:n_d], x1[:n_d], t[:n_d], _rows(cond, 0, n_d))
         if n_d < n:
-            with dropout_disabled(model):
+            with contextlib.nullcontext() if self.offdiag_dropout else dropout_disabled(model):
                 r = self._residual(model, x0[n_d:], x1[n_d:], s[n_d:], t[n_d:], _rows(cond, n_d, n))
             pieces[self.term_name] = sq_norm(r)
         if len(pieces) == 1:
@@ -218,12 +240,16 @@ class SelfDistillation(Objective):
 
     def _diagonal(self, model, x0, x1, t, cond) -> Tensor:
         """The diagonal term, with dropout as configured: flow matching ``|v̂_{t,t}(I_t) − İ_t|²``, or
-        with ``diagonal="teacher"`` the teacher's velocity ``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``."""
+        with ``diagonal="teacher"`` the teacher's velocity ``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``. With the
+        conditional source under guidance (MeanFlow) the target is the guided ``b^g_t(I_t)``, as the
+        official loss regresses every sample, ``r = t`` included, on it."""
         if self.diagonal == "teacher":
             i_t = self.interpolant.interpolate(x0, x1, t)
             target = self.source.at(model, i_t, t, cond, grad="none")  # under no_grad
         else:
             i_t, target = self.interpolant(x0, x1, t)
+            if self.source.kind == "conditional":
+                target = self.source.conditional(model, i_t, target, t, cond)
         return sq_norm(model.velocity(i_t, t, cond) - target)
 
     def _residual(self, model, x0, x1, s, t, cond) -> Tensor:

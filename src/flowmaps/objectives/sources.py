@@ -13,9 +13,16 @@ source of ``b`` is one of
   the residual is linear in ``b`` and evaluated at ``I_s``: the Eulerian residual under stop-gradient.
 
 With classifier-free guidance at a scale ``w`` (class-conditional data), the source is the guided
-velocity ``b(x|∅) + w [b(x|c) − b(x|∅)]`` (``c = ∅`` for samples whose label was dropped); for the
-conditional source it is ``w İ + (1 − w) sg(v̂_{s,s}(x|∅))``, whose conditional mean is the same guided
-velocity (MeanFlow's training-time guidance with κ = 0).
+velocity ``b(x|∅) + w [b(x|c) − b(x|∅)]`` (``c = ∅`` for samples whose label was dropped). For the
+conditional source it is MeanFlow's training-time guidance (its ImageNet code, ``guidance_fn``):
+
+    b^g = ω İ + (1 − ω − κ) sg v̂_{s,s}(x|∅) + κ sg v̂_{s,s}(x|c),
+
+for labelled samples whose time lies in the guidance interval, else ``İ`` (``ω = guidance``,
+``κ = kappa``; the two network passes run without dropout and without gradient). Its conditional mean is
+the guided velocity at the effective scale ``ω / (1 − κ)``; MeanFlow's ImageNet default is ``ω = 1``,
+``κ = 0.5``. The interval is stated in our time on the start ``s`` (MeanFlow's ``[t_a, t_b]`` in its time,
+``τ = 1`` noise, is ``[1 − t_b, 1 − t_a]`` here).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from .base import as_velocity, call_teacher
+from .base import as_velocity, call_teacher, dropout_disabled
 
 __all__ = ["VelocitySource", "SOURCES", "make_source"]
 
@@ -42,7 +49,8 @@ class VelocitySource:
     """
 
     def __init__(self, kind: str, teacher=None, ema_decay: float = 0.999, guidance: float = 1.0,
-                 null_label: int | None = None):
+                 null_label: int | None = None, kappa: float = 0.0,
+                 interval: tuple[float, float] = (0.0, 1.0)):
         if kind not in SOURCES:
             raise ValueError(f"unknown velocity source {kind!r}; choose one of {', '.join(SOURCES)}")
         if (teacher is not None) != (kind == "teacher"):
@@ -51,12 +59,21 @@ class VelocitySource:
                              f"a teacher was given but source={kind!r}; use source='teacher'")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if float(guidance) != 1.0 and null_label is None:
+        if float(kappa) != 0.0 and kind != "conditional":
+            raise ValueError("guidance_kappa mixes the conditional velocity İ with the network's own "
+                             "guided diagonal (MeanFlow); it needs source=conditional")
+        if not 0.0 <= float(kappa) < 1.0:
+            raise ValueError(f"guidance_kappa must be in [0, 1), got {kappa}")
+        lo, hi = (float(v) for v in interval)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= lo < hi <= 1, got {interval}")
+        if (float(guidance) != 1.0 or float(kappa) != 0.0) and null_label is None:
             raise ValueError("guidance needs null_label (the unconditional class label)")
         self.kind = kind
         self.teacher = as_velocity(teacher) if teacher is not None else None
         self.ema_decay, self.guidance = float(ema_decay), float(guidance)
         self.null_label = None if null_label is None else int(null_label)
+        self.kappa, self.interval = float(kappa), (lo, hi)
         self.ema = None          # the EMA copy of the model (kind "ema")
         self.ema_step = -1       # the last step the EMA was updated at
 
@@ -71,20 +88,28 @@ class VelocitySource:
                                     x.detach(), cond)
         return self._guided(lambda y, c: self._velocity(model, y, t, c, grad), x, cond)
 
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0 or self.kappa != 0.0
+
     def conditional(self, model, i_s: Tensor, di_s: Tensor, s: Tensor, cond: Tensor | None) -> Tensor:
         """The conditional source at ``I_s``: ``İ_s``, or under guidance
-        ``w İ_s + (1 − w) sg(v̂_{s,s}(I_s | ∅))`` for labelled samples."""
-        if self.guidance == 1.0 or cond is None:
+        ``ω İ_s + (1 − ω − κ) sg v̂_{s,s}(I_s|∅) + κ sg v̂_{s,s}(I_s|c)`` for labelled samples with ``s``
+        in the guidance interval (module docstring)."""
+        if not self.guided or cond is None:
             return di_s
         null = torch.full_like(cond, self.null_label)
-        with torch.no_grad():
-            uncond = model.velocity(i_s.detach(), s, null)
-        guided = self.guidance * di_s + (1.0 - self.guidance) * uncond
-        labelled = (cond != self.null_label).reshape((-1,) + (1,) * (di_s.ndim - 1))
-        return torch.where(labelled, guided, di_s)
+        with torch.no_grad(), dropout_disabled(model):
+            x = i_s.detach()
+            guided = self.guidance * di_s + (1.0 - self.guidance - self.kappa) * model.velocity(x, s, null)
+            if self.kappa:
+                guided = guided + self.kappa * model.velocity(x, s, cond)
+        lo, hi = self.interval
+        use = (cond != self.null_label) & (s >= lo) & (s <= hi)
+        return torch.where(use.reshape((-1,) + (1,) * (di_s.ndim - 1)), guided, di_s)
 
     def _guided(self, velocity, x: Tensor, cond: Tensor | None) -> Tensor:
-        if self.guidance == 1.0 or cond is None:
+        if not self.guided or cond is None:
             return velocity(x, cond)
         null = torch.full_like(cond, self.null_label)
         uncond = velocity(x, null)
@@ -142,8 +167,10 @@ class VelocitySource:
         out = {"source": self.kind}
         if self.kind == "ema":
             out["ema_decay"] = self.ema_decay
-        if self.guidance != 1.0:
+        if self.guided:
             out["guidance"] = self.guidance
+            if self.kind == "conditional":
+                out.update(guidance_kappa=self.kappa, guidance_interval=list(self.interval))
         return out
 
 

@@ -112,7 +112,9 @@ class ObjectiveConfig:
     learned | adaptive (``adaptive_p``, ``adaptive_eps``) | tangent (``tangent_c``,
     ``tangent_warmup``); ``psd_gamma`` uniform | midpoint; ``fm_steps``/``anneal_steps`` the
     gap-annealing curriculum; ``guidance`` classifier-free guidance scale of the velocity source
-    (class-conditional models)."""
+    (class-conditional models), with ``guidance_kappa`` and ``guidance_interval`` (``lo,hi`` in our
+    time) MeanFlow's κ and interval; ``diagonal_times`` own | pair (diagonal times from the start of a
+    pair, MeanFlow's sampler); ``offdiag_dropout`` dropout in the off-diagonal pass."""
 
     name: str = "velocity"
     times: str = "default"
@@ -143,6 +145,10 @@ class ObjectiveConfig:
     tangent_warmup: int | None = None
     dyadic_levels: int | None = None
     guidance: float = 1.0
+    guidance_kappa: float | None = None
+    guidance_interval: list | None = None
+    diagonal_times: str = "default"
+    offdiag_dropout: bool | None = None
 
 
 @dataclass
@@ -171,7 +177,8 @@ class TrainConfig:
     steps a resumable checkpoint ``checkpoints/step-K`` is written; the newest ``keep_checkpoints`` are
     kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
     steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
-    while ``jvp_fp32``); ``compile`` uses ``torch.compile``. ``device``: cpu, cuda, cuda:N, mps.
+    while ``jvp_fp32``); ``compile`` uses ``torch.compile`` with ``compile_backend`` (``inductor``
+    generates kernels with the host's compiler; ``aot_eager`` only traces). ``device``: cpu, cuda, cuda:N, mps.
     ``lr_schedule``: ``inverse_sqrt`` (after ``lr_decay_start``), ``constant``, ``cosine`` or ``linear``
     (decay to ``lr_final`` × ``lr`` at ``steps``), after a linear warm-up of ``warmup_steps``.
     ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on.
@@ -199,6 +206,7 @@ class TrainConfig:
     precision: str = "fp32"
     jvp_fp32: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"
     label_dropout: float = 0.1
     device: str = "cpu"
     threads: int | None = None
@@ -261,6 +269,7 @@ CHOICES = {
     "objective.distribution": ("default", "uniform", "gap", "logit_normal", "dyadic"),
     "objective.residual": ("default", "lagrangian", "eulerian", "progressive"),
     "objective.diagonal": ("default", "conditional", "teacher"),
+    "objective.diagonal_times": ("default", "own", "pair"),
     "objective.form": ("default", "map", "v"),
     "objective.source": ("default", "self", "ema", "teacher", "conditional"),
     "objective.stopgrad": ("default", "target", "source", "none"),
@@ -272,6 +281,7 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "radam"),
     "train.lr_schedule": ("inverse_sqrt", "constant", "cosine", "linear"),
     "train.precision": ("fp32", "bf16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.logger": ("jsonl", "tensorboard"),
 }
 POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",

@@ -271,9 +271,9 @@ SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": Mea
 # Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
 _SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
                 "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
-                "distribution": "sampler", "diagonal": "diagonal"}
+                "distribution": "sampler", "diagonal": "diagonal", "diagonal_times": "diagonal_times"}
 _SD_VALUES = ("eta", "time_mean", "time_std", "ema_decay", "adaptive_p", "adaptive_eps", "tangent_c",
-              "tangent_warmup", "dyadic_levels")
+              "tangent_warmup", "dyadic_levels", "offdiag_dropout")
 
 
 def needs_teacher(cfg: Config) -> bool:
@@ -290,11 +290,18 @@ def self_distillation_options(cfg: Config, num_classes: int = 0) -> dict:
     options.update({key: getattr(o, key) for key in _SD_VALUES if getattr(o, key) is not None})
     if o.fm_steps or o.anneal_steps:
         options.update(fm_steps=o.fm_steps, anneal_steps=o.anneal_steps)
-    if o.guidance != 1.0:
+    guided = o.guidance != 1.0 or (o.guidance_kappa or 0.0) != 0.0
+    if guided:
         if not num_classes:
             raise ConfigError("objective.guidance: needs a class-conditional model "
                               "(model.class_conditional=true)")
         options.update(guidance=o.guidance, null_label=num_classes)
+    if o.guidance_kappa is not None:
+        options["guidance_kappa"] = o.guidance_kappa
+    if o.guidance_interval is not None:
+        if len(o.guidance_interval) != 2:
+            raise ConfigError(f"objective.guidance_interval: two times lo,hi, got {o.guidance_interval}")
+        options["guidance_interval"] = tuple(float(v) for v in o.guidance_interval)
     return options
 
 

@@ -196,7 +196,7 @@ class TrainingRun:
                        weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                        lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed,
                        max_bad_steps=t.max_bad_steps, grad_accum=t.grad_accum,
-                       precision=t.precision, compile=t.compile,
+                       precision=t.precision, compile=t.compile, compile_backend=t.compile_backend,
                        labels=bundle.labels if conditional else None, label_dropout=t.label_dropout,
                        null_label=scales["num_classes"] if conditional else None, augment=augment,
                        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,

@@ -37,6 +37,7 @@ from .schedules import learning_rate_schedule
 __all__ = ["Trainer", "fit", "FitResult"]
 
 PRECISIONS = ("fp32", "bf16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 FUSED = ("adam", "adamw")  # torch implements these fused (one kernel, found_inf skips on the device)
 
@@ -93,6 +94,9 @@ class Trainer:
         precision: ``"fp32"`` (default) or ``"bf16"`` (autocast of the network's plain forward passes;
             forward-mode JVPs and time features stay in fp32 unless the model's ``jvp_fp32`` is off).
         compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
+        compile_backend: the backend of ``compile`` (one of :data:`COMPILE_BACKENDS`): ``"inductor"``
+            (default; generates C++ or Triton kernels, needs the host's compiler) or ``"aot_eager"`` /
+            ``"eager"`` (trace only, no code generation: shows a network compiles on any host).
         distributed: wrap in DistributedDataParallel; ``None`` (default): when a process group with
             more than one rank is initialised (``flowmaps.train.distributed.init``).
         labels: class labels ``(N,)`` of tensor or ByteImages ``data`` (class-conditional training):
@@ -114,7 +118,8 @@ class Trainer:
                  weight_decay: float = 0.0, grad_clip: float | None = None,
                  lr_decay_start: int | None = None, ema_decay: float | None = None, seed: int = 0,
                  max_bad_steps: int = 10, grad_accum: int = 1, precision: str = "fp32",
-                 compile: bool = False, distributed: bool | None = None,
+                 compile: bool = False, compile_backend: str = "inductor",
+                 distributed: bool | None = None,
                  labels: Tensor | None = None, label_dropout: float = 0.0,
                  null_label: int | None = None,
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
@@ -152,11 +157,14 @@ class Trainer:
         use_ddp = self.dist.enabled if distributed is None else bool(distributed)
         if use_ddp and not self.dist.enabled:
             raise ValueError("distributed=True needs an initialised process group with > 1 rank")
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend: {compile_backend!r} is not one of "
+                             f"{', '.join(COMPILE_BACKENDS)}")
         if compile:
             net = getattr(model, "net", model)
             if hasattr(net, "compile_jvp"):
-                net.compile_jvp()
-            net.compile()
+                net.compile_jvp(backend=compile_backend)
+            net.compile(backend=compile_backend)
         torch.manual_seed(seed)
         self.seed = seed
         self.generator = torch.Generator(device=self.device).manual_seed(
