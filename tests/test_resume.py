@@ -119,7 +119,7 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(uninterrupted, 
 LEARNED = "objective.weighting=learned"  # the gmm preset's blocks use a constant weight
 CASES = {"lsd": ["objective.name=lsd", LEARNED], "psd": ["objective.name=psd", LEARNED],
          "meanflow": ["objective.name=meanflow"], "shortcut": ["objective.name=shortcut"],
-         "ct": ["objective.name=ct"],
+         "ct": ["objective.name=ct"], "imf": ["objective.name=imf"],
          "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4",
                         LEARNED]}
 

@@ -22,7 +22,7 @@ TINY = ["model.width=16", "model.depth=2", "train.batch_size=32", "data.n_train=
         "train.log_every=5", "train.checkpoint_every=10", "eval.n_samples=200", "--quiet"]
 
 
-@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "shortcut", "ct"])
+@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct"])
 def test_train_a_self_distilled_map_from_samples_alone(objective, tmp_path, capsys):
     run = tmp_path / objective
     assert main(["train", "--preset", "gmm", "--objective", objective, "--out", str(run),
@@ -110,7 +110,7 @@ def test_presets_hold_settings_per_objective(capsys):
     shown = capsys.readouterr().out
     assert "distribution: gap" in shown and "name: psd" in shown
     for preset in ("checkerboard", "digits", "gmm"):
-        for name in ("lsd", "esd", "psd", "meanflow", "shortcut", "ct"):
+        for name in ("lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct"):
             cfg = load_config(preset, None, [f"objective.name={name}"])
             assert cfg.objective.name == name
 

@@ -53,6 +53,16 @@ def _steps_list(text: str) -> list[int]:
     return values
 
 
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lo,hi, got {text!r}") from None
+    if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected two times 0 <= lo < hi <= 1, got {text!r}")
+    return values[0], values[1]
+
+
 def _grid(text: str) -> list[float] | str:
     if text.strip() == "tuned":
         return "tuned"
@@ -145,10 +155,13 @@ TRAIN_OBJECTIVES = """objectives:
   psd        progressive self-distillation [P2]: one jump against two of its own (objective.psd_gamma=
              uniform: PSD-U, midpoint: PSD-M)
   meanflow   MeanFlow: the Eulerian residual in v-form with the conditional velocity dI as its source
+  imf        improved MeanFlow: MeanFlow's residual with the JVP along the network's own velocity
+             (objective.guidance_max: the guidance scale as a condition, chosen at `sample --guidance`)
   shortcut   shortcut models: the midpoint semigroup on a dyadic grid against an EMA of the network
   ct         continuous consistency training: |d_s X + sg(grad X . dI_s)|^2
 Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
-weighting, distribution, psd_gamma, guidance, fm_steps, anneal_steps (see the README).
+weighting, distribution, psd_gamma, guidance, guidance_kappa, guidance_interval, diagonal_times,
+offdiag_dropout, fm_steps, anneal_steps (see the README).
 """
 
 
@@ -158,7 +171,7 @@ def _add_train(sub, fmt) -> None:
                        epilog=TRAIN_OBJECTIVES + "\n" + EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
                                    "the default), or a flow map from samples alone: directly (fmm) or "
-                                   "by self-distillation (lsd, esd, psd, meanflow, shortcut, ct). A "
+                                   "by self-distillation (lsd, esd, psd, meanflow, imf, shortcut, ct). A "
                                    "preset's settings for the chosen objective apply (`flowmaps presets "
                                    "--show NAME --objective OBJ`).")
     p.add_argument("--objective", choices=["velocity", "fmm", *SELF_DISTILLATION],
@@ -218,7 +231,10 @@ def _add_sample(sub, fmt) -> None:
     p.add_argument("--label", type=int, help="class label for a class-conditional checkpoint "
                    "(default: cycle through the classes)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale w for "
-                   "a class-conditional velocity checkpoint (default 1: none)")
+                   "a class-conditional velocity checkpoint, or for a map trained with guidance as a "
+                   "condition (imf, objective.guidance_max) (default 1: none)")
+    p.add_argument("--guidance-interval", type=_interval, help="lo,hi: the times (ours, 0 base, 1 "
+                   "data) where a guidance-conditioned map applies --guidance (default 0,1)")
     p.add_argument("--data", metavar="FILE", help="optional .npy/.csv of data to plot beside samples")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import checkpoint_stem
 from ..data.grids import save_labeled_grids
 from ..data.points import load_array
+from ..nets.guidance import guidance_condition
 from ..objectives import GuidedVelocity
 from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
@@ -66,11 +67,17 @@ def _jobs(args, loaded: Loaded) -> list[tuple[str, object]]:
     if args.label is not None and not 0 <= args.label < num_classes:
         raise ConfigError(f"--label {args.label}: the checkpoint has "
                           + (f"classes 0..{num_classes - 1}" if num_classes else "no classes"))
-    if args.guidance != 1.0 and not (is_velocity and num_classes):
-        raise ConfigError("--guidance: applies to class-conditional velocity checkpoints (a distilled "
-                          "map learned its guidance from its teacher)")
+    conditioned = getattr(loaded.model.net, "emb_guidance", None) is not None
+    if args.guidance != 1.0 and not (num_classes and (is_velocity or conditioned)):
+        raise ConfigError("--guidance: applies to class-conditional velocity checkpoints and to maps "
+                          "trained with guidance as a condition (imf with objective.guidance_max); "
+                          "another distilled map learned its guidance from its teacher")
+    if args.guidance != 1.0 and args.guidance < 1.0 and conditioned:
+        raise ConfigError(f"--guidance {args.guidance}: a guidance-conditioned map takes scales >= 1")
+    if args.guidance_interval is not None and not conditioned:
+        raise ConfigError("--guidance-interval: applies to maps trained with guidance as a condition")
     velocity = loaded.model.velocity
-    if args.guidance != 1.0:
+    if args.guidance != 1.0 and is_velocity:
         velocity = GuidedVelocity(loaded.model, args.guidance, null_label=num_classes)
     if (args.grid or args.gamma) and is_velocity:
         raise ConfigError(f"--{'grid' if args.grid else 'gamma'}: a velocity checkpoint is sampled with "
@@ -79,6 +86,11 @@ def _jobs(args, loaded: Loaded) -> list[tuple[str, object]]:
     tag = f"_gamma{args.gamma:g}" if args.gamma else ""
 
     def flow(**grid):
+        if conditioned:  # [label, ω, lo, hi]: the scale chosen now, one evaluation per step
+            lo, hi = args.guidance_interval or (0.0, 1.0)
+            return lambda x0, c, g: loaded.model.sample(
+                x0, cond=guidance_condition(c, args.guidance, lo, hi, dtype=x0.dtype), generator=g,
+                **grid, **gamma)
         return lambda x0, c, g: loaded.model.sample(x0, cond=c, generator=g, **grid, **gamma)
 
     jobs = []

@@ -2,6 +2,8 @@
 (with the fused forward-mode JVP path), :mod:`~flowmaps.nets.unet` for images."""
 
 from .mlp import MLP, TimeFeatures
+from .guidance import guidance_condition, split_guidance_condition
 from .unet import UNET_PRESETS, UNet, unet_preset
 
-__all__ = ["MLP", "TimeFeatures", "UNet", "unet_preset", "UNET_PRESETS"]
+__all__ = ["MLP", "TimeFeatures", "UNet", "unet_preset", "UNET_PRESETS", "guidance_condition",
+           "split_guidance_condition"]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flowmap import register_network
+from .guidance import is_guidance_condition, split_guidance_condition
 
 __all__ = ["UNet", "unet_preset", "UNET_PRESETS"]
 
@@ -196,7 +197,7 @@ class UNet(nn.Module):
                  head_dim: int | None = None, dropout: float = 0.0, num_classes: int = 0,
                  sigma_data: float = 0.5, time_scale: float = 1.0, max_period: float = 10_000.0,
                  ones_channel: bool = True, emb_channels: int | None = None,
-                 mid_attention: bool = True):
+                 mid_attention: bool = True, guidance_conditioning: bool = False):
         super().__init__()
         image_shape = tuple(int(n) for n in image_shape)
         if len(image_shape) != 3 or min(image_shape) < 1:
@@ -226,6 +227,8 @@ class UNet(nn.Module):
             raise ValueError(f"head_dim must be at least 1, got {head_dim}")
         if emb_channels is not None and int(emb_channels) < 1:
             raise ValueError(f"emb_channels must be positive, got {emb_channels}")
+        if guidance_conditioning and int(num_classes) < 1:
+            raise ValueError("guidance_conditioning needs a class-conditional network (num_classes > 0)")
 
         in_channels, height, width = image_shape
         widths = [int(channels) * m for m in channel_mults]
@@ -262,7 +265,8 @@ class UNet(nn.Module):
                            sigma_data=self.sigma_data, time_scale=float(time_scale),
                            max_period=float(max_period), ones_channel=self.ones_channel,
                            emb_channels=None if emb_channels is None else int(emb_channels),
-                           mid_attention=bool(mid_attention))
+                           mid_attention=bool(mid_attention),
+                           guidance_conditioning=bool(guidance_conditioning))
 
         # Conditioning: positional embeddings of s and t − s (width of the first level), one linear
         # layer each, (a + b)/√2, SiLU, Linear, SiLU.
@@ -272,6 +276,13 @@ class UNet(nn.Module):
         self.emb_s = nn.Linear(self.pos_embedding.dim, emb)
         self.emb_gap = nn.Linear(self.pos_embedding.dim, emb)
         self.emb_class = nn.Embedding(self.num_classes + 1, emb) if self.num_classes else None
+        # Guidance as a condition (nets/guidance.py): embeddings of 1 − 1/ω, lo and hi, one linear layer
+        # that starts at zero, so a new guidance-conditioned network equals the plain one.
+        self.emb_guidance = None
+        if guidance_conditioning:
+            self.emb_guidance = nn.Linear(3 * self.pos_embedding.dim, emb)
+            nn.init.zeros_(self.emb_guidance.weight)
+            nn.init.zeros_(self.emb_guidance.bias)
         self.emb_mlp = nn.Linear(emb, emb)
 
         # Encoder.
@@ -324,6 +335,11 @@ class UNet(nn.Module):
             s = s.to(work)
             gap = t.to(work) - s
             emb = (self.emb_s(self.pos_embedding(s)) + self.emb_gap(self.pos_embedding(gap))) * _INV_SQRT2
+            if self.emb_guidance is not None and is_guidance_condition(cond):
+                labels, scale, lo, hi = split_guidance_condition(cond)
+                features = torch.cat([self.pos_embedding(v.to(work)) for v in (1 - 1 / scale, lo, hi)], 1)
+                emb = emb + self.emb_guidance(features)
+                cond = labels
             if self.emb_class is not None:
                 labels = self._labels(cond, s.shape[0], s.device)
                 emb = (emb + self.emb_class(labels).to(work)) * _INV_SQRT2
@@ -335,6 +351,9 @@ class UNet(nn.Module):
         if cond is None:
             return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
         if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.is_complex():
+            if self.emb_guidance is None and is_guidance_condition(cond):
+                raise ValueError("a guidance condition [label, scale, lo, hi] needs a network built "
+                                 "with guidance_conditioning=True")
             raise ValueError("cond must be an integer tensor of class labels in [0, num_classes]")
         if cond.shape != (batch,):
             raise ValueError(f"cond must have shape ({batch},), got {tuple(cond.shape)}")

@@ -14,6 +14,8 @@ Self-distillation, one network from data alone (its own diagonal is the teacher)
 
 * :class:`LSD`, :class:`ESD`, :class:`PSD` — [P2]'s Lagrangian, Eulerian and progressive forms.
 * :class:`MeanFlow`, :class:`CT` — Eulerian residuals with the conditional velocity ``İ``.
+* :class:`ImprovedMeanFlow` — MeanFlow's residual transported along the network's own velocity, with
+  guidance as a condition of the network.
 * :class:`Shortcut` — the midpoint semigroup on a dyadic grid against an EMA teacher.
 * :class:`SelfDistillation` — the configurable step behind all of them (and LMD, EMD).
 """
@@ -23,6 +25,7 @@ from .ct import CT
 from .emd import EMD
 from .esd import ESD
 from .fmm import FMM
+from .imf import ImprovedMeanFlow
 from .lmd import LMD
 from .meanflow import MeanFlow
 from .pfmm import PFMM
@@ -36,5 +39,5 @@ from .weighting import AdaptiveWeight, LearnedWeight, TangentNormalization
 
 __all__ = ["Objective", "LossOutput", "TimeSampler", "SelfDistillationTimes", "DyadicPairs",
            "GuidedVelocity", "dropout_disabled", "Velocity", "FMM", "LMD", "EMD", "PFMM",
-           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "Shortcut", "CT", "LearnedWeight",
-           "AdaptiveWeight", "TangentNormalization"]
+           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "ImprovedMeanFlow", "Shortcut", "CT",
+           "LearnedWeight", "AdaptiveWeight", "TangentNormalization"]

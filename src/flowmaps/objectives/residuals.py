@@ -66,11 +66,16 @@ def lagrangian(model, i_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, so
 
 def eulerian(model, i_s: Tensor, b: Tensor, s: Tensor, t: Tensor, cond: Tensor | None,
              stopgrad: str = "target", form: str = "map", warmup: float = 1.0,
-             record: Record | None = None) -> Tensor:
+             record: Record | None = None, tangent: Tensor | None = None) -> Tensor:
     """Eulerian residual at ``(I_s; s, t)`` along the source velocity ``b = b_s(I_s)`` (computed by the
-    caller: under sg unless ``stopgrad="none"``)."""
+    caller: under sg unless ``stopgrad="none"``). ``tangent`` (v-form only): transport along another
+    velocity than the additive ``b``, ``r = v̂ − sg(b + (t − s)[∂_s v̂ + ∇v̂ tangent])`` — improved
+    MeanFlow's split, the network's own velocity in the JVP and the conditional ``İ`` beside it."""
+    if tangent is not None and form != "v":
+        raise ValueError("a separate transport velocity applies to the v-form Eulerian residual")
     if form == "v":
-        v, (dv,) = model.v_jvps(i_s, s, t, [(b.detach(), 1.0, None)], cond=cond, detach=(True,))
+        along = (b if tangent is None else tangent).detach()
+        v, (dv,) = model.v_jvps(i_s, s, t, [(along, 1.0, None)], cond=cond, detach=(True,))
         if record:
             record("jvp_norm", dv)
         return v - (b + warmup * expand_as_data(t - s, v) * dv).detach()

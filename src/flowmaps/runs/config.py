@@ -77,7 +77,9 @@ class ModelConfig:
     them: 0.31 against 1.15 one-step error in ``tests/test_training.py``'s problem). ``skip`` adds
     residual connections (mlp).
     ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
-    dataset's labels (with a null label for classifier-free guidance)."""
+    dataset's labels (with a null label for classifier-free guidance). ``guidance_conditioning``
+    (unet, class-conditional): the network also takes the guidance scale and interval
+    (:mod:`flowmaps.nets.guidance`; improved MeanFlow with ``objective.guidance_max``)."""
 
     name: str = "mlp"
     width: int = 256
@@ -93,6 +95,7 @@ class ModelConfig:
     attention_resolutions: list = field(default_factory=list)
     dropout: float = 0.0
     class_conditional: bool = False
+    guidance_conditioning: bool = False
 
 
 @dataclass
@@ -113,7 +116,8 @@ class ObjectiveConfig:
     ``tangent_warmup``); ``psd_gamma`` uniform | midpoint; ``fm_steps``/``anneal_steps`` the
     gap-annealing curriculum; ``guidance`` classifier-free guidance scale of the velocity source
     (class-conditional models), with ``guidance_kappa`` and ``guidance_interval`` (``lo,hi`` in our
-    time) MeanFlow's κ and interval; ``diagonal_times`` own | pair (diagonal times from the start of a
+    time) MeanFlow's κ and interval; ``guidance_max`` (``imf``): the largest guidance scale minus 1, sampled
+    in training and fed to the network (``model.guidance_conditioning``), chosen at sampling time; ``diagonal_times`` own | pair (diagonal times from the start of a
     pair, MeanFlow's sampler); ``offdiag_dropout`` dropout in the off-diagonal pass."""
 
     name: str = "velocity"
@@ -145,6 +149,7 @@ class ObjectiveConfig:
     tangent_warmup: int | None = None
     dyadic_levels: int | None = None
     guidance: float = 1.0
+    guidance_max: float = 0.0
     guidance_kappa: float | None = None
     guidance_interval: list | None = None
     diagonal_times: str = "default"
@@ -255,7 +260,7 @@ class Config:
 
 
 # Objectives that train a flow map from data alone through its own diagonal (self-distillation).
-SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct")
+SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf")
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
@@ -336,6 +341,16 @@ def _validate(cfg: Config) -> None:
         value = getattr(o, key)
         if value is not None and value < 0:
             raise ConfigError(f"objective.{key}: must be >= 0, got {value}")
+    if o.guidance_max < 0 or o.guidance < 1 and o.name == "imf":
+        raise ConfigError("objective.guidance_max: must be >= 0 (and objective.guidance >= 1 for imf)")
+    if o.guidance_max > 0 and o.name != "imf":
+        raise ConfigError("objective.guidance_max: applies to imf (improved MeanFlow) only")
+    if o.guidance_max > 0 and not (cfg.model.guidance_conditioning and cfg.model.class_conditional):
+        raise ConfigError("objective.guidance_max: the sampled guidance scale is fed to the network; "
+                          "set model.class_conditional=true and model.guidance_conditioning=true")
+    if cfg.model.guidance_conditioning and not (cfg.model.name == "unet" and cfg.model.class_conditional):
+        raise ConfigError("model.guidance_conditioning: needs model.name=unet and "
+                          "model.class_conditional=true")
     if cfg.objective.invertibility_weight < 0:
         raise ConfigError("objective.invertibility_weight: must be >= 0")
     if not cfg.eval.steps or any(not isinstance(k, int) or isinstance(k, bool) or k < 1

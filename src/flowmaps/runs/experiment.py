@@ -23,8 +23,8 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
-from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, MeanFlow, Objective, Shortcut,
-                          TimeSampler, Velocity)
+from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, ImprovedMeanFlow, MeanFlow,
+                          Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
 from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
 from .typed import build
@@ -191,7 +191,8 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
         net = UNet(shape, channels=m.channels, channel_mults=tuple(m.channel_mults),
                    blocks_per_level=m.blocks_per_level,
                    attention_resolutions=tuple(m.attention_resolutions), dropout=m.dropout,
-                   num_classes=scales.get("num_classes", 0), sigma_data=float(scales["sigma_data"]))
+                   num_classes=scales.get("num_classes", 0), sigma_data=float(scales["sigma_data"]),
+                   guidance_conditioning=m.guidance_conditioning)
         return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
               sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=time_frequencies(cfg),
@@ -267,7 +268,7 @@ def factory_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu")
 
 
 SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": MeanFlow,
-                             "shortcut": Shortcut, "ct": CT}
+                             "shortcut": Shortcut, "ct": CT, "imf": ImprovedMeanFlow}
 # Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
 _SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
                 "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
@@ -290,7 +291,9 @@ def self_distillation_options(cfg: Config, num_classes: int = 0) -> dict:
     options.update({key: getattr(o, key) for key in _SD_VALUES if getattr(o, key) is not None})
     if o.fm_steps or o.anneal_steps:
         options.update(fm_steps=o.fm_steps, anneal_steps=o.anneal_steps)
-    guided = o.guidance != 1.0 or (o.guidance_kappa or 0.0) != 0.0
+    guided = o.guidance != 1.0 or (o.guidance_kappa or 0.0) != 0.0 or o.guidance_max > 0
+    if o.guidance_max > 0:
+        options["guidance_max"] = o.guidance_max
     if guided:
         if not num_classes:
             raise ConfigError("objective.guidance: needs a class-conditional model "

@@ -1,0 +1,45 @@
+"""Guidance as an explicit condition of the network (improved MeanFlow, arXiv 2512.02012).
+
+A guidance-conditioned network takes, beside the class label, the classifier-free guidance scale ``ω`` and
+the guidance interval ``[lo, hi]`` (in our time: guidance acts on the part of the trajectory whose time
+lies in it), so one trained map serves every scale: the scale is chosen at sampling time, one network
+evaluation per step. The condition travels as one float tensor of shape ``(B, 4)``,
+
+    cond = [label, ω, lo, hi],
+
+so everything that slices or moves ``cond`` with its samples keeps working. ``ω = 1`` (or an interval
+that excludes the time) is the plain conditional map; the label :attr:`null_label` the unconditional one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["guidance_condition", "split_guidance_condition", "is_guidance_condition"]
+
+
+def guidance_condition(labels: Tensor, scale: float | Tensor = 1.0, lo: float | Tensor = 0.0,
+                       hi: float | Tensor = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(B, 4)`` condition ``[label, ω, lo, hi]`` from integer labels ``(B,)`` and scalars or ``(B,)``
+    tensors. ``ω ≥ 1``; ``0 ≤ lo < hi ≤ 1``."""
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError("labels must be a (B,) integer tensor")
+    n = labels.shape[0]
+    cols = [torch.as_tensor(v, dtype=dtype, device=labels.device).expand(n) for v in (scale, lo, hi)]
+    if (cols[0] < 1).any():
+        raise ValueError("the guidance scale must be >= 1")
+    if (cols[1] < 0).any() or (cols[2] > 1).any() or (cols[1] >= cols[2]).any():
+        raise ValueError("the guidance interval must satisfy 0 <= lo < hi <= 1")
+    return torch.stack([labels.to(dtype), *cols], dim=1)
+
+
+def is_guidance_condition(cond) -> bool:
+    return isinstance(cond, Tensor) and cond.is_floating_point() and cond.ndim == 2 and cond.shape[1] == 4
+
+
+def split_guidance_condition(cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(labels, ω, lo, hi)`` of a ``(B, 4)`` condition."""
+    if not is_guidance_condition(cond):
+        raise ValueError("a guidance condition is a (B, 4) float tensor [label, scale, lo, hi]")
+    return cond[:, 0].round().long(), cond[:, 1], cond[:, 2], cond[:, 3]
