@@ -14,10 +14,13 @@ sampled with the EMA it returns); ``fit-defaults`` is what ``fit`` did before th
 constant lr 1e-3, no clipping, MLP with 8 Fourier time frequencies); ``fit`` is ``fit``'s present
 defaults through the Trainer (the ``library`` row's training); ``fit-defaults+key=value+…`` and
 ``fit+key=value+…`` change one option at a time (``flowmaps.Trainer``, ``MLP`` and ``LMD`` options;
-sampled with the EMA weights when the recipe keeps an EMA); and, as the reference row, ``plain``: a 40-line LMD loop written here (a plain MLP on
-``(x, s, t)``, ``torch.func.jvp``, Adam 1e-3, no EMA, nothing else). Reported per row: mean, min, max and
-max/min over seeds at each step count, the ratio of the mean 1-step error to the plain loop's, and the
-CPU seconds of training (``time.process_time``, one thread). The load average is recorded.
+sampled with the EMA weights when the recipe keeps an EMA); and, as the reference rows, ``plain``: a
+40-line LMD loop written here (a plain MLP on ``(x, s, t)``, ``torch.func.jvp``, Adam 1e-3, no EMA,
+nothing else), and ``plain-ema``: the same loop keeping an EMA of its weights (decay 0.999 with the usual
+warm-up), sampled with the EMA, as most training loops are: the fair reference, since an EMA alone is
+worth a lot here. Reported per row: mean, min, max and max/min over seeds at each step count, the ratio
+of the mean 1-step error to each plain loop's, and the CPU seconds of training (``time.process_time``,
+one thread). The load average is recorded.
 
 Usage (one thread; a recipe list, a budget list and the seeds):
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/quality_per_budget.py --problem gmm_hard \
@@ -28,6 +31,7 @@ Writes benchmarks/results/quality_per_budget/<name>.json and .md (``--name``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -79,12 +83,16 @@ class PlainMap(nn.Module):
         return x
 
 
-def plain_lmd(problem, steps, batch, seed):
+def plain_lmd(problem, steps, batch, seed, ema_decay=None):
+    """The plain loop; with ``ema_decay`` it keeps an exponential moving average of the weights, as most
+    training loops do (decay ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates: the usual
+    warm-up), and returns it."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = PlainMap(PlainNet(problem.dim))
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(steps):
+    for k in range(steps):
         x1 = problem.draw(batch, g)
         x0 = problem.interpolant.sample_base(x1, g)
         a, b = torch.rand(batch, generator=g), torch.rand(batch, generator=g)
@@ -97,7 +105,12 @@ def plain_lmd(problem, steps, batch, seed):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+        if ema is not None:
+            decay = min(ema_decay, (1 + k) / (10 + k))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+    return (ema if ema is not None else model).eval()
 
 
 # --- the library's rows ---------------------------------------------------------------------------
@@ -251,20 +264,21 @@ def markdown(results: dict, problem, budgets) -> str:
     lines = []
     for steps in budgets:
         block = results[str(steps)]
-        plain = block.get("plain")
+        plain, plain_ema = block.get("plain"), block["rows"].get("plain-ema")
         lines.append(f"\n{problem.name}, {steps} steps × {block['batch']}, {problem.metric} "
-                     "(mean over seeds [min–max]; max/min at 1 step; mean 1-step / plain's)\n")
+                     "(mean over seeds [min–max]; max/min at 1 step; mean 1-step / each plain loop's)\n")
         lines.append("| recipe | " + " | ".join(f"{k} step{'s' * (k > 1)}" for k in STEPS)
-                     + " | max/min (1) | / plain (1) | CPU s |")
-        lines.append("|---|" + "---|" * (len(STEPS) + 3))
+                     + " | max/min (1) | / plain (1) | / plain-ema (1) | CPU s |")
+        lines.append("|---|" + "---|" * (len(STEPS) + 4))
         for name, row in block["rows"].items():
             if "summary" not in row:
                 continue
             s = row["summary"]
             cells = [f"{s[k]['mean']:.4f} [{s[k]['min']:.3f}–{s[k]['max']:.3f}]" for k in STEPS]
-            ratio = (f"{s[1]['mean'] / plain['summary'][1]['mean']:.2f}" if plain else "–")
+            ratios = [f"{s[1]['mean'] / ref['summary'][1]['mean']:.2f}"
+                      if ref and "summary" in ref else "–" for ref in (plain, plain_ema)]
             lines.append(f"| {name} | " + " | ".join(cells)
-                         + f" | {s[1]['spread']:.2f} | {ratio} | {s['cpu_s']:.0f} |")
+                         + f" | {s[1]['spread']:.2f} | {' | '.join(ratios)} | {s['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,8 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="4000", help="training steps, comma-separated")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--recipes", default="plain,fit-defaults,library",
-                   help="comma-separated: plain, a named recipe, or base+section.key=value+..., each "
+    p.add_argument("--recipes", default="plain,plain-ema,library",
+                   help="comma-separated: plain, plain-ema, a named recipe, or base+section.key=value+..., each "
                         "optionally as label:recipe (the label names the row)")
     p.add_argument("--name", default=None, help="results file stem (default: <problem>)")
     p.add_argument("--threads", type=int, default=1)
@@ -313,6 +327,8 @@ def main(argv=None) -> int:
                 start = time.process_time()
                 if name == "plain":
                     model = plain_lmd(problem, steps, args.batch, seed)
+                elif name == "plain-ema":
+                    model = plain_lmd(problem, steps, args.batch, seed, ema_decay=0.999)
                 elif name == "library":
                     model = fit_defaults(problem, steps, args.batch, seed)
                 else:
