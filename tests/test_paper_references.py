@@ -62,8 +62,6 @@ Not pinned, and why (the library deviates on purpose or the papers leave it open
 * shortcut's ±4 clips of ``x_t2`` and of the target (not applied here; the test asserts they are inactive
   on its batch), its ``σ_min = 10⁻⁵`` (0 here), its mean over pixels (ours a sum: the reference is scaled
   by ``D``);
-* shortcut's EMA: theirs a constant 0.999 from the first step; ours warms up as
-  ``min(0.999, (1 + k)/(10 + k))``, so the test updates at step 10⁴, where both are 0.999;
 * shortcut's levels: theirs in equal shares per batch with the remainder padded onto jump 1 (at
   ``B = 256``, 8 of the 32 bootstrap samples take jump 1), and ``B // 8`` bootstrap samples; ours ``k``
   uniform and ``B − int(0.875 B)`` (equal when 8 divides ``B``);
@@ -366,7 +364,7 @@ def test_shortcut_gradient_matches_the_official_loss():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    step = 10_000  # past the library's EMA warm-up: its decay is then the official constant 0.999
+    step = 1  # the official EMA decay is the constant 0.999 from the first update (no warm-up)
     x1 = data()
     params, got, seen = library_step(objective, model, x1, seed=9, step=step)
     ema = {k: 0.999 * theta0[k] + 0.001 * p.detach()  # train_state.update_ema(0.999), once

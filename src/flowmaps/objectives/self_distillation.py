@@ -69,6 +69,8 @@ class SelfDistillation(Objective):
             diagonal) or ``"pair"`` (each diagonal sample takes the start ``s`` of a pair drawn like the
             off-diagonal ones, then ``t = s``: MeanFlow's ``sample_tr``, whose ``r = t`` samples keep the
             noisier of two draws).
+        ema_warmup: warm the EMA source's decay up as ``min(decay, (1 + k)/(10 + k))`` (the trainer's
+            EMA), or use the constant decay from the first update (``False``; shortcut models' code).
         offdiag_dropout: run the off-diagonal residual with the network's dropout on (MeanFlow's JVP pass
             runs in train mode); default off, as in [P2] (spec Q10).
         guidance, null_label: classifier-free guidance of the source at scale ``w`` (class labels).
@@ -89,7 +91,8 @@ class SelfDistillation(Objective):
                     gamma="uniform", ema_decay=0.999, weighting="none", adaptive_p=1.0,
                     adaptive_eps=1e-3, tangent_c=0.1, tangent_warmup=0, weight_channels=128,
                     guidance=1.0, null_label=None, guidance_kappa=0.0, guidance_interval=(0.0, 1.0),
-                    diagonal_times="own", offdiag_dropout=False, times=None, weight=None)
+                    diagonal_times="own", offdiag_dropout=False, ema_warmup=True, times=None,
+                    weight=None)
         unknown = set(options) - set(opts)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}")
@@ -107,7 +110,8 @@ class SelfDistillation(Objective):
         self._refuse_nonsense(opts)
         self.source = VelocitySource(opts["source"], teacher=opts["teacher"], ema_decay=opts["ema_decay"],
                                      guidance=opts["guidance"], null_label=opts["null_label"],
-                                     kappa=opts["guidance_kappa"], interval=opts["guidance_interval"])
+                                     kappa=opts["guidance_kappa"], interval=opts["guidance_interval"],
+                                     ema_warmup=opts["ema_warmup"])
         self.offdiag_dropout = bool(opts["offdiag_dropout"])
         self.learned = LearnedWeight(opts["weight_channels"]) if self.weighting == "learned" else None
         self.adaptive = (AdaptiveWeight(opts["adaptive_p"], opts["adaptive_eps"])

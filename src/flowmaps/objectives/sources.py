@@ -50,7 +50,7 @@ class VelocitySource:
 
     def __init__(self, kind: str, teacher=None, ema_decay: float = 0.999, guidance: float = 1.0,
                  null_label: int | None = None, kappa: float = 0.0,
-                 interval: tuple[float, float] = (0.0, 1.0)):
+                 interval: tuple[float, float] = (0.0, 1.0), ema_warmup: bool = True):
         if kind not in SOURCES:
             raise ValueError(f"unknown velocity source {kind!r}; choose one of {', '.join(SOURCES)}")
         if (teacher is not None) != (kind == "teacher"):
@@ -74,6 +74,7 @@ class VelocitySource:
         self.ema_decay, self.guidance = float(ema_decay), float(guidance)
         self.null_label = None if null_label is None else int(null_label)
         self.kappa, self.interval = float(kappa), (lo, hi)
+        self.ema_warmup = bool(ema_warmup)
         self.ema = None          # the EMA copy of the model (kind "ema")
         self.ema_step = -1       # the last step the EMA was updated at
 
@@ -129,13 +130,15 @@ class VelocitySource:
     # --- the EMA teacher's state -----------------------------------------------------------------
     def begin_step(self, model, step: int) -> None:
         """Source ``"ema"``: update the averaged copy from the current weights, once per step, with the
-        trainer's warm-up ``min(decay, (1 + k)/(10 + k))``."""
+        trainer's warm-up ``min(decay, (1 + k)/(10 + k))``, or without it (``ema_warmup=False``: the
+        constant decay of shortcut models' code from the first update)."""
         if self.kind != "ema" or step <= self.ema_step:
             return
         if self.ema is None:
             self.ema = self._snapshot(model)
         else:
-            decay = min(self.ema_decay, (1.0 + step) / (10.0 + step))
+            decay = (min(self.ema_decay, (1.0 + step) / (10.0 + step)) if self.ema_warmup
+                     else self.ema_decay)
             with torch.no_grad():
                 for p_ema, p in zip(self.ema.parameters(), model.parameters()):
                     p_ema.lerp_(p.detach(), 1.0 - decay)
@@ -167,6 +170,8 @@ class VelocitySource:
         out = {"source": self.kind}
         if self.kind == "ema":
             out["ema_decay"] = self.ema_decay
+            if not self.ema_warmup:
+                out["ema_warmup"] = False
         if self.guided:
             out["guidance"] = self.guidance
             if self.kind == "conditional":
