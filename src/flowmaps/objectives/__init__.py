@@ -14,6 +14,8 @@ Self-distillation, one network from data alone (its own diagonal is the teacher)
 
 * :class:`LSD`, :class:`ESD`, :class:`PSD` — [P2]'s Lagrangian, Eulerian and progressive forms.
 * :class:`MeanFlow`, :class:`CT` — Eulerian residuals with the conditional velocity ``İ``.
+* :class:`SCT` — sCT (Lu & Song): the map to the data ``X_{s,1}`` from the v-form Eulerian residual with
+  the paper's tangent normalisation, warm-up and learned per-time weight.
 * :class:`Shortcut` — the midpoint semigroup on a dyadic grid against an EMA teacher.
 * :class:`SelfDistillation` — the configurable step behind all of them (and LMD, EMD).
 """
@@ -27,6 +29,7 @@ from .lmd import LMD
 from .meanflow import MeanFlow
 from .pfmm import PFMM
 from .psd import PSD
+from .sct import SCT
 from .self_distillation import SelfDistillation
 from .shortcut import Shortcut
 from .lsd import LSD
@@ -36,5 +39,5 @@ from .weighting import AdaptiveWeight, LearnedWeight, TangentNormalization
 
 __all__ = ["Objective", "LossOutput", "TimeSampler", "SelfDistillationTimes", "DyadicPairs",
            "GuidedVelocity", "dropout_disabled", "Velocity", "FMM", "LMD", "EMD", "PFMM",
-           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "Shortcut", "CT", "LearnedWeight",
+           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "Shortcut", "CT", "SCT", "LearnedWeight",
            "AdaptiveWeight", "TangentNormalization"]
