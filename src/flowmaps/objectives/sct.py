@@ -124,13 +124,13 @@ class SCT(SelfDistillation):
         return times
 
     def _refuse_nonsense(self, o: dict) -> None:
-        super()._refuse_nonsense(o)
         fixed = {"residual": "eulerian", "form": "v", "source": "conditional", "stopgrad": "target"}
         for key, value in fixed.items():
             if o[key] != value:
                 raise ValueError(f"sct is the v-form Eulerian residual with the conditional velocity "
                                  f"(residual=eulerian, form=v, source=conditional, stopgrad=target); "
                                  f"got {key}={o[key]}")
+        super()._refuse_nonsense(o)
         if self.interpolant.name != "linear":
             raise ValueError(f"sct's time change and weights (λ, κ(s), cλ/s) are derived for the linear "
                              f"interpolant, not {self.interpolant.name}")
