@@ -153,7 +153,7 @@ def test_times_are_the_papers():
 def test_residual_vanishes_in_expectation_at_the_exact_map(target):
     gmm = build_gmm("linear", steps=32)
     n = 3000
-    objective = SCT(gmm.interpolant, target=target)
+    objective = SCT(gmm.interpolant, target=target, eta=0.0)  # off-diagonal samples only
     g = torch.Generator().manual_seed(6)
     x1 = gmm.sample(n, g, dtype=F64)
     x0 = objective.interpolant.sample_base(x1, g)

@@ -22,6 +22,7 @@ TARGETS = ("data", "any")
 # our time logit(s) = log σ_d − τ (σ_d = σ0 = 0.5), i.e. logit(s) ~ N(log 0.5 + 1.0, 1.4²) (sct.md §3.7).
 SCT_TIME_MEAN = math.log(0.5) + 1.0  # 0.3069
 SCT_TIME_STD = 1.4
+ANY_ETA = 0.5  # target="any": the diagonal fraction (flow matching), measured on gmm (see SCT)
 
 
 class ToData:
@@ -96,9 +97,11 @@ class SCT(SelfDistillation):
             ``"any"``: a generalisation that is **no longer sCT** (sct.md §3.10): ``(s, t)`` a sorted
             logit-normal pair on the triangle (same ``time_mean``/``time_std``), the same residual at
             ``t``, ``κ(s)``, ``c λ/s`` and ``1/(σ_d λ)`` kept as they are (a heuristic: the prior has no
-            canonical ``t < 1`` analogue), the learned weight on ``(s, t)``, ``η ≥ 0`` allowed (default 0).
-            Sound as an Eulerian fixed point (``D_s X_{s,t} = 0`` for all ``s ≤ t`` with ``X_{t,t} = id``
-            characterises the flow map), and it trains the deterministic k-step composition too.
+            canonical ``t < 1`` analogue), the learned weight on ``(s, t)``, and a flow-matching diagonal
+            term, ``η = 0.5`` by default (on the gmm preset, 2000 steps, one seed: exact-map errors at
+            1/2/4 steps 0.51/0.28/0.14 against 0.61/0.37/0.39 with ``η = 0``). Sound as an Eulerian
+            fixed point (``D_s X_{s,t} = 0`` for all ``s ≤ t`` with ``X_{t,t} = id`` characterises the
+            flow map), and it trains the deterministic k-step composition too.
         tangent_c: ``c``; tangent_warmup: ``H`` (0: no warm-up, ``ρ ≡ 1``).
 
     Caveat (sct.md §3.10): the per-sample normalisation is nonlinear in the stochastic ``İ``, so
@@ -114,6 +117,8 @@ class SCT(SelfDistillation):
         if target not in TARGETS:
             raise ValueError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
         self.target = target
+        if target == "any":
+            options.setdefault("eta", ANY_ETA)
         super().__init__(interpolant, **options)
         self.c, self.warmup = float(self.options["tangent_c"]), int(self.options["tangent_warmup"])
 
