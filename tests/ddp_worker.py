@@ -39,6 +39,7 @@ CASES = {
     "meanflow": (["objective.name=meanflow"], {}),
     "shortcut": (["objective.name=shortcut"], {}),
     "ct": (["objective.name=ct"], {}),
+    "sct": (["objective.name=sct", "objective.tangent_warmup=2"], {}),
 }
 TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
 
