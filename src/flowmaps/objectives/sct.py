@@ -80,12 +80,12 @@ class SCT(SelfDistillation):
     ``P_std = 1.4`` (CIFAR-10, G.2), i.e. ``logit(s) ~ N(log 0.5 + 1.0 = 0.307, 1.4²)`` (``time_mean``,
     ``time_std``); ``σ_d = 0.5`` = data std = noise std (G.1). These assume data std 0.5 and ``σ0`` equal to
     the data std; for data std ``σ_data`` keep ``σ_EDM/σ_data``: ``time_mean = log(0.5 σ0/σ_data) −
-    P_mean`` and scale ``c`` (units of ``x``) by ``σ_data/0.5`` (sct.md §3.5, §3.7; the presets do).
-    No diagonal term (``η = 0``), the learned weight on ``(s, t = 1)``, the conditional source; the off-diagonal
-    pass runs without dropout (set ``offdiag_dropout`` for the paper's train-mode JVP). The paper always
-    initialises from a pretrained (TrigFlow) diffusion model's EMA (G.2: "We always initialize the CM from
-    the EMA parameters of the teacher diffusion model"); here training starts from scratch, which the
-    paper did not test. At ``ρ = 0`` the loss regresses ``v̂_{s,1}`` on ``İ`` (the diffusion-initialised
+    P_mean`` and scale ``c`` (units of ``x``) by ``σ_data/0.5`` (sct.md §3.5, §3.7; the digits preset
+    does, the 2-D presets keep the paper's values, see their comments). No diagonal term (``η = 0``), the
+    learned weight on ``(s, t = 1)``, the conditional source; the off-diagonal pass runs without dropout
+    (``offdiag_dropout`` for the paper's train-mode JVP). The paper always initialises from a pretrained
+    (TrigFlow) diffusion model's EMA (G.2: "We always initialize the CM from the EMA parameters of the
+    teacher diffusion model"); here training starts from scratch, which the paper did not test. At ``ρ = 0`` the loss regresses ``v̂_{s,1}`` on ``İ`` (the diffusion-initialised
     state: ``X_{s,1}`` the one-step Euler jump), so the warm-up stands in for that initialisation.
 
     Args (beyond :class:`SelfDistillation`'s, whose switches must keep sCT's residual):
@@ -141,7 +141,8 @@ class SCT(SelfDistillation):
                              f"interpolant, not {self.interpolant.name}")
         if o["weighting"] not in ("learned", "none"):
             raise ValueError(f"sct normalises its tangent itself (tangent_c) under a learned per-time "
-                             f"weight; weighting={o['weighting']} would weight it twice (use learned or none)")
+                             f"weight; weighting={o['weighting']} would weight it twice (use learned or "
+                             "none)")
         if not float(o["tangent_c"]) > 0 or int(o["tangent_warmup"]) < 0:
             raise ValueError(f"sct needs tangent_c > 0 and tangent_warmup >= 0, got "
                              f"{o['tangent_c']}, {o['tangent_warmup']}")
