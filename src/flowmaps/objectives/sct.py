@@ -85,8 +85,9 @@ class SCT(SelfDistillation):
     learned weight on ``(s, t = 1)``, the conditional source; the off-diagonal pass runs without dropout
     (``offdiag_dropout`` for the paper's train-mode JVP). The paper always initialises from a pretrained
     (TrigFlow) diffusion model's EMA (G.2: "We always initialize the CM from the EMA parameters of the
-    teacher diffusion model"); here training starts from scratch, which the paper did not test. At ``ρ = 0`` the loss regresses ``v̂_{s,1}`` on ``İ`` (the diffusion-initialised
-    state: ``X_{s,1}`` the one-step Euler jump), so the warm-up stands in for that initialisation.
+    teacher diffusion model"); here training starts from scratch, which the paper did not test. At
+    ``ρ = 0`` the loss regresses ``v̂_{s,1}`` on ``İ`` (the diffusion-initialised state: ``X_{s,1}`` the
+    one-step Euler jump), so the warm-up stands in for that initialisation.
 
     Args (beyond :class:`SelfDistillation`'s, whose switches must keep sCT's residual):
         target: ``"data"`` (default, the paper's sCT): ``t ≡ 1``, only ``X_{s,1}`` is trained, ``η = 0``.
