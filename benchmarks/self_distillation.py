@@ -1,21 +1,25 @@
-"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, shortcut, CT)
+"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, shortcut, CT, sCT)
 against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU time.
 
 Parts (each a sub-command, so they can run in separate processes):
 
   table1     the checkerboard in the layout of [P2] Table 1: KL at N = 1, 2, 4, 8, 16 steps (64,000
-             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, shortcut (and CT), each trained from scratch
+             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, shortcut (and CT, sCT), each trained from scratch
              with the checkerboard preset's settings for it, the same number of steps; [P2]'s numbers
              beside ours.
   compute    equal total compute on the checkerboard: a teacher velocity (flow matching) plus LMD, against
              LSD alone given at most the same CPU time (CPU seconds of this process, per run).
-  gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error at 1–8 steps over 3 seeds
-             (mean and spread) beside the exact velocity's Euler error.
+  gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error (and W2) at 1–16 steps
+             over 3 seeds (mean and spread) beside the exact velocity's Euler error.
   calibrate-digits / train-digits METHOD / evaluate-digits
              the 8×8 digits: the per-step CPU cost of every step type measured side by side, the
              teacher (6000 steps) + LMD (10000 steps) pipeline's CPU time from it, LSD / MeanFlow /
-             shortcut trained from scratch within that CPU time, then FD (digits-classifier features,
-             2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
+             shortcut / sCT trained from scratch within that CPU time, then FD (digits-classifier
+             features, 2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
+
+sCT trains the jumps to the data X_{s,1} alone (its maps record the domain "data"): the evaluation samples
+it at one jump and, at k > 1 steps, with γ = 1 (jump to the data, re-noise; rows "gamma=1"), the
+consistency models' multistep sampler, where every other method composes k deterministic jumps.
 
 Usage:  .venv/bin/python benchmarks/self_distillation.py PART [--threads 1] [--scale 1.0]
 Writes benchmarks/results/self_distillation/<part>/ (runs, tables, results.json, plots).
@@ -51,6 +55,7 @@ METHODS = {
     "MeanFlow": ["objective.name=meanflow"],
     "Shortcut": ["objective.name=shortcut"],
     "CT": ["objective.name=ct"],
+    "sCT": ["objective.name=sct"],
 }
 
 
@@ -94,6 +99,8 @@ def final(run: dict | str) -> str:
 
 
 def rows_by(result: dict, name: str, key: str) -> dict[int, float]:
+    """A method's rows by step count: "flow map" rows, and for sCT (domain "data") its "gamma=1" rows at
+    k > 1, which the evaluation gives it in place of a deterministic composition."""
     return {r.steps: getattr(r, key) for r in result["rows"] if r.method == name}
 
 
@@ -167,7 +174,7 @@ GMM_OBJECTIVES = {
     "LSD": ["objective.name=lsd"], "LSD-v": ["objective.name=lsd", "objective.form=v"],
     "ESD": ["objective.name=esd"], "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"], "MeanFlow": ["objective.name=meanflow"],
-    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"],
+    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"], "sCT": ["objective.name=sct"],
 }
 
 
@@ -176,15 +183,18 @@ def gmm(args) -> dict:
     names = args.methods.split(",") if args.methods else list(GMM_OBJECTIVES)
     summary = {}
     for name in names:
-        errors = []
+        errors, w2 = [], []
         for seed in range(args.seeds):
             run = train("gmm", out / f"{name.lower()}-{seed}", GMM_OBJECTIVES[name] + budget(
                 args.steps, args.scale) + [f"train.seed={seed}"], label=f"{name} seed {seed}")
             result = evaluate_runs([final(run)], "exact", out / f"eval-{name.lower()}-{seed}", True,
                                    [1, 2, 4, 8, 16], 4000, False, names=[name], progress=False)
             errors.append(rows_by(result, name, "map_error"))
+            w2.append(rows_by(result, name, "w2"))
             euler = {r.steps: r.map_error for r in result["rows"] if r.sampler == "euler"}
         summary[name] = {str(k): [e[k] for e in errors] for k in STEPS}
+        # sCT's k > 1 samples are γ = 1 draws, not a map of the base point: compare them by W2
+        summary[name]["w2"] = {str(k): [w[k] for w in w2] for k in STEPS}
         summary[name]["below_euler16_at_1_step"] = [e[1] < euler[16] for e in errors]
         summary["exact_euler"] = euler
     return summary
@@ -194,7 +204,7 @@ def gmm(args) -> dict:
 
 DIGITS_PIPELINE = {"velocity": 6000, "lmd": 10000}
 DIGITS_METHODS = {"LSD": ["objective.name=lsd"], "MeanFlow": ["objective.name=meanflow"],
-                  "Shortcut": ["objective.name=shortcut"]}
+                  "Shortcut": ["objective.name=shortcut"], "sCT": ["objective.name=sct"]}
 
 
 def calibrate_digits(args) -> dict:
@@ -246,6 +256,8 @@ def read_results(part: str) -> dict:
 def train_digits(args) -> dict:
     calibration = read_results("calibrate-digits")
     name = args.method
+    if name not in calibration["steps_within_pipeline_cpu"]:
+        raise SystemExit(f"train-digits: {name} is not in the calibration; run calibrate-digits again")
     over = DIGITS_METHODS[name] + budget(calibration["steps_within_pipeline_cpu"][name], args.scale,
                                          checkpoints=True, log_every=100)
     return train("digits", ROOT / "digits" / name.lower(), over, label=name)
@@ -309,7 +321,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("part", choices=list(PARTS))
-    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow or Shortcut")
+    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow, Shortcut or sCT")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")

@@ -40,6 +40,7 @@ CASES = {
     "shortcut": (["objective.name=shortcut"], {}),
     "ct": (["objective.name=ct"], {}),
     "imf": (["objective.name=imf"], {}),
+    "sct": (["objective.name=sct", "objective.tangent_warmup=2"], {}),
 }
 TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
 

@@ -114,12 +114,14 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(uninterrupted, 
 
 # --- in-process exactness across every objective -------------------------------------------------
 
-# Self-distillation cases carry state beyond the model: the learned loss weight (lsd, psd), the EMA
-# teacher (shortcut) and the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3).
+# Self-distillation cases carry state beyond the model: the learned loss weight (lsd, psd, sct), the EMA
+# teacher (shortcut), the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3) and
+# sCT's tangent warm-up (its step count).
 LEARNED = "objective.weighting=learned"  # the gmm preset's blocks use a constant weight
 CASES = {"lsd": ["objective.name=lsd", LEARNED], "psd": ["objective.name=psd", LEARNED],
          "meanflow": ["objective.name=meanflow"], "shortcut": ["objective.name=shortcut"],
          "ct": ["objective.name=ct"], "imf": ["objective.name=imf"],
+         "sct": ["objective.name=sct", "objective.tangent_warmup=8"],  # the warm-up spans the resume
          "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4",
                         LEARNED]}
 

@@ -22,25 +22,29 @@ TINY = ["model.width=16", "model.depth=2", "train.batch_size=32", "data.n_train=
         "train.log_every=5", "train.checkpoint_every=10", "eval.n_samples=200", "--quiet"]
 
 
-@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct"])
+@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct", "sct"])
 def test_train_a_self_distilled_map_from_samples_alone(objective, tmp_path, capsys):
     run = tmp_path / objective
+    steps = 20 if objective == "sct" else 12
     assert main(["train", "--preset", "gmm", "--objective", objective, "--out", str(run),
-                 "train.steps=12", *TINY]) == 0
+                 f"train.steps={steps}", *TINY]) == 0
+    # sCT trains the jumps to the data X(s,1) alone: its domain says so, and its samples of more than one
+    # step are drawn with gamma = 1
+    domain, gamma = ("data", ["--gamma", "1"]) if objective == "sct" else ("triangle", [])
     groups, meta = load_checkpoint(run / "checkpoints" / "final")
-    assert meta["objective"] == objective and meta["domain"] == "triangle"
+    assert meta["objective"] == objective and meta["domain"] == domain
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     terms = {k for r in records if "event" not in r for k in r}
-    if objective != "ct":  # CT has no diagonal term (eta = 0)
+    if objective not in ("ct", "sct"):  # CT and sCT have no diagonal term (eta = 0)
         assert "diagonal" in terms
     assert {"lagrangian", "eulerian", "progressive"} & terms
     # the gmm preset's block for this objective applied (eta 0.5), and is recorded in the run's config
     saved = load_config(None, run / "config.yaml")
-    assert saved.objective.eta == (0.5 if objective != "ct" else None)
-    assert main(["sample", str(run), "--n", "50", "--steps", "1,2"]) == 0
+    assert saved.objective.eta == (0.5 if objective not in ("ct", "sct") else None)
+    assert main(["sample", str(run), "--n", "50", "--steps", "1,2", *gamma]) == 0
     loaded = ex.load_model(run)
-    assert loaded.model.domain == "triangle"
-    with pytest.raises(ValueError, match="forward jumps"):
+    assert loaded.model.domain == domain
+    with pytest.raises(ValueError, match="forward jumps|jumps to the data"):
         loaded.model.inverse(torch.zeros(3, 2))
 
 
@@ -110,7 +114,7 @@ def test_presets_hold_settings_per_objective(capsys):
     shown = capsys.readouterr().out
     assert "distribution: gap" in shown and "name: psd" in shown
     for preset in ("checkerboard", "digits", "gmm"):
-        for name in ("lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct"):
+        for name in ("lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct", "sct"):
             cfg = load_config(preset, None, [f"objective.name={name}"])
             assert cfg.objective.name == name
 

@@ -51,7 +51,7 @@ from .standardizer import Standardizer
 __all__ = ["FlowMap", "register_network", "NETWORKS", "renoise"]
 
 NETWORKS: dict[str, type[nn.Module]] = {}
-DOMAINS = (None, "triangle", "square", "diagonal")
+DOMAINS = (None, "triangle", "square", "diagonal", "data")
 
 
 def _jsonable(value: Any) -> Any:
@@ -131,7 +131,8 @@ class FlowMap(nn.Module):
         self.fused_jvp = bool(fused_jvp)
         self.jvp_fp32 = bool(jvp_fp32)
         # Where (s, t) was trained: None (unknown), "triangle" (forward jumps s ≤ t only), "square"
-        # (both directions) or "diagonal" (a velocity). Set by the trainer, saved in checkpoints.
+        # (both directions), "diagonal" (a velocity) or "data" (jumps to the data X_{s,1} only: sCT;
+        # sample() refuses jumps that end before t = 1). Set by the trainer, saved in checkpoints.
         self.domain: str | None = None
         # What sampling a loaded map needs (set by the loaders, saved by save_pretrained): the
         # interpolant (base N(0, σ0²) of x0 = interpolant.sample_base(...)), the shape of one sample,
@@ -299,7 +300,9 @@ class FlowMap(nn.Module):
         ``x ← (β_{t_{i+1}}/β_u) x + √(α_{t_{i+1}}² − (β_{t_{i+1}} α_u/β_u)²) σ0 ξ`` with fresh
         ``ξ ~ N(0, I)``: if ``x`` has the law of ``I_u``, the result has the law of ``I_{t_{i+1}}``.
         ``γ = 0`` is the deterministic composition, ``γ = 1`` the multistep sampler of consistency
-        models (jump to the data, re-noise). NFE stays the number of jumps.
+        models (jump to the data, re-noise). NFE stays the number of jumps. A map trained on jumps to
+        the data only (:attr:`domain` ``"data"``, sCT) samples with one jump or with ``γ = 1``; other
+        grids would use its untrained ``X_{s,t<1}`` and are refused.
 
         Runs in the caller's grad mode; wrap in ``torch.no_grad()`` for inference.
         """
@@ -321,6 +324,10 @@ class FlowMap(nn.Module):
         interpolant = interpolant if interpolant is not None else self.interpolant
         if gamma > 0.0 and (interpolant is None or backward):
             raise ValueError("γ-sampling needs the interpolant (interpolant=...) and a forward grid")
+        if self.domain == "data" and (grid[-1] != 1 or (gamma != 1.0 and grid.numel() > 2)):
+            raise ValueError("this flow map was trained on jumps to the data X_(s,1) only, so jumps that "
+                             "end before t=1 are untrained: sample it with one jump to t=1, or with "
+                             "gamma=1 (jump to the data, re-noise: --gamma 1)")
         x, path = x0, [x0]
         last = grid.numel() - 2
         for i in range(grid.numel() - 1):
@@ -335,8 +342,9 @@ class FlowMap(nn.Module):
         return (x, torch.stack(path)) if return_path else x
 
     def _check_backward(self) -> None:
-        if self.domain in ("triangle", "diagonal"):
-            trained = "forward jumps s <= t" if self.domain == "triangle" else "the diagonal"
+        if self.domain in ("triangle", "diagonal", "data"):
+            trained = {"triangle": "forward jumps s <= t", "diagonal": "the diagonal",
+                       "data": "jumps to the data X_(s,1)"}[self.domain]
             raise ValueError(f"this flow map was trained on {trained} only, so its backward map "
                              "X_(t,s) is untrained; train it on both directions (times='square') to "
                              "run it backward")

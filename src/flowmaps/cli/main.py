@@ -158,7 +158,10 @@ TRAIN_OBJECTIVES = """objectives:
   imf        improved MeanFlow: MeanFlow's residual with the JVP along the network's own velocity
              (objective.guidance_max: the guidance scale as a condition, chosen at `sample --guidance`)
   shortcut   shortcut models: the midpoint semigroup on a dyadic grid against an EMA of the network
-  ct         continuous consistency training: |d_s X + sg(grad X . dI_s)|^2
+  ct         continuous consistency training, [P2] eq. 41: |d_s X + sg(grad X . dI_s)|^2
+  sct        sCT (Lu & Song): the map to the data X(s,1), v-form Eulerian residual with dI, tangent
+             normalisation, warm-up and a learned weight (objective.target=any: all s <= t, not sCT);
+             multi-step samples need --gamma 1
 Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
 weighting, distribution, psd_gamma, guidance, guidance_kappa, guidance_interval, diagonal_times,
 offdiag_dropout, fm_steps, anneal_steps (see the README).
@@ -171,7 +174,8 @@ def _add_train(sub, fmt) -> None:
                        epilog=TRAIN_OBJECTIVES + "\n" + EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
                                    "the default), or a flow map from samples alone: directly (fmm) or "
-                                   "by self-distillation (lsd, esd, psd, meanflow, imf, shortcut, ct). A "
+                                   "by self-distillation (lsd, esd, psd, meanflow, imf, shortcut, ct, "
+                                   "sct). A "
                                    "preset's settings for the chosen objective apply (`flowmaps presets "
                                    "--show NAME --objective OBJ`).")
     p.add_argument("--objective", choices=["velocity", "fmm", *SELF_DISTILLATION],

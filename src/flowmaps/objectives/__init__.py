@@ -16,6 +16,8 @@ Self-distillation, one network from data alone (its own diagonal is the teacher)
 * :class:`MeanFlow`, :class:`CT` — Eulerian residuals with the conditional velocity ``İ``.
 * :class:`ImprovedMeanFlow` — MeanFlow's residual transported along the network's own velocity, with
   guidance as a condition of the network.
+* :class:`SCT` — sCT (Lu & Song): the map to the data ``X_{s,1}`` from the v-form Eulerian residual with
+  the paper's tangent normalisation, warm-up and learned per-time weight.
 * :class:`Shortcut` — the midpoint semigroup on a dyadic grid against an EMA teacher.
 * :class:`SelfDistillation` — the configurable step behind all of them (and LMD, EMD).
 """
@@ -30,6 +32,7 @@ from .lmd import LMD
 from .meanflow import MeanFlow
 from .pfmm import PFMM
 from .psd import PSD
+from .sct import SCT
 from .self_distillation import SelfDistillation
 from .shortcut import Shortcut
 from .lsd import LSD
@@ -40,4 +43,4 @@ from .weighting import AdaptiveWeight, LearnedWeight, TangentNormalization
 __all__ = ["Objective", "LossOutput", "TimeSampler", "SelfDistillationTimes", "DyadicPairs",
            "GuidedVelocity", "dropout_disabled", "Velocity", "FMM", "LMD", "EMD", "PFMM",
            "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "ImprovedMeanFlow", "Shortcut", "CT",
-           "LearnedWeight", "AdaptiveWeight", "TangentNormalization"]
+           "SCT", "LearnedWeight", "AdaptiveWeight", "TangentNormalization"]

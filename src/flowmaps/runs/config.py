@@ -107,8 +107,8 @@ class ObjectiveConfig:
     the time sampler: ``uniform``, ``gap`` (jump length uniform), ``logit_normal`` (``time_mean``,
     ``time_std``) or ``dyadic`` (shortcut grid, self-distillation only).
 
-    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``; and the switches
-    of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
+    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``, ``sct``; and the
+    switches of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
     ``diagonal`` conditional | teacher (the diagonal term's target: ``İ_t`` or the teacher's velocity);
     ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
     conditional (``ema_decay`` for ema); ``stopgrad`` target | source | none; ``weighting`` none |
@@ -116,9 +116,15 @@ class ObjectiveConfig:
     ``tangent_warmup``); ``psd_gamma`` uniform | midpoint; ``fm_steps``/``anneal_steps`` the
     gap-annealing curriculum; ``guidance`` classifier-free guidance scale of the velocity source
     (class-conditional models), with ``guidance_kappa`` and ``guidance_interval`` (``lo,hi`` in our
-    time) MeanFlow's κ and interval; ``guidance_max`` (``imf``): the largest guidance scale minus 1, sampled
-    in training and fed to the network (``model.guidance_conditioning``), chosen at sampling time; ``diagonal_times`` own | pair (diagonal times from the start of a
-    pair, MeanFlow's sampler); ``offdiag_dropout`` dropout in the off-diagonal pass."""
+    time) MeanFlow's κ and interval; ``guidance_max`` (``imf``): the largest guidance scale minus 1,
+    sampled in training and fed to the network (``model.guidance_conditioning``), chosen at sampling
+    time; ``diagonal_times`` own | pair (diagonal times from the start of a pair, MeanFlow's sampler);
+    ``offdiag_dropout`` dropout in the off-diagonal pass.
+
+    ``sct`` (:class:`~flowmaps.objectives.SCT`): ``target`` data (the paper: ``t ≡ 1``, only ``X_{s,1}``
+    is trained; multi-step sampling needs ``gamma=1``) | any (``(s, t)`` on the triangle, no longer sCT);
+    ``tangent_c`` its ``c`` and ``tangent_warmup`` its warm-up ``H``; ``time_mean``/``time_std`` the
+    logit-normal of ``s`` (defaults: the paper's CIFAR-10 values for data std 0.5)."""
 
     name: str = "velocity"
     times: str = "default"
@@ -154,6 +160,7 @@ class ObjectiveConfig:
     guidance_interval: list | None = None
     diagonal_times: str = "default"
     offdiag_dropout: bool | None = None
+    target: str = "default"
 
 
 @dataclass
@@ -260,7 +267,7 @@ class Config:
 
 
 # Objectives that train a flow map from data alone through its own diagonal (self-distillation).
-SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf")
+SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "sct")
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
@@ -275,6 +282,7 @@ CHOICES = {
     "objective.residual": ("default", "lagrangian", "eulerian", "progressive"),
     "objective.diagonal": ("default", "conditional", "teacher"),
     "objective.diagonal_times": ("default", "own", "pair"),
+    "objective.target": ("default", "data", "any"),
     "objective.form": ("default", "map", "v"),
     "objective.source": ("default", "self", "ema", "teacher", "conditional"),
     "objective.stopgrad": ("default", "target", "source", "none"),

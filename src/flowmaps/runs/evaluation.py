@@ -164,7 +164,10 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
     paths_x0 = x0[:n_paths].to(device)
     for name, model in flow_maps.items():
         model.eval()
-        for k in steps:
+        # A map trained on jumps to the data only (domain "data", sCT) samples k > 1 steps with γ = 1
+        # alone: its rows "flow map" at one step, "gamma=1" beyond.
+        to_data = getattr(model, "domain", None) == "data"
+        for k in [k for k in steps if k == 1 or not to_data]:
             x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, steps=k, cond=cc), k), x0,
                                        cond, chunk, device)
             score(name, "flow map", k, nfe, x, seconds)
@@ -172,7 +175,7 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
             x, seconds, nfe = _sharded(lambda xc, cc: (model.sample(xc, grid=grid, cond=cc), k), x0,
                                        cond, chunk, device)
             score(name, "tuned grid", k, nfe, x, seconds)
-        for gamma in gammas:
+        for gamma in [1.0] if to_data else gammas:
             for k in [k for k in steps if k > 1]:  # one jump has no interior time to re-noise at
                 # fresh noise per chunk, seeded by the evaluation seed and the chunk's first row
                 x, seconds, nfe = _sharded(lambda xc, cc, rows: (model.sample(
@@ -182,8 +185,8 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
                     rows=True)
                 score(name, f"gamma={gamma:g}", k, nfe, x, seconds)
         if main:
-            paths[name] = model.sample(paths_x0, steps=max(steps), cond=sub(cond, n_paths),
-                                       return_path=True)[1].cpu()
+            paths[name] = model.sample(paths_x0, steps=1 if to_data else max(steps),
+                                       cond=sub(cond, n_paths), return_path=True)[1].cpu()
     if teacher is not None:
         for k in steps:
             for solver in solvers:

@@ -23,7 +23,7 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
-from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, ImprovedMeanFlow, MeanFlow,
+from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, ImprovedMeanFlow, MeanFlow,
                           Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
 from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
@@ -268,7 +268,7 @@ def factory_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu")
 
 
 SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": MeanFlow,
-                             "shortcut": Shortcut, "ct": CT, "imf": ImprovedMeanFlow}
+                             "shortcut": Shortcut, "ct": CT, "imf": ImprovedMeanFlow, "sct": SCT}
 # Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
 _SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
                 "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
@@ -325,6 +325,8 @@ def build_objective(cfg: Config, interpolant: Interpolant, teacher=None,
                 return EMD(interpolant, teacher, form=o.emd_form, **options)
             if teacher is not None:
                 options["teacher"] = teacher
+            if o.name == "sct" and o.target != "default":
+                options["target"] = o.target
             return SELF_DISTILLATION_CLASSES[o.name](interpolant, **options)
         sampler = None if o.distribution == "default" else o.distribution
         times = None if o.times == "default" else TimeSampler(o.times, sampler or "uniform")

@@ -360,7 +360,9 @@ class TrainingRun:
             if self.cfg.objective.name == "velocity":
                 shown = {"RK4, 8 steps (NFE 32)": solve_ode(
                     lambda x, tt: evaluated.velocity(x, tt, cond), x0, "rk4", steps=8).x}
-            else:
-                shown = {f"{k} step{'s' * (k > 1)}": evaluated.sample(x0, steps=k, cond=cond)
-                         for k in (1, 2, 4)}
+            else:  # a map trained on jumps to the data only (sCT) samples with γ = 1
+                gamma = (dict(gamma=1.0, interpolant=self.parts.interpolant, generator=g)
+                         if getattr(evaluated, "domain", None) == "data" else {})
+                shown = {f"{k} step{'s' * (k > 1)}{', γ=1' * (bool(gamma) and k > 1)}":
+                         evaluated.sample(x0, steps=k, cond=cond, **gamma) for k in (1, 2, 4)}
         return n_plot, {k: distributed.all_gather_rows(v) for k, v in shown.items()}
