@@ -14,10 +14,13 @@ Self-distillation, one network from data alone (its own diagonal is the teacher)
 
 * :class:`LSD`, :class:`ESD`, :class:`PSD` — [P2]'s Lagrangian, Eulerian and progressive forms.
 * :class:`MeanFlow`, :class:`CT` — Eulerian residuals with the conditional velocity ``İ``.
+* :class:`AlphaFlow` — α-Flow: a curriculum from trajectory flow matching through discrete
+  consistency to MeanFlow.
 * :class:`Shortcut` — the midpoint semigroup on a dyadic grid against an EMA teacher.
 * :class:`SelfDistillation` — the configurable step behind all of them (and LMD, EMD).
 """
 
+from .alphaflow import AlphaFlow
 from .base import GuidedVelocity, LossOutput, Objective, dropout_disabled
 from .ct import CT
 from .emd import EMD
@@ -36,5 +39,5 @@ from .weighting import AdaptiveWeight, LearnedWeight, TangentNormalization
 
 __all__ = ["Objective", "LossOutput", "TimeSampler", "SelfDistillationTimes", "DyadicPairs",
            "GuidedVelocity", "dropout_disabled", "Velocity", "FMM", "LMD", "EMD", "PFMM",
-           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "Shortcut", "CT", "LearnedWeight",
+           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "AlphaFlow", "Shortcut", "CT", "LearnedWeight",
            "AdaptiveWeight", "TangentNormalization"]
