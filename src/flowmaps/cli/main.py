@@ -145,6 +145,8 @@ TRAIN_OBJECTIVES = """objectives:
   psd        progressive self-distillation [P2]: one jump against two of its own (objective.psd_gamma=
              uniform: PSD-U, midpoint: PSD-M)
   meanflow   MeanFlow: the Eulerian residual in v-form with the conditional velocity dI as its source
+  alphaflow  alpha-Flow: a curriculum over alpha (objective.alpha_start..alpha_end, default the whole
+             run) from flow matching on dI (alpha=1) through discrete consistency to MeanFlow (alpha=0)
   shortcut   shortcut models: the midpoint semigroup on a dyadic grid against an EMA of the network
   ct         continuous consistency training: |d_s X + sg(grad X . dI_s)|^2
 Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
@@ -158,9 +160,9 @@ def _add_train(sub, fmt) -> None:
                        epilog=TRAIN_OBJECTIVES + "\n" + EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
                                    "the default), or a flow map from samples alone: directly (fmm) or "
-                                   "by self-distillation (lsd, esd, psd, meanflow, shortcut, ct). A "
-                                   "preset's settings for the chosen objective apply (`flowmaps presets "
-                                   "--show NAME --objective OBJ`).")
+                                   "by self-distillation (lsd, esd, psd, meanflow, alphaflow, shortcut, "
+                                   "ct). A preset's settings for the chosen objective apply "
+                                   "(`flowmaps presets --show NAME --objective OBJ`).")
     p.add_argument("--objective", choices=["velocity", "fmm", *SELF_DISTILLATION],
                    help="what to train (default: the config's objective.name, velocity)")
     _add_run_options(p)

@@ -104,7 +104,7 @@ class ObjectiveConfig:
     the time sampler: ``uniform``, ``gap`` (jump length uniform), ``logit_normal`` (``time_mean``,
     ``time_std``) or ``dyadic`` (shortcut grid, self-distillation only).
 
-    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``; and the switches
+    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``alphaflow``, ``shortcut``, ``ct``; and the switches
     of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
     ``diagonal`` conditional | teacher (the diagonal term's target: ``İ_t`` or the teacher's velocity);
     ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
@@ -114,7 +114,12 @@ class ObjectiveConfig:
     gap-annealing curriculum; ``guidance`` classifier-free guidance scale of the velocity source
     (class-conditional models), with ``guidance_kappa`` and ``guidance_interval`` (``lo,hi`` in our
     time) MeanFlow's κ and interval; ``diagonal_times`` own | pair (diagonal times from the start of a
-    pair, MeanFlow's sampler); ``offdiag_dropout`` dropout in the off-diagonal pass."""
+    pair, MeanFlow's sampler); ``offdiag_dropout`` dropout in the off-diagonal pass.
+
+    α-Flow (``alphaflow``): the curriculum of α over steps ``alpha_start`` → ``alpha_end`` (``null``:
+    ``train.steps``; a resume keeps the window the run was saved with), ``alpha_gamma`` its steepness γ,
+    ``alpha_clamp`` its η (α below η is 0, above 1 − η is 1); ``target_clamp`` the clip of the
+    discrete targets (``null``: none); ``weighting`` adaptive (its code) | none (its Def. 1)."""
 
     name: str = "velocity"
     times: str = "default"
@@ -149,6 +154,11 @@ class ObjectiveConfig:
     guidance_interval: list | None = None
     diagonal_times: str = "default"
     offdiag_dropout: bool | None = None
+    alpha_start: int = 0
+    alpha_end: int | None = None
+    alpha_gamma: float = 25.0
+    alpha_clamp: float = 5e-3
+    target_clamp: float | None = 4.0
 
 
 @dataclass
@@ -255,7 +265,7 @@ class Config:
 
 
 # Objectives that train a flow map from data alone through its own diagonal (self-distillation).
-SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct")
+SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "alphaflow", "shortcut", "ct")
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
@@ -291,7 +301,8 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
-            "objective.tangent_c", "objective.dyadic_levels")
+            "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
+            "objective.target_clamp")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -332,10 +343,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"objective.eta: the diagonal fraction must be in [0, 1), got {o.eta}")
     if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
         raise ConfigError(f"objective.ema_decay: must be in [0, 1), got {o.ema_decay}")
-    for key in ("fm_steps", "anneal_steps", "tangent_warmup", "adaptive_p"):
+    for key in ("fm_steps", "anneal_steps", "tangent_warmup", "adaptive_p", "alpha_start"):
         value = getattr(o, key)
         if value is not None and value < 0:
             raise ConfigError(f"objective.{key}: must be >= 0, got {value}")
+    if o.alpha_end is not None and o.alpha_end < o.alpha_start:
+        raise ConfigError(f"objective.alpha_end: must be >= objective.alpha_start ({o.alpha_start}), "
+                          f"got {o.alpha_end}")
+    if not 0 <= o.alpha_clamp < 0.5:
+        raise ConfigError(f"objective.alpha_clamp: must be in [0, 0.5), got {o.alpha_clamp}")
     if cfg.objective.invertibility_weight < 0:
         raise ConfigError("objective.invertibility_weight: must be >= 0")
     if not cfg.eval.steps or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
