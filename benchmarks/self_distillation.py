@@ -1,12 +1,12 @@
-"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, shortcut, CT)
-against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU time.
+"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, α-Flow, shortcut,
+CT) against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU time.
 
 Parts (each a sub-command, so they can run in separate processes):
 
   table1     the checkerboard in the layout of [P2] Table 1: KL at N = 1, 2, 4, 8, 16 steps (64,000
-             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, shortcut (and CT), each trained from scratch
-             with the checkerboard preset's settings for it, the same number of steps; [P2]'s numbers
-             beside ours.
+             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, α-Flow, shortcut (and CT), each trained
+             from scratch with the checkerboard preset's settings for it, the same number of steps;
+             [P2]'s numbers beside ours.
   compute    equal total compute on the checkerboard: a teacher velocity (flow matching) plus LMD, against
              LSD alone given at most the same CPU time (CPU seconds of this process, per run).
   gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error at 1–8 steps over 3 seeds
@@ -14,8 +14,8 @@ Parts (each a sub-command, so they can run in separate processes):
   calibrate-digits / train-digits METHOD / evaluate-digits
              the 8×8 digits: the per-step CPU cost of every step type measured side by side, the
              teacher (6000 steps) + LMD (10000 steps) pipeline's CPU time from it, LSD / MeanFlow /
-             shortcut trained from scratch within that CPU time, then FD (digits-classifier features,
-             2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
+             α-Flow / shortcut trained from scratch within that CPU time, then FD (digits-classifier
+             features, 2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
 
 Usage:  .venv/bin/python benchmarks/self_distillation.py PART [--threads 1] [--scale 1.0]
 Writes benchmarks/results/self_distillation/<part>/ (runs, tables, results.json, plots).
@@ -49,6 +49,7 @@ METHODS = {
     "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"],
     "MeanFlow": ["objective.name=meanflow"],
+    "AlphaFlow": ["objective.name=alphaflow"],
     "Shortcut": ["objective.name=shortcut"],
     "CT": ["objective.name=ct"],
 }
@@ -167,7 +168,8 @@ GMM_OBJECTIVES = {
     "LSD": ["objective.name=lsd"], "LSD-v": ["objective.name=lsd", "objective.form=v"],
     "ESD": ["objective.name=esd"], "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"], "MeanFlow": ["objective.name=meanflow"],
-    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"],
+    "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"],
+    "CT": ["objective.name=ct"],
 }
 
 
@@ -194,7 +196,10 @@ def gmm(args) -> dict:
 
 DIGITS_PIPELINE = {"velocity": 6000, "lmd": 10000}
 DIGITS_METHODS = {"LSD": ["objective.name=lsd"], "MeanFlow": ["objective.name=meanflow"],
-                  "Shortcut": ["objective.name=shortcut"]}
+                  "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"]}
+# AlphaFlow's step is calibrated in its costliest phase, α = 0 (a MeanFlow step: one JVP pass), so its
+# budget is at most the pipeline's CPU time (α = 1 is one plain pass, 0 < α < 1 one more forward).
+CALIBRATION_OVERRIDES = {"alphaflow": ["objective.alpha_end=0"]}
 
 
 def calibrate_digits(args) -> dict:
@@ -206,7 +211,7 @@ def calibrate_digits(args) -> dict:
              **{name.lower(): over for name, over in DIGITS_METHODS.items()}}
     trainers = {}
     for kind, over in kinds.items():
-        cfg = load_config("digits", None, over)
+        cfg = load_config("digits", None, over + CALIBRATION_OVERRIDES.get(kind, []))
         bundle = ex.build_data(cfg)
         scales = ex.resolve_scales(cfg, bundle)
         interpolant = ex.build_interpolant(cfg, scales)
@@ -309,7 +314,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("part", choices=list(PARTS))
-    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow or Shortcut")
+    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow, AlphaFlow or "
+                        "Shortcut")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")
