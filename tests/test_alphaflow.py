@@ -14,12 +14,13 @@
   the flow map;
 * one-line refusals, resume mid-curriculum, the run's length told by ``fit``, and a short training run.
 
-Mutations tried by hand, each failing at least one test here (then reverted): γ 25 → 20 and η 5e-3 →
-1e-2 in ``AlphaFlow``'s defaults (curriculum test); ``adaptive_eps`` 1e-3 → 1e-2 (paper-reference
-gradient); the weight's α factor dropped (paper-reference gradient at α = 0.3) and α⁻¹ → α under
-``weighting="none"`` (α → 0 limit); ``time_mean`` 0.4 → −0.4 (sampler test); the intermediate time
-``m = s + α(t − s)`` → ``t − α(t − s)`` (paper-reference gradient at α = 0.3); the target clip removed
-(paper-reference gradient); ``eta`` 0.5 → 0.75 and ``diagonal_times`` own → pair (sampler test).
+Mutations tried by hand, each failing the tests named (then reverted): γ 25 → 20 and η 5e-3 → 1e-2 in
+``AlphaFlow``'s defaults (curriculum; γ also resume); ``adaptive_eps`` c 1e-3 → 1e-2, and c not scaled
+by the dimension D (paper-reference gradients); the weight's α factor dropped (paper reference at
+α = 0.3) and α⁻¹ → α under ``weighting="none"`` (α → 0 limit); ``time_mean`` 0.4 → −0.4, ``eta`` 0.5 →
+0.75 and ``diagonal_times`` own → pair (sampler; eta also the paper reference); the intermediate time
+``m = s + α(t − s)`` → ``t − α(t − s)`` and the step ``x_m = I_s + α(t − s)Ĩ`` → ``I_s − …`` (paper
+reference at α = 0.3, α → 0 limit); the target clip removed (paper reference at α = 1, 0.3).
 """
 
 from __future__ import annotations
@@ -247,8 +248,11 @@ def test_alpha_to_zero_approaches_the_meanflow_gradient():
     """Def. 1 (``weighting="none"``: ``α⁻¹ ℓ`` off the diagonal): the discrete form at α = 10⁻⁶ has
     the JVP form's gradient (α = 0) up to O(α); at α = 0.3 it is clearly different."""
     model = small_model(3)
-    make = lambda a: at_alpha(AlphaFlow(INTERP, alpha_steps=(0, 10), weighting="none", eta=0.0,  # noqa: E731
-                                        target_clamp=None), a)
+
+    def make(alpha):
+        return at_alpha(AlphaFlow(INTERP, alpha_steps=(0, 10), weighting="none", eta=0.0,
+                                  target_clamp=None), alpha)
+
     x0, x1, s, t = draw(WIDE, make(0.0), n=64, seed=6)
 
     def gradient(alpha):
@@ -340,6 +344,53 @@ def test_residuals_vanish_in_expectation_where_they_should(alpha):
         assert_nonzero_mean(per_sample_gradients(objective, exact, x0, x1, s, t, phi=gap))
         for phi in (None, gap):
             assert_zero_mean(per_sample_gradients(objective, StartVelocity(gmm), x0, x1, s, t, phi=phi))
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance: the conditional source's MeanFlow mix is the step direction and the JVP tangent
+# ------------------------------------------------------------------------------------------------
+
+def test_guided_direction_enters_the_step_and_the_target():
+    from test_self_distillation_step import K, ConditionalNet, labelled_batch
+
+    omega, kappa, alpha = 1.8, 0.3, 0.4
+    model = FlowMap(ConditionalNet())
+    objective = AlphaFlow(INTERP, guidance=omega, guidance_kappa=kappa, null_label=K,
+                          guidance_interval=(0.1, 0.9), alpha_steps=(0, 10), target_clamp=None)
+    objective._alpha = alpha
+    x0, x1, s, t, cond = labelled_batch(seed=2)
+    r = objective._residual(model, x0, x1, s, t, cond)
+    i_s, di_s = INTERP(x0, x1, s)
+    null = torch.full_like(cond, K)
+    with torch.no_grad():
+        mix = (omega * di_s + (1 - omega - kappa) * model.velocity(i_s, s, null)
+               + kappa * model.velocity(i_s, s, cond))
+        use = (cond != K) & (s >= 0.1) & (s <= 0.9)
+        assert use.any() and (~use).any()
+        direction = torch.where(use[:, None], mix, di_s)
+        x_m = i_s + alpha * (t - s)[:, None] * direction
+        target = alpha * direction + (1 - alpha) * model.v(x_m, s + alpha * (t - s), t, cond)
+    torch.testing.assert_close(r, model.v(i_s, s, t, cond) - target, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+def test_a_guided_step_on_the_unet(alpha):
+    from flowmaps.runs import experiment as ex
+    from flowmaps.runs.config import load_config
+
+    cfg = load_config("digits", None, ["model.channels=8", "model.channel_mults=[1]",
+                                       "model.attention_resolutions=[]", "model.class_conditional=true",
+                                       "model.dropout=0.1"])
+    scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 10}
+    data, labels = torch.rand(20, 1, 8, 8) * 2 - 1, torch.arange(20) % 10
+    objective = at_alpha(AlphaFlow(ex.build_interpolant(cfg, scales), guidance=1.0, guidance_kappa=0.5,
+                                   null_label=10), alpha)
+    trainer = fm.Trainer(ex.build_model(cfg, scales), objective, data, batch_size=8, labels=labels,
+                         label_dropout=0.2, null_label=10, total_steps=2)
+    for _ in range(2):
+        out = trainer.step()
+        assert torch.isfinite(out.loss) and out.stats["alpha"] == alpha
+        assert ("jvp_norm" in out.stats) == (alpha == 0.0)
 
 
 # ------------------------------------------------------------------------------------------------

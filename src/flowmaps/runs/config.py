@@ -104,8 +104,8 @@ class ObjectiveConfig:
     the time sampler: ``uniform``, ``gap`` (jump length uniform), ``logit_normal`` (``time_mean``,
     ``time_std``) or ``dyadic`` (shortcut grid, self-distillation only).
 
-    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``alphaflow``, ``shortcut``, ``ct``; and the switches
-    of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
+    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``alphaflow``, ``shortcut``, ``ct``; and
+    the switches of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
     ``diagonal`` conditional | teacher (the diagonal term's target: ``İ_t`` or the teacher's velocity);
     ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
     conditional (``ema_decay`` for ema); ``stopgrad`` target | source | none; ``weighting`` none |

@@ -23,8 +23,8 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
-from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, AlphaFlow, MeanFlow, Objective, Shortcut,
-                          TimeSampler, Velocity)
+from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, AlphaFlow, MeanFlow, Objective,
+                          Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
 from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
 from .typed import build
