@@ -1,12 +1,13 @@
-"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, shortcut, CT, sCT)
-against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU time.
+"""Benchmark — self-distillation: flow maps from data alone (LSD, ESD, PSD, MeanFlow, α-Flow, shortcut,
+CT, sCT) against each other, against [P2]'s Table 1, and against the teacher + LMD pipeline at equal CPU
+time.
 
 Parts (each a sub-command, so they can run in separate processes):
 
   table1     the checkerboard in the layout of [P2] Table 1: KL at N = 1, 2, 4, 8, 16 steps (64,000
-             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, shortcut (and CT, sCT), each trained from scratch
-             with the checkerboard preset's settings for it, the same number of steps; [P2]'s numbers
-             beside ours.
+             samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, α-Flow, shortcut (and CT, sCT), each
+             trained from scratch with the checkerboard preset's settings for it, the same number of
+             steps; [P2]'s numbers beside ours.
   compute    equal total compute on the checkerboard: a teacher velocity (flow matching) plus LMD, against
              LSD alone given at most the same CPU time (CPU seconds of this process, per run).
   gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error (and W2) at 1–16 steps
@@ -14,8 +15,9 @@ Parts (each a sub-command, so they can run in separate processes):
   calibrate-digits / train-digits METHOD / evaluate-digits
              the 8×8 digits: the per-step CPU cost of every step type measured side by side, the
              teacher (6000 steps) + LMD (10000 steps) pipeline's CPU time from it, LSD / MeanFlow /
-             shortcut / sCT trained from scratch within that CPU time, then FD (digits-classifier
-             features, 2000 samples) at 1–16 steps beside the pipeline's recorded FD (images_digits.py).
+             α-Flow / shortcut / sCT trained from scratch within that CPU time, then FD (digits-
+             classifier features, 2000 samples) at 1–16 steps beside the pipeline's recorded FD
+             (images_digits.py).
 
 sCT trains the jumps to the data X_{s,1} alone (its maps record the domain "data"): the evaluation samples
 it at one jump and, at k > 1 steps, with γ = 1 (jump to the data, re-noise; rows "gamma=1"), the
@@ -53,6 +55,7 @@ METHODS = {
     "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"],
     "MeanFlow": ["objective.name=meanflow"],
+    "AlphaFlow": ["objective.name=alphaflow"],
     "Shortcut": ["objective.name=shortcut"],
     "CT": ["objective.name=ct"],
     "sCT": ["objective.name=sct"],
@@ -174,7 +177,8 @@ GMM_OBJECTIVES = {
     "LSD": ["objective.name=lsd"], "LSD-v": ["objective.name=lsd", "objective.form=v"],
     "ESD": ["objective.name=esd"], "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"], "MeanFlow": ["objective.name=meanflow"],
-    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"], "sCT": ["objective.name=sct"],
+    "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"],
+    "CT": ["objective.name=ct"], "sCT": ["objective.name=sct"],
 }
 
 
@@ -204,7 +208,11 @@ def gmm(args) -> dict:
 
 DIGITS_PIPELINE = {"velocity": 6000, "lmd": 10000}
 DIGITS_METHODS = {"LSD": ["objective.name=lsd"], "MeanFlow": ["objective.name=meanflow"],
-                  "Shortcut": ["objective.name=shortcut"], "sCT": ["objective.name=sct"]}
+                  "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"],
+                  "sCT": ["objective.name=sct"]}
+# AlphaFlow's step is calibrated in its costliest phase, α = 0 (a MeanFlow step: one JVP pass), so its
+# budget is at most the pipeline's CPU time (α = 1 is one plain pass, 0 < α < 1 one more forward).
+CALIBRATION_OVERRIDES = {"alphaflow": ["objective.alpha_end=0"]}
 
 
 def calibrate_digits(args) -> dict:
@@ -216,7 +224,7 @@ def calibrate_digits(args) -> dict:
              **{name.lower(): over for name, over in DIGITS_METHODS.items()}}
     trainers = {}
     for kind, over in kinds.items():
-        cfg = load_config("digits", None, over)
+        cfg = load_config("digits", None, over + CALIBRATION_OVERRIDES.get(kind, []))
         bundle = ex.build_data(cfg)
         scales = ex.resolve_scales(cfg, bundle)
         interpolant = ex.build_interpolant(cfg, scales)
@@ -321,7 +329,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("part", choices=list(PARTS))
-    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow, Shortcut or sCT")
+    parser.add_argument("method", nargs="?", help="train-digits: LSD, MeanFlow, AlphaFlow, Shortcut "
+                        "or sCT")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")

@@ -37,6 +37,9 @@ CASES = {
     "esd": (["objective.name=esd", "objective.weighting=learned"], {}),
     "psd": (["objective.name=psd", "objective.weighting=learned"], {}),
     "meanflow": (["objective.name=meanflow"], {}),
+    # α over the 4 steps: 1, 1, 0.5, 0 (target without a pass, the discrete target, MeanFlow's JVP)
+    "alphaflow": (["objective.name=alphaflow", "objective.alpha_end=4", "objective.weighting=adaptive"],
+                  {}),
     "shortcut": (["objective.name=shortcut"], {}),
     "ct": (["objective.name=ct"], {}),
     "imf": (["objective.name=imf"], {}),

@@ -115,13 +115,16 @@ def test_sigterm_writes_a_checkpoint_exits_0_and_resumes_exactly(uninterrupted, 
 # --- in-process exactness across every objective -------------------------------------------------
 
 # Self-distillation cases carry state beyond the model: the learned loss weight (lsd, psd, sct), the EMA
-# teacher (shortcut), the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3) and
-# sCT's tangent warm-up (its step count).
+# teacher (shortcut), the gap-annealing curriculum (lsd-anneal, which leaves flow matching at step 3),
+# sCT's tangent warm-up (its step count) and α-Flow's curriculum (alphaflow: α = 1 to step 3, 0.5 at 5,
+# 0 from 7; resumed at step 6, mid-way).
 LEARNED = "objective.weighting=learned"  # the gmm preset's blocks use a constant weight
 CASES = {"lsd": ["objective.name=lsd", LEARNED], "psd": ["objective.name=psd", LEARNED],
          "meanflow": ["objective.name=meanflow"], "shortcut": ["objective.name=shortcut"],
          "ct": ["objective.name=ct"], "imf": ["objective.name=imf"],
          "sct": ["objective.name=sct", "objective.tangent_warmup=8"],  # the warm-up spans the resume
+         "alphaflow": ["objective.name=alphaflow", "objective.alpha_start=2", "objective.alpha_end=8",
+                       "objective.weighting=adaptive"],
          "lsd-anneal": ["objective.name=lsd", "objective.fm_steps=3", "objective.anneal_steps=4",
                         LEARNED]}
 

@@ -22,10 +22,11 @@ TINY = ["model.width=16", "model.depth=2", "train.batch_size=32", "data.n_train=
         "train.log_every=5", "train.checkpoint_every=10", "eval.n_samples=200", "--quiet"]
 
 
-@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct", "sct"])
+@pytest.mark.parametrize("objective", ["lsd", "esd", "psd", "meanflow", "imf", "alphaflow", "shortcut",
+                                       "ct", "sct"])
 def test_train_a_self_distilled_map_from_samples_alone(objective, tmp_path, capsys):
     run = tmp_path / objective
-    steps = 20 if objective == "sct" else 12
+    steps = 20 if objective in ("sct", "alphaflow") else 12  # α-Flow's curriculum ends at train.steps
     assert main(["train", "--preset", "gmm", "--objective", objective, "--out", str(run),
                  f"train.steps={steps}", *TINY]) == 0
     # sCT trains the jumps to the data X(s,1) alone: its domain says so, and its samples of more than one
@@ -41,6 +42,10 @@ def test_train_a_self_distilled_map_from_samples_alone(objective, tmp_path, caps
     # the gmm preset's block for this objective applied (eta 0.5), and is recorded in the run's config
     saved = load_config(None, run / "config.yaml")
     assert saved.objective.eta == (0.5 if objective not in ("ct", "sct") else None)
+    if objective == "alphaflow":  # α logged from 1 down to 0, the window in the checkpoint
+        alphas = [r["alpha"] for r in records if "event" not in r]
+        assert alphas[0] == 1.0 and alphas[-1] == 0.0 and 0 < min(a for a in alphas if a > 0) < 1
+        assert meta["trainer"]["objective"]["alpha_steps"] == [0, 20]
     assert main(["sample", str(run), "--n", "50", "--steps", "1,2", *gamma]) == 0
     loaded = ex.load_model(run)
     assert loaded.model.domain == domain
@@ -114,7 +119,7 @@ def test_presets_hold_settings_per_objective(capsys):
     shown = capsys.readouterr().out
     assert "distribution: gap" in shown and "name: psd" in shown
     for preset in ("checkerboard", "digits", "gmm"):
-        for name in ("lsd", "esd", "psd", "meanflow", "imf", "shortcut", "ct", "sct"):
+        for name in ("lsd", "esd", "psd", "meanflow", "imf", "alphaflow", "shortcut", "ct", "sct"):
             cfg = load_config(preset, None, [f"objective.name={name}"])
             assert cfg.objective.name == name
 

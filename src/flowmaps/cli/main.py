@@ -157,6 +157,8 @@ TRAIN_OBJECTIVES = """objectives:
   meanflow   MeanFlow: the Eulerian residual in v-form with the conditional velocity dI as its source
   imf        improved MeanFlow: MeanFlow's residual with the JVP along the network's own velocity
              (objective.guidance_max: the guidance scale as a condition, chosen at `sample --guidance`)
+  alphaflow  alpha-Flow: a curriculum over alpha (objective.alpha_start..alpha_end, default the whole
+             run) from flow matching on dI (alpha=1) through discrete consistency to MeanFlow (alpha=0)
   shortcut   shortcut models: the midpoint semigroup on a dyadic grid against an EMA of the network
   ct         continuous consistency training, [P2] eq. 41: |d_s X + sg(grad X . dI_s)|^2
   sct        sCT (Lu & Song): the map to the data X(s,1), v-form Eulerian residual with dI, tangent
@@ -174,10 +176,9 @@ def _add_train(sub, fmt) -> None:
                        epilog=TRAIN_OBJECTIVES + "\n" + EPILOG_OVERRIDES,
                        description="Train a velocity model with flow matching (--objective velocity, "
                                    "the default), or a flow map from samples alone: directly (fmm) or "
-                                   "by self-distillation (lsd, esd, psd, meanflow, imf, shortcut, ct, "
-                                   "sct). A "
-                                   "preset's settings for the chosen objective apply (`flowmaps presets "
-                                   "--show NAME --objective OBJ`).")
+                                   "by self-distillation (lsd, esd, psd, meanflow, imf, alphaflow, "
+                                   "shortcut, ct, sct). A preset's settings for the chosen objective "
+                                   "apply (`flowmaps presets --show NAME --objective OBJ`).")
     p.add_argument("--objective", choices=["velocity", "fmm", *SELF_DISTILLATION],
                    help="what to train (default: the config's objective.name, velocity)")
     _add_run_options(p)

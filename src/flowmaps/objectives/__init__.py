@@ -18,10 +18,13 @@ Self-distillation, one network from data alone (its own diagonal is the teacher)
   guidance as a condition of the network.
 * :class:`SCT` — sCT (Lu & Song): the map to the data ``X_{s,1}`` from the v-form Eulerian residual with
   the paper's tangent normalisation, warm-up and learned per-time weight.
+* :class:`AlphaFlow` — α-Flow: a curriculum from trajectory flow matching through discrete
+  consistency to MeanFlow.
 * :class:`Shortcut` — the midpoint semigroup on a dyadic grid against an EMA teacher.
 * :class:`SelfDistillation` — the configurable step behind all of them (and LMD, EMD).
 """
 
+from .alphaflow import AlphaFlow
 from .base import GuidedVelocity, LossOutput, Objective, dropout_disabled
 from .ct import CT
 from .emd import EMD
@@ -42,5 +45,5 @@ from .weighting import AdaptiveWeight, LearnedWeight, TangentNormalization
 
 __all__ = ["Objective", "LossOutput", "TimeSampler", "SelfDistillationTimes", "DyadicPairs",
            "GuidedVelocity", "dropout_disabled", "Velocity", "FMM", "LMD", "EMD", "PFMM",
-           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "ImprovedMeanFlow", "Shortcut", "CT",
-           "SCT", "LearnedWeight", "AdaptiveWeight", "TangentNormalization"]
+           "SelfDistillation", "LSD", "ESD", "PSD", "MeanFlow", "ImprovedMeanFlow", "AlphaFlow",
+           "Shortcut", "CT", "SCT", "LearnedWeight", "AdaptiveWeight", "TangentNormalization"]

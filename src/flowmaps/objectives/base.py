@@ -109,6 +109,10 @@ class Objective:
     def begin_step(self, model, step: int) -> None:
         """Called by the trainer before each optimisation step (stateful objectives override it)."""
 
+    def plan(self, total_steps: int) -> None:
+        """Told by the trainer, before the first step, how many steps the run takes (objectives with a
+        schedule over the run, such as AlphaFlow's α curriculum, use it)."""
+
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules of the objective trained beside the model (e.g. a learned loss weight): the trainer
         adds their parameters to the optimiser and to the distributed wrapper."""

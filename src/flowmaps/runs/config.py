@@ -107,8 +107,9 @@ class ObjectiveConfig:
     the time sampler: ``uniform``, ``gap`` (jump length uniform), ``logit_normal`` (``time_mean``,
     ``time_std``) or ``dyadic`` (shortcut grid, self-distillation only).
 
-    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``shortcut``, ``ct``, ``sct``; and the
-    switches of ``lmd``/``emd``, which are its instances with a teacher): ``eta`` diagonal fraction;
+    Self-distillation (``lsd``, ``esd``, ``psd``, ``meanflow``, ``imf``, ``alphaflow``, ``shortcut``,
+    ``ct``, ``sct``; and the switches of ``lmd``/``emd``, which are its instances with a teacher): ``eta``
+    diagonal fraction;
     ``diagonal`` conditional | teacher (the diagonal term's target: ``İ_t`` or the teacher's velocity);
     ``residual`` lagrangian | eulerian | progressive; ``form`` map | v; ``source`` self | ema | teacher |
     conditional (``ema_decay`` for ema); ``stopgrad`` target | source | none; ``weighting`` none |
@@ -124,7 +125,12 @@ class ObjectiveConfig:
     ``sct`` (:class:`~flowmaps.objectives.SCT`): ``target`` data (the paper: ``t ≡ 1``, only ``X_{s,1}``
     is trained; multi-step sampling needs ``gamma=1``) | any (``(s, t)`` on the triangle, no longer sCT);
     ``tangent_c`` its ``c`` and ``tangent_warmup`` its warm-up ``H``; ``time_mean``/``time_std`` the
-    logit-normal of ``s`` (defaults: the paper's CIFAR-10 values for data std 0.5)."""
+    logit-normal of ``s`` (defaults: the paper's CIFAR-10 values for data std 0.5).
+
+    α-Flow (``alphaflow``): the curriculum of α over steps ``alpha_start`` → ``alpha_end`` (``null``:
+    ``train.steps``; a resume keeps the window the run was saved with), ``alpha_gamma`` its steepness γ,
+    ``alpha_clamp`` its η (α below η is 0, above 1 − η is 1); ``target_clamp`` the clip of the
+    discrete targets (``null``: none); ``weighting`` adaptive (its code) | none (its Def. 1)."""
 
     name: str = "velocity"
     times: str = "default"
@@ -161,6 +167,11 @@ class ObjectiveConfig:
     diagonal_times: str = "default"
     offdiag_dropout: bool | None = None
     target: str = "default"
+    alpha_start: int = 0
+    alpha_end: int | None = None
+    alpha_gamma: float = 25.0
+    alpha_clamp: float = 5e-3
+    target_clamp: float | None = 4.0
 
 
 @dataclass
@@ -267,7 +278,7 @@ class Config:
 
 
 # Objectives that train a flow map from data alone through its own diagonal (self-distillation).
-SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "sct")
+SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "alphaflow", "sct")
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
@@ -304,7 +315,8 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
-            "objective.tangent_c", "objective.dyadic_levels")
+            "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
+            "objective.target_clamp")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -345,7 +357,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"objective.eta: the diagonal fraction must be in [0, 1), got {o.eta}")
     if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
         raise ConfigError(f"objective.ema_decay: must be in [0, 1), got {o.ema_decay}")
-    for key in ("fm_steps", "anneal_steps", "tangent_warmup", "adaptive_p"):
+    for key in ("fm_steps", "anneal_steps", "tangent_warmup", "adaptive_p", "alpha_start"):
         value = getattr(o, key)
         if value is not None and value < 0:
             raise ConfigError(f"objective.{key}: must be >= 0, got {value}")
@@ -359,6 +371,11 @@ def _validate(cfg: Config) -> None:
     if cfg.model.guidance_conditioning and not (cfg.model.name == "unet" and cfg.model.class_conditional):
         raise ConfigError("model.guidance_conditioning: needs model.name=unet and "
                           "model.class_conditional=true")
+    if o.alpha_end is not None and o.alpha_end < o.alpha_start:
+        raise ConfigError(f"objective.alpha_end: must be >= objective.alpha_start ({o.alpha_start}), "
+                          f"got {o.alpha_end}")
+    if not 0 <= o.alpha_clamp < 0.5:
+        raise ConfigError(f"objective.alpha_clamp: must be in [0, 0.5), got {o.alpha_clamp}")
     if cfg.objective.invertibility_weight < 0:
         raise ConfigError("objective.invertibility_weight: must be >= 0")
     if not cfg.eval.steps or any(not isinstance(k, int) or isinstance(k, bool) or k < 1

@@ -23,8 +23,8 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
-from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, ImprovedMeanFlow, MeanFlow,
-                          Objective, Shortcut, TimeSampler, Velocity)
+from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
+                          MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
 from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
 from .typed import build
@@ -268,7 +268,8 @@ def factory_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu")
 
 
 SELF_DISTILLATION_CLASSES = {"lsd": LSD, "esd": ESD, "psd": PSD, "meanflow": MeanFlow,
-                             "shortcut": Shortcut, "ct": CT, "imf": ImprovedMeanFlow, "sct": SCT}
+                             "shortcut": Shortcut, "ct": CT, "imf": ImprovedMeanFlow, "sct": SCT,
+                             "alphaflow": AlphaFlow}
 # Options of the self-distillation step, ObjectiveConfig key -> SelfDistillation keyword.
 _SD_SWITCHES = {"residual": "residual", "form": "form", "source": "source", "stopgrad": "stopgrad",
                 "weighting": "weighting", "psd_gamma": "gamma", "times": "domain",
@@ -327,6 +328,10 @@ def build_objective(cfg: Config, interpolant: Interpolant, teacher=None,
                 options["teacher"] = teacher
             if o.name == "sct" and o.target != "default":
                 options["target"] = o.target
+            if o.name == "alphaflow":  # the curriculum ends at train.steps unless alpha_end says
+                end = o.alpha_end if o.alpha_end is not None else cfg.train.steps
+                options.update(alpha_steps=(o.alpha_start, end), alpha_gamma=o.alpha_gamma,
+                               alpha_clamp=o.alpha_clamp, target_clamp=o.target_clamp)
             return SELF_DISTILLATION_CLASSES[o.name](interpolant, **options)
         sampler = None if o.distribution == "default" else o.distribution
         times = None if o.times == "default" else TimeSampler(o.times, sampler or "uniform")

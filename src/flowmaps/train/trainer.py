@@ -82,7 +82,8 @@ class Trainer:
         lr_schedule: ``"inverse_sqrt"`` (default, with ``lr_decay_start``), ``"constant"``, ``"cosine"``
             or ``"linear"`` decay to ``lr_final`` × ``lr`` over ``total_steps`` (see :func:`learning_rate_schedule`).
         warmup_steps: linear learning-rate warm-up over this many steps (0: none).
-        total_steps: the run's length, needed by the cosine and linear schedules (:func:`fit` sets it).
+        total_steps: the run's length, needed by the cosine and linear schedules (:func:`fit` sets it);
+            also told to the objective (:meth:`~flowmaps.objectives.Objective.plan`).
         ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
             with ``ema_warmup`` (default) the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))``
             after ``k`` updates.
@@ -205,6 +206,8 @@ class Trainer:
         self.device_guard = bool(fused)
         schedule = learning_rate_schedule(lr_schedule, lr_decay_start, warmup_steps, total_steps,
                                           lr_final)
+        if total_steps is not None and hasattr(objective, "plan"):
+            objective.plan(int(total_steps))  # a schedule over the run (AlphaFlow's curriculum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.ema_decay, self.ema_warmup = ema_decay, bool(ema_warmup)
         self.ema = None
