@@ -55,6 +55,7 @@ METHODS = {
     "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"],
     "MeanFlow": ["objective.name=meanflow"],
+    "iMF": ["objective.name=imf"],
     "AlphaFlow": ["objective.name=alphaflow"],
     "Shortcut": ["objective.name=shortcut"],
     "CT": ["objective.name=ct"],
@@ -177,19 +178,19 @@ GMM_OBJECTIVES = {
     "LSD": ["objective.name=lsd"], "LSD-v": ["objective.name=lsd", "objective.form=v"],
     "ESD": ["objective.name=esd"], "PSD-M": ["objective.name=psd", "objective.psd_gamma=midpoint"],
     "PSD-U": ["objective.name=psd", "objective.psd_gamma=uniform"], "MeanFlow": ["objective.name=meanflow"],
-    "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"],
-    "CT": ["objective.name=ct"], "sCT": ["objective.name=sct"],
+    "iMF": ["objective.name=imf"], "AlphaFlow": ["objective.name=alphaflow"],
+    "Shortcut": ["objective.name=shortcut"], "CT": ["objective.name=ct"], "sCT": ["objective.name=sct"],
 }
 
 
 def gmm(args) -> dict:
-    out = ROOT / "gmm"
+    out = ROOT / ("gmm" if args.preset == "gmm" else f"gmm-{args.preset}")
     names = args.methods.split(",") if args.methods else list(GMM_OBJECTIVES)
     summary = {}
     for name in names:
         errors, w2 = [], []
         for seed in range(args.seeds):
-            run = train("gmm", out / f"{name.lower()}-{seed}", GMM_OBJECTIVES[name] + budget(
+            run = train(args.preset, out / f"{name.lower()}-{seed}", GMM_OBJECTIVES[name] + budget(
                 args.steps, args.scale) + [f"train.seed={seed}"], label=f"{name} seed {seed}")
             result = evaluate_runs([final(run)], "exact", out / f"eval-{name.lower()}-{seed}", True,
                                    [1, 2, 4, 8, 16], 4000, False, names=[name], progress=False)
@@ -208,6 +209,7 @@ def gmm(args) -> dict:
 
 DIGITS_PIPELINE = {"velocity": 6000, "lmd": 10000}
 DIGITS_METHODS = {"LSD": ["objective.name=lsd"], "MeanFlow": ["objective.name=meanflow"],
+                  "iMF": ["objective.name=imf"],
                   "AlphaFlow": ["objective.name=alphaflow"], "Shortcut": ["objective.name=shortcut"],
                   "sCT": ["objective.name=sct"]}
 # AlphaFlow's step is calibrated in its costliest phase, α = 0 (a MeanFlow step: one JVP pass), so its
@@ -336,6 +338,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")
     parser.add_argument("--methods", help="table1/gmm: comma-separated subset")
     parser.add_argument("--seeds", type=int, default=3, help="gmm: seeds per objective")
+    parser.add_argument("--preset", default="gmm", choices=["gmm", "gmm_hard"],
+                        help="gmm: the mixture (gmm: spec §6.3; gmm_hard: ten narrow components)")
     parser.add_argument("--teacher-steps", type=int, default=20000)
     parser.add_argument("--lmd-steps", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=7, help="calibrate-digits: interleaved rounds")
@@ -353,6 +357,8 @@ def main() -> int:
         "seconds": round(time.time() - start), "load_average_start": load_start,
         "load_average_end": os.getloadavg(), "torch": torch.__version__}}
     folder = ROOT / (args.part if args.part != "train-digits" else f"digits/{args.method.lower()}")
+    if args.part == "gmm" and args.preset != "gmm":
+        folder = ROOT / f"gmm-{args.preset}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
