@@ -14,8 +14,8 @@ setup: $(STAMP)
 # torchvision), which would replace the pinned CPU torch: they go in with --no-deps, and what they import
 # (numpy, torch, torchdiffeq, POT, scipy) is there already. diffusers declares no torch, so it comes with
 # its own dependencies (huggingface-hub, requests, regex...; none of them torch), as does tensorboard
-# (the train.logger=tensorboard tests).
-TEST_LIBS        := "pytest>=7.4" diffusers==0.42.1 "tensorboard>=2.10"
+# (the train.logger=tensorboard tests). pytest-xdist runs the tests in TEST_WORKERS processes.
+TEST_LIBS        := "pytest>=7.4" pytest-xdist==3.8.0 diffusers==0.42.1 "tensorboard>=2.10"
 TEST_LIBS_NODEPS := torchcfm==1.0.7 flow-matching==1.0.10
 
 $(STAMP): pyproject.toml Makefile
@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/flowmaps demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest-xdist workers (the machines have 2 cores), one torch thread each; `-n 0` runs in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs
