@@ -116,20 +116,27 @@ SMALL = ["model.width=64", "model.depth=2", "data.n_train=20000", "data.n_eval=2
          "eval.energy_samples=300"]
 
 
-def test_a_torchcfm_model_distils_end_to_end_in_one_command(user, tmp_path, monkeypatch):
-    """One `flowmaps distill` command: the user's module, its safetensors weights, kwargs and the torchcfm
-    adapter. After 300 steps the distilled 1-step map lands far closer to the teacher's own ODE endpoint
-    (RK4, 200 steps) than one Euler step of the teacher (the 1-NFE baseline), and `flowmaps evaluate`
-    rebuilds the teacher from the run's config."""
-    out = tmp_path / "lmd"
+DISTIL_STEPS = 300
+# The distilled 1-step map's error over one Euler step's of the teacher (both against the teacher's own
+# RK4 endpoint) must stay below this bar. Measured over seeds 0–2 (teacher and distillation) ×
+# ATEN_CPU_CAPABILITY default / avx2 / avx512 by benchmarks/training_test_spread.py: 0.110–0.129 (margin
+# 1.94; the untrained, identity map fails it, which the test checks).
+DISTIL_BAR = 0.25
+
+
+def distil(user: Path, out: Path, seed: int = 0):
+    """`flowmaps distill` of the user's torchcfm teacher (``cfm.safetensors`` in ``user``) by LMD for
+    DISTIL_STEPS steps from ``train.seed=seed``; returns the process result and ``{"map/euler": ratio}``,
+    the 1-step map's error over one teacher Euler step's (None when the command failed)."""
     result = flowmaps(user, "distill", "--preset", "gmm", "teacher.factory=cfm_teacher:make",
                       f"teacher.weights={user / 'cfm.safetensors'}", "teacher.adapter=torchcfm",
-                      f"teacher.kwargs={{width: {WIDTH}}}", "--out", out, "--quiet", "train.steps=300",
-                      "train.lr=3e-3", "train.lr_decay_start=200", "train.ema_decay=0.95", *SMALL)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "checkpoints" / "final.safetensors").is_file() and (out / "plots" / "samples.png").is_file()
-
-    monkeypatch.syspath_prepend(str(user))
+                      f"teacher.kwargs={{width: {WIDTH}}}", "--out", out, "--quiet",
+                      f"train.steps={DISTIL_STEPS}", "train.lr=3e-3", "train.lr_decay_start=200",
+                      "train.ema_decay=0.95", f"train.seed={seed}", *SMALL)
+    if result.returncode != 0:
+        return result, None
+    if str(user) not in sys.path:
+        sys.path.insert(0, str(user))
     teacher = teachers.from_factory("cfm_teacher:make", kwargs={"width": WIDTH},
                                     weights=user / "cfm.safetensors", adapter="torchcfm")
     x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(9))
@@ -139,7 +146,42 @@ def test_a_torchcfm_model_distils_end_to_end_in_one_command(user, tmp_path, monk
         one_step = ex.load_model(out).model.sample(x0, steps=1)
     map_error = (one_step - endpoint).norm(dim=1).mean().item()
     euler_error = (euler - endpoint).norm(dim=1).mean().item()
-    assert map_error < 0.25 * euler_error, (map_error, euler_error)  # measured: 0.23 vs 1.79
+    identity_error = (x0 - endpoint).norm(dim=1).mean().item()  # the untrained (zero-step) map's
+    print(f"\n1-step map error {map_error:.4f}, one teacher Euler step {euler_error:.4f}")
+    return result, {"map/euler": map_error / euler_error, "identity/euler": identity_error / euler_error}
+
+
+def _distil_spread(seed):
+    """benchmarks/training_test_spread.py: the user folder with a teacher trained from ``seed``."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        user = Path(tmp)
+        (user / "cfm_teacher.py").write_text(MODULE)
+        save_file(train_torchcfm(seed=seed).state_dict(), str(user / "cfm.safetensors"))
+        result, metrics = distil(user, user / "lmd", seed)
+        assert metrics is not None, result.stderr[-2000:]
+        sys.path.remove(str(user))
+        return {"map/euler": metrics["map/euler"]}, {"map/euler": DISTIL_BAR}
+
+
+SPREAD = {"torchcfm-distil": _distil_spread}
+
+
+def test_a_torchcfm_model_distils_end_to_end_in_one_command(user, tmp_path, monkeypatch):
+    """One `flowmaps distill` command: the user's module, its safetensors weights, kwargs and the torchcfm
+    adapter. After 300 steps the distilled 1-step map lands far closer to the teacher's own ODE endpoint
+    (RK4, 200 steps) than one Euler step of the teacher (the 1-NFE baseline), and `flowmaps evaluate`
+    rebuilds the teacher from the run's config."""
+    out = tmp_path / "lmd"
+    monkeypatch.syspath_prepend(str(user))
+    result, metrics = distil(user, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "checkpoints" / "final.safetensors").is_file() and (out / "plots" / "samples.png").is_file()
+    assert metrics["map/euler"] < DISTIL_BAR, metrics
+    assert metrics["identity/euler"] >= DISTIL_BAR  # the bar can fail: the untrained map is above it
 
     assert main(["evaluate", str(out), "--out", str(tmp_path / "eval"), "--steps", "1", "--no-dopri5",
                  "--n", "500"]) == 0
