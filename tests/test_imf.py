@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import jvp
 
 from conftest import F64
+from test_self_distillation import PerSampleShift
 import flowmaps as fm
 from flowmaps import FlowMap
 from flowmaps.exact import GaussianMixture
@@ -151,17 +152,6 @@ def test_time_sampler_matches_the_official_sample_tr():
     bound = 1.63 * math.sqrt(2 / half)  # two-sample KS at the 1 % level
     for ours, theirs in ((s[:half], s_ref[:half]), (s[half:], s_ref[half:]), (t[half:], t_ref[half:])):
         assert ks_2samp(ours.numpy(), theirs.numpy()).statistic < bound
-
-
-class PerSampleShift(nn.Module):
-    def __init__(self, net, theta):
-        super().__init__()
-        self.net = net
-        self.theta = nn.Parameter(theta)
-
-    def forward(self, x, s, t):
-        phi = torch.stack([torch.sin(x[:, 1] + 2 * s), torch.cos(x[:, 0] - t)], dim=1)
-        return self.net(x, s, t) + self.theta[:, None] * phi
 
 
 def test_expected_gradient_vanishes_at_the_exact_map_and_not_off_it():

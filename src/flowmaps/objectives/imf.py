@@ -133,11 +133,7 @@ class ImprovedMeanFlow(SelfDistillation):
                 r = eulerian(model, i_s[n_d:], target[n_d:], s[n_d:], t[n_d:], _rows(net_cond, n_d, n),
                              "target", "v", warmup, self.record, tangent=tangent)
             pieces[self.term_name] = sq_norm(r)
-        if len(pieces) == 1:
-            return pieces
-        zeros_d, zeros_o = x1.new_zeros(n_d), x1.new_zeros(n - n_d)
-        return {"diagonal": torch.cat([pieces["diagonal"], zeros_o]),
-                self.term_name: torch.cat([zeros_d, pieces[self.term_name]])}
+        return self.batch_terms(pieces, n_d, n, x1)
 
     def config(self) -> dict:
         out = super().config()

@@ -236,9 +236,14 @@ class SelfDistillation(Objective):
             with contextlib.nullcontext() if self.offdiag_dropout else dropout_disabled(model):
                 r = self._residual(model, x0[n_d:], x1[n_d:], s[n_d:], t[n_d:], _rows(cond, n_d, n))
             pieces[self.term_name] = sq_norm(r)
+        return self.batch_terms(pieces, n_d, n, x1)
+
+    def batch_terms(self, pieces: dict[str, Tensor], n_d: int, n: int, like: Tensor) -> dict[str, Tensor]:
+        """The diagonal and off-diagonal per-sample terms as ``(n,)`` vectors over the whole batch (each
+        zero on the other part), as :meth:`combine` and :meth:`summarize` read them."""
         if len(pieces) == 1:
             return pieces
-        zeros_d, zeros_o = x1.new_zeros(n_d), x1.new_zeros(n - n_d)
+        zeros_d, zeros_o = like.new_zeros(n_d), like.new_zeros(n - n_d)
         return {"diagonal": torch.cat([pieces["diagonal"], zeros_o]),
                 self.term_name: torch.cat([zeros_d, pieces[self.term_name]])}
 
