@@ -259,3 +259,54 @@ def test_inverse_is_refused_for_a_map_trained_on_forward_jumps_only():
     assert both.domain == "square"
     assert both.inverse(x1).shape == x1.shape
     assert FlowMap(mlp()).inverse(x1).shape == x1.shape  # unknown domain (never trained here): allowed
+
+
+@pytest.mark.parametrize("make", [lambda: LSD(INTERP), lambda: LSD(INTERP, source="ema"),
+                                  lambda: LMD(INTERP, REF, eta=0.25),
+                                  lambda: LMD(INTERP, REF, eta=0.25, diagonal="teacher")],
+                         ids=["lsd", "lsd-ema", "lmd-diagonal", "lmd-teacher-diagonal"])
+def test_one_pass_for_the_diagonal_and_the_lagrangian_rows_equals_two(make):
+    """LSD's diagonal rows (values) and Lagrangian rows (values and time-JVP) in one fused pass
+    (``v_jvps(..., offset=n_d)``) give the two-pass step's loss, terms and gradients, and really run."""
+    net = mlp()
+    calls = []
+    original = net._forward_and_jvps
+    net._forward_and_jvps = lambda *a, **k: calls.append(a[-1] if len(a) > 6 else 0) or original(*a, **k)
+    params = list(net.parameters())
+    results = []
+    for fuse in (True, False):
+        objective = make()
+        objective.fuse_passes = fuse
+        loss, grads = loss_and_grads(objective, FlowMap(net), params)
+        results.append((loss, grads))
+    fused_offsets = [c for c in calls if c]
+    if make().diagonal == "conditional":
+        assert fused_offsets, "the fused pass did not run"
+    else:  # the teacher diagonal is not fused: two passes as before
+        assert not fused_offsets
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_tangents_on_a_tail_of_the_rows_equal_those_of_the_tail_alone():
+    net = mlp(3)
+    x = torch.randn(12, 2, dtype=F64)
+    s = torch.rand(12, dtype=F64)
+    t = s + 0.4 * torch.rand(12, dtype=F64)
+    dx = torch.randn(7, 2, dtype=F64)
+    full, (whole,) = net.forward_and_jvps(x, s, t, [(None, None, torch.ones(12, dtype=F64))])
+    value, (d_t, d_xs) = net.forward_and_jvps(x, s, t, [(None, None, torch.ones(7, dtype=F64)),
+                                                        (dx, torch.ones(7, dtype=F64), None)],
+                                              offset=5)
+    _, (alone,) = net.forward_and_jvps(x[5:], s[5:], t[5:], [(dx, torch.ones(7, dtype=F64), None)])
+    torch.testing.assert_close(value, full, **TOL)
+    torch.testing.assert_close(d_t, whole[5:], **TOL)
+    torch.testing.assert_close(d_xs, alone, **TOL)
+    w = torch.randn(12, 2, dtype=F64)
+    g_fused = torch.autograd.grad((value * w).sum() + (d_t * w[5:]).sum(), list(net.parameters()))
+    g_full = torch.autograd.grad((full * w).sum() + (whole[5:] * w[5:]).sum(), list(net.parameters()))
+    for a, b in zip(g_fused, g_full):
+        torch.testing.assert_close(a, b, **TOL)
+    with pytest.raises(ValueError, match="offset"):
+        net.forward_and_jvps(x, s, t, [(None, None, 1.0)], offset=12)

@@ -206,13 +206,15 @@ class FlowMap(nn.Module):
 
     def v_jvps(self, x: Tensor, s: float | Tensor, t: float | Tensor,
                tangents: Sequence[tuple[Any, Any, Any]], cond: Tensor | None = None,
-               detach: Sequence[bool] | None = None) -> tuple[Tensor, list[Tensor]]:
+               detach: Sequence[bool] | None = None, offset: int = 0) -> tuple[Tensor, list[Tensor]]:
         """``(v_{s,t}(x), [∂v·(dx_k, ds_k, dt_k)]_k)`` for several tangents ``(dx, ds, dt)`` at one point.
 
         ``detach[k]`` puts tangent ``k`` under stop-gradient (same values as a :meth:`v_jvp` under
         ``torch.no_grad()``). With a network that has ``forward_and_jvps`` this is one primal pass
         carrying every tangent; otherwise one :meth:`v_jvp` per tangent. The returned value carries
-        gradients (in grad mode) whatever the flags.
+        gradients (in grad mode) whatever the flags. ``offset``: the tangents (and the returned
+        tangents) concern rows ``offset:`` only, the value the whole batch — one pass for rows that need
+        a value beside rows that need a JVP (a network without ``forward_and_jvps`` runs two).
         """
         detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
         if len(detach) != len(tangents) or not tangents:
@@ -221,11 +223,20 @@ class FlowMap(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 x32, s32, t32, cond32 = _fp32(x, s, t, cond)
                 return self.v_jvps(x32, s32, t32, [_fp32(*tangent) for tangent in tangents],
-                                   cond=cond32, detach=detach)
+                                   cond=cond32, detach=detach, offset=offset)
         s, t = batch_times(s, x), batch_times(t, x)
-        norm = [(dx, None if ds is None else batch_times(ds, x),
-                 None if dt is None else batch_times(dt, x)) for dx, ds, dt in tangents]
+        tail = x[offset:]
+        norm = [(dx, None if ds is None else batch_times(ds, tail),
+                 None if dt is None else batch_times(dt, tail)) for dx, ds, dt in tangents]
+        if offset and not self._fused("forward_and_jvps"):
+            head = self.net(x[:offset], s[:offset], t[:offset], **({} if cond is None else
+                                                                  {"cond": cond[:offset]}))
+            value, outs = self.v_jvps(tail, s[offset:], t[offset:], norm,
+                                      None if cond is None else cond[offset:], detach)
+            return torch.cat([head, value]), outs
         if self._fused("forward_and_jvps"):
+            if offset:
+                return self.net.forward_and_jvps(x, s, t, norm, cond, detach, offset=offset)
             return self.net.forward_and_jvps(x, s, t, norm, cond, detach)
         # Fallback, one JVP per tangent; the value (with its graph) comes from the first live tangent's
         # pass, or from the first pass when every tangent is detached.

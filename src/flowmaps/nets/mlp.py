@@ -49,25 +49,29 @@ class _GeluTangents(torch.autograd.Function):
     # Old-style forward(ctx, ...): with a separate setup_context, Function.apply re-binds the
     # arguments through inspect.signature on every call (~40 µs each here).
     @staticmethod
-    def forward(ctx, z: Tensor, *dzs: Tensor):
+    def forward(ctx, z: Tensor, offset: int, *dzs: Tensor):
+        # The tangents dz_k describe rows offset: of z (offset 0: all rows).
         g = torch.ops.aten.gelu_backward(torch.ones_like(z), z)
+        g_tail = g[offset:]
         qs = []
         # The curvature term of ∂(dz·g(z))/∂z is needed whenever z needs a gradient, whether or not dz
         # does (e.g. a frozen first layer: its tangent is a constant, its pre-activation is not).
         if ctx.needs_input_grad[0] and dzs:
-            z2 = z * z
+            z2 = z[offset:] * z[offset:]
             curvature = z2.mul(-0.5).exp_().mul_(z2.neg_().add_(2.0).mul_(_INV_SQRT_2PI))
             del z2
             qs = [dz * curvature for dz in dzs]
+        ctx.offset = offset
         ctx.save_for_backward(g, *qs)
         ctx.mark_non_differentiable(g)
         ctx.set_materialize_grads(False)
-        return (F.gelu(z), g, *[dz * g for dz in dzs])
+        return (F.gelu(z), g, *[dz * g_tail for dz in dzs])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gh, _gg, *gdhs):
         g, *qs = ctx.saved_tensors
+        offset = ctx.offset
         need_z = ctx.needs_input_grad[0]
         grad_z = gh * g if (gh is not None and need_z) else None
         grads_dz = []
@@ -76,9 +80,11 @@ class _GeluTangents(torch.autograd.Function):
                 grads_dz.append(None)
                 continue
             if need_z and qs:
-                grad_z = gdh * qs[k] if grad_z is None else grad_z.addcmul_(gdh, qs[k])
-            grads_dz.append(gdh * g if ctx.needs_input_grad[1 + k] else None)
-        return (grad_z, *grads_dz)
+                if grad_z is None:
+                    grad_z = torch.zeros_like(g)
+                grad_z[offset:].addcmul_(gdh, qs[k])
+            grads_dz.append(gdh * g[offset:] if ctx.needs_input_grad[2 + k] else None)
+        return (grad_z, None, *grads_dz)
 
 
 def activation_jvp(act: nn.Module, z: Tensor, value: Tensor, dz: Tensor) -> Tensor:
@@ -244,22 +250,28 @@ class MLP(nn.Module):
         return value, tangent
 
     def forward_and_jvps(self, x: Tensor, s: Tensor, t: Tensor, tangents: Sequence[Tangent],
-                         cond: Tensor | None = None, detach: Sequence[bool] | None = None
-                         ) -> tuple[Tensor, list[Tensor]]:
+                         cond: Tensor | None = None, detach: Sequence[bool] | None = None,
+                         offset: int = 0) -> tuple[Tensor, list[Tensor]]:
         """One primal pass carrying several tangents ``(dx, ds, dt)``; returns ``(value, [tangent_k])``.
 
         ``detach[k]`` computes tangent ``k`` under stop-gradient (from detached weights and
         activations, so no graph is recorded for it) — the same values as a separate JVP under
         ``torch.no_grad()``, at the cost of the tangent propagation only (the primal is shared).
+        ``offset``: the tangents concern rows ``offset:`` only (their tensors have that many rows, and so
+        have the returned tangents); the primal covers the whole batch. One pass then serves rows that
+        need a value only (a flow-matching diagonal) beside rows that need a JVP, in one set of matmuls.
         """
         detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
         if len(detach) != len(tangents):
             raise ValueError("detach needs one flag per tangent")
         tangents = [tuple(tangent) for tangent in tangents]
+        offset = int(offset)
+        if not 0 <= offset < x.shape[0]:
+            raise ValueError(f"offset must lie in [0, batch), got {offset} for a batch of {x.shape[0]}")
         if getattr(self, "compiled_jvp", False):
             backend = getattr(self, "compile_backend", "inductor")
-            return _compiled_forward_and_jvps(backend)(self, x, s, t, tangents, cond, detach)
-        return self._forward_and_jvps(x, s, t, tangents, cond, detach)
+            return _compiled_forward_and_jvps(backend)(self, x, s, t, tangents, cond, detach, offset)
+        return self._forward_and_jvps(x, s, t, tangents, cond, detach, offset)
 
     def compile_jvp(self, enable: bool = True, backend: str = "inductor") -> "MLP":
         """Opt-in: run the fused forward+JVP pass through ``torch.compile`` (fuses the elementwise work
@@ -273,9 +285,10 @@ class MLP(nn.Module):
         return self
 
     def _forward_and_jvps(self, x: Tensor, s: Tensor, t: Tensor, tangents: list, cond: Tensor | None,
-                          detach: list[bool]) -> tuple[Tensor, list[Tensor]]:
+                          detach: list[bool], offset: int = 0) -> tuple[Tensor, list[Tensor]]:
         shape = x.shape
         batch = shape[0]
+        tail = batch - offset
         flat = x.reshape(batch, -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"network expects {self.dim} features per sample, got {flat.shape[1]}")
@@ -285,8 +298,13 @@ class MLP(nn.Module):
         tangents = [(dx, cast(ds), cast(dt)) for dx, ds, dt in tangents]
         d_gaps = [None if dt is None and ds is None else dt if ds is None else
                   -ds if dt is None else dt - ds for _, ds, dt in tangents]
-        phi_s, dphi_s = self.time_features.forward_and_jvps(s.to(dtype), [ds for _, ds, _ in tangents])
-        phi_gap, dphi_gap = self.time_features.forward_and_jvps((t - s).to(dtype), d_gaps)
+        d_s = [ds for _, ds, _ in tangents]
+        phi_s, dphi_s = self.time_features.forward_and_jvps(s.to(dtype), d_s if not offset else [])
+        phi_gap, dphi_gap = self.time_features.forward_and_jvps((t - s).to(dtype),
+                                                                d_gaps if not offset else [])
+        if offset:  # the time features' tangents on the tangent rows only
+            _, dphi_s = self.time_features.forward_and_jvps(s[offset:].to(dtype), d_s)
+            _, dphi_gap = self.time_features.forward_and_jvps((t - s)[offset:].to(dtype), d_gaps)
         parts = [flat / sigma, phi_s, phi_gap]
         if self.cond_dim:
             if cond is None:
@@ -295,11 +313,12 @@ class MLP(nn.Module):
         h = torch.cat(parts, dim=1)
         dhs = []
         for k, (dx, _, _) in enumerate(tangents):
-            tparts = [torch.zeros_like(flat) if dx is None else dx.reshape(batch, -1).to(dtype) / sigma,
-                      torch.zeros_like(phi_s) if dphi_s[k] is None else dphi_s[k],
-                      torch.zeros_like(phi_gap) if dphi_gap[k] is None else dphi_gap[k]]
+            tparts = [torch.zeros_like(flat[offset:]) if dx is None else
+                      dx.reshape(tail, -1).to(dtype) / sigma,
+                      torch.zeros_like(phi_s[offset:]) if dphi_s[k] is None else dphi_s[k],
+                      torch.zeros_like(phi_gap[offset:]) if dphi_gap[k] is None else dphi_gap[k]]
             if self.cond_dim:
-                tparts.append(torch.zeros_like(parts[-1]))
+                tparts.append(torch.zeros_like(parts[-1][offset:]))
             dh = torch.cat(tparts, dim=1)
             dhs.append(dh.detach() if detach[k] else dh)
         for i, (linear, act) in enumerate(self._blocks()):
@@ -309,17 +328,18 @@ class MLP(nn.Module):
                    for dh, stop in zip(dhs, detach)]
             if isinstance(act, nn.GELU) and act.approximate == "none":
                 live = [k for k, stop in enumerate(detach) if not stop]
-                h, g, *live_dhs = _GeluTangents.apply(h, *[dhs[k] for k in live])
+                h, g, *live_dhs = _GeluTangents.apply(h, offset, *[dhs[k] for k in live])
                 live_dhs = dict(zip(live, live_dhs))  # g carries no graph: stop-gradient tangents
-                dhs = [live_dhs[k] if k in live_dhs else dh * g for k, dh in enumerate(dhs)]
+                dhs = [live_dhs[k] if k in live_dhs else dh * g[offset:] for k, dh in enumerate(dhs)]
             else:
                 z, h = h, act(h)
-                dhs = [activation_jvp(act, z.detach(), h.detach(), dh) if stop
-                       else activation_jvp(act, z, h, dh) for dh, stop in zip(dhs, detach)]
+                z_t, h_t = z[offset:], h[offset:]
+                dhs = [activation_jvp(act, z_t.detach(), h_t.detach(), dh) if stop
+                       else activation_jvp(act, z_t, h_t, dh) for dh, stop in zip(dhs, detach)]
             if self.skip and i:
                 h = h_in + h
                 dhs = [a + b for a, b in zip(dhs_in, dhs)]
         value = (self.out(h) * sigma).reshape(shape)
         outs = [(F.linear(dh, self.out.weight.detach() if stop else self.out.weight) * sigma
-                 ).reshape(shape) for dh, stop in zip(dhs, detach)]
+                 ).reshape((tail,) + tuple(shape[1:])) for dh, stop in zip(dhs, detach)]
         return value, outs

@@ -19,7 +19,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .._tensor import sq_norm
+from .._tensor import expand_as_data, sq_norm
 from .base import Objective, dropout_disabled
 from .residuals import FORMS, STOPGRADS, eulerian, lagrangian, progressive
 from .sources import SOURCES, VelocitySource
@@ -229,6 +229,8 @@ class SelfDistillation(Objective):
         n = x1.shape[0]
         n_d = self.times.n_diagonal(n)
         self._n_diag = n_d
+        if 0 < n_d < n and self._fusable(model):
+            return self.batch_terms(self._fused_lagrangian(model, x0, x1, s, t, cond, n_d), n_d, n, x1)
         pieces = {}
         if n_d:
             pieces["diagonal"] = self._diagonal(model, x0[:n_d], x1[:n_d], t[:n_d], _rows(cond, 0, n_d))
@@ -237,6 +239,34 @@ class SelfDistillation(Objective):
                 r = self._residual(model, x0[n_d:], x1[n_d:], s[n_d:], t[n_d:], _rows(cond, n_d, n))
             pieces[self.term_name] = sq_norm(r)
         return self.batch_terms(pieces, n_d, n, x1)
+
+    # LSD's step in one network pass: the diagonal needs the value of v̂ on its rows, the Lagrangian
+    # residual the value and the time-JVP on the others; a network with the fused forward-mode path
+    # computes both in one set of matmuls (``v_jvps(..., offset=n_d)``) instead of two smaller passes.
+    fuse_passes = True
+
+    def _fusable(self, model) -> bool:
+        if not (self.fuse_passes and self.residual == "lagrangian" and self.form == "map"
+                and self.stopgrad == "target" and self.diagonal == "conditional"
+                and hasattr(model, "v_jvps") and model._fused("forward_and_jvps")):
+            return False
+        # the diagonal pass runs with dropout, the residual without: one pass only without dropout
+        return not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+                       for m in model.modules())
+
+    def _fused_lagrangian(self, model, x0, x1, s, t, cond, n_d) -> dict[str, Tensor]:
+        """The diagonal term and the Lagrangian map-form residual with the target under sg (LSD, LMD with
+        a diagonal) from one pass: the same values and gradients as :meth:`_diagonal` and
+        :func:`~flowmaps.objectives.residuals.lagrangian`."""
+        i_all, di_all = self.interpolant(x0, x1, s)  # s = t on the diagonal rows
+        v, (dt_v,) = model.v_jvps(i_all, s, t, [(None, None, 1.0)], cond=cond, offset=n_d)
+        v_o, s_o, t_o = v[n_d:], s[n_d:], t[n_d:]
+        gap = expand_as_data(t_o - s_o, v_o)
+        x_st = i_all[n_d:] + gap * v_o
+        dt_x = v_o + gap * dt_v  # ∂_t [x + (t − s) v̂_{s,t}(x)]
+        self.record("jvp_norm", dt_x)
+        target = self.source.at(model, x_st.detach(), t_o, _rows(cond, n_d, x1.shape[0]))
+        return {"diagonal": sq_norm(v[:n_d] - di_all[:n_d]), self.term_name: sq_norm(dt_x - target)}
 
     def batch_terms(self, pieces: dict[str, Tensor], n_d: int, n: int, like: Tensor) -> dict[str, Tensor]:
         """The diagonal and off-diagonal per-sample terms as ``(n,)`` vectors over the whole batch (each
