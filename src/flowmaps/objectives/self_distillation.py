@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._tensor import expand_as_data, sq_norm
-from .base import Objective, dropout_disabled
+from .base import _DROPOUT, Objective, dropout_disabled
 from .residuals import FORMS, STOPGRADS, eulerian, lagrangian, progressive
 from .sources import SOURCES, VelocitySource
 from .times import DyadicPairs, PairStart, SelfDistillationTimes, TimeSampler, as_time_sampler
@@ -251,8 +251,7 @@ class SelfDistillation(Objective):
                 and hasattr(model, "v_jvps") and model._fused("forward_and_jvps")):
             return False
         # the diagonal pass runs with dropout, the residual without: one pass only without dropout
-        return not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-                       for m in model.modules())
+        return not any(isinstance(m, _DROPOUT) and m.training and m.p > 0 for m in model.modules())
 
     def _fused_lagrangian(self, model, x0, x1, s, t, cond, n_d) -> dict[str, Tensor]:
         """The diagonal term and the Lagrangian map-form residual with the target under sg (LSD, LMD with
