@@ -203,7 +203,8 @@ class Checkerboard:
         self.data = data
         std = data.std(dim=0)
         self.interpolant, self.dim, self.sigma_data = fm.Linear(std), 2, std
-        self.teacher = self._teacher(teacher_steps).velocity
+        self.teacher_net = self._teacher(teacher_steps)
+        self.teacher = self.teacher_net.velocity
         g = torch.Generator().manual_seed(12345)
         self.x0 = self.interpolant.sample_base(torch.empty(n_eval, 2), g)
 

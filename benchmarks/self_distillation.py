@@ -8,6 +8,10 @@ Parts (each a sub-command, so they can run in separate processes):
              samples) for LSD, ESD, PSD-M, PSD-U, MeanFlow, α-Flow, shortcut (and CT, sCT), each
              trained from scratch with the checkerboard preset's settings for it, the same number of
              steps; [P2]'s numbers beside ours.
+  table1-budget
+             LSD on the same checkerboard at several training budgets (default 5000, 10000, 20000,
+             40000 steps × 512, each its own run with the preset's schedule), KL at N = 1–16: how far
+             the Table 1 gap is a matter of training budget ([P2] trains ~1500× our samples).
   compute    equal total compute on the checkerboard: a teacher velocity (flow matching) plus LMD, against
              LSD alone given at most the same CPU time (CPU seconds of this process, per run).
   gmm        the spec §6.3 Gaussian mixture: each objective's exact-map error (and W2) at 1–16 steps
@@ -142,6 +146,29 @@ def table1_markdown(summary: dict) -> str:
                                                        else "") for k in STEPS)
         lines.append(f"| {name} | {ours} | {s['cpu_seconds']:.0f} |")
     return "\n".join(lines) + "\n\nKL(ρ1 ‖ ρ̂) on 64,000 samples (ours in bold; [P2] Table 1 in brackets).\n"
+
+
+def table1_budget(args) -> dict:
+    out = ROOT / "table1-budget"
+    budgets = [int(b) for b in args.budgets.split(",")]
+    runs = {}
+    for n in budgets:
+        runs[f"LSD {n}"] = train("checkerboard", out / f"lsd-{n}", METHODS["LSD"] + budget(n, args.scale),
+                                 label=f"LSD {n}")
+    result = evaluate_runs([final(r) for r in runs.values()], None, out / "eval", True, STEPS, 64000,
+                           False, names=list(runs))
+    summary = {name: {"steps": n, "kl": rows_by(result, name, "kl"), "w2": rows_by(result, name, "w2"),
+                      "cpu_seconds": run["cpu_seconds"]}
+               for n, (name, run) in zip(budgets, runs.items())}
+    lines = ["| LSD, steps × 512 | " + " | ".join(f"N={k}" for k in STEPS) + " | W2 (N=1) | CPU s |",
+             "|---|" + "---:|" * (len(STEPS) + 2)]
+    for name, s in summary.items():
+        lines.append(f"| {s['steps']} | " + " | ".join(f"{s['kl'][k]:.3f}" for k in STEPS)
+                     + f" | {s['w2'][1]:.4f} | {s['cpu_seconds']:.0f} |")
+    lines.append("| [P2] Table 1 (150,000 × 100,000) | " + " | ".join(f"{v:.3f}" for v in PAPER_TABLE1["LSD"])
+                 + " | | |")
+    (out / "table.md").write_text("\n".join(lines) + "\n\nKL(ρ1 ‖ ρ̂) on 64,000 samples of each run's EMA map.\n")
+    return summary
 
 
 # --- equal total compute: teacher + LMD against LSD alone ------------------------------------------
@@ -322,7 +349,7 @@ def evaluate_digits(args) -> dict:
     return summary
 
 
-PARTS = {"table1": table1, "compute": compute, "gmm": gmm, "calibrate-digits": calibrate_digits,
+PARTS = {"table1": table1, "table1-budget": table1_budget, "compute": compute, "gmm": gmm, "calibrate-digits": calibrate_digits,
          "train-digits": train_digits, "evaluate-digits": evaluate_digits}
 
 
@@ -336,6 +363,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--steps", type=int, default=20000, help="table1/gmm: steps per run")
+    parser.add_argument("--budgets", default="5000,10000,20000,40000",
+                        help="table1-budget: comma-separated step counts (20000 reuses table1's LSD run "
+                             "with --reuse)")
     parser.add_argument("--methods", help="table1/gmm: comma-separated subset")
     parser.add_argument("--seeds", type=int, default=3, help="gmm: seeds per objective")
     parser.add_argument("--preset", default="gmm", choices=["gmm", "gmm_hard"],
