@@ -267,6 +267,18 @@ def test_skipped_steps_count_in_the_profiles_under_either_guard(sync_every):
     torch.testing.assert_close(flat(trainer.ema).double(), w @ torch.stack(thetas), rtol=1e-5, atol=1e-6)
 
 
+def test_the_profiles_add_no_host_read():
+    """Under the device guard (the CUDA path) a window of steps with two profiles still reads the host
+    once: β is a Python number and the update one multi-tensor lerp per profile."""
+    from test_hot_loop import HostReads, guarded
+
+    trainer = guarded(True, ema_std=[0.05, 0.10])
+    trainer.run(4, progress=False)
+    with HostReads() as reads:
+        trainer.run(8, progress=False, sync_every=4)
+    assert reads.count == 2, reads.where
+
+
 def test_trainer_with_profiles_resumes_bit_for_bit(tmp_path):
     from test_resume import assert_bit_identical, build, everything, save
 
