@@ -1,7 +1,8 @@
 """The ``flowmaps`` command: the parser of every command, and :func:`main`, which runs one and turns
 its errors into exit statuses. Each command's work is in its own module (:mod:`flowmaps.cli.train`,
 :mod:`~flowmaps.cli.sample`, :mod:`~flowmaps.cli.evaluate`, :mod:`~flowmaps.cli.export`,
-:mod:`~flowmaps.cli.demo`, :mod:`~flowmaps.cli.fid_stats`, :mod:`~flowmaps.cli.presets`).
+:mod:`~flowmaps.cli.ema`, :mod:`~flowmaps.cli.demo`, :mod:`~flowmaps.cli.fid_stats`,
+:mod:`~flowmaps.cli.presets`).
 
 Every run writes its own directory: ``config.yaml`` (the fully resolved config: rerun it with
 ``--config``), ``metrics.jsonl``, ``checkpoints/`` (resumable ``step-K``, ``best`` and ``final``
@@ -28,6 +29,7 @@ from ..runs.rundir import RunDirError
 from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, launched_by_torchrun, shutdown
 from .demo import cmd_demo
+from .ema import cmd_ema
 from .evaluate import cmd_evaluate
 from .export import cmd_export
 from .fid_stats import cmd_fid_stats
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub, fmt)
     _add_tune_grid(sub, fmt)
     _add_export(sub, fmt)
+    _add_ema(sub, fmt)
     _add_demo(sub, fmt)
     _add_fid_stats(sub, fmt)
     _add_presets(sub)
@@ -242,6 +245,9 @@ def _add_sample(sub, fmt) -> None:
                    "data) where a guidance-conditioned map applies --guidance (default 0,1)")
     p.add_argument("--data", metavar="FILE", help="optional .npy/.csv of data to plot beside samples")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--ema", metavar="NAME", help="which averaged weights: ema (the classic EMA) or a "
+                   "power-function EMA profile (train.ema_std), e.g. std0.100 (default: the "
+                   "checkpoint's default, the first profile when it has any)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu); under "
@@ -313,9 +319,43 @@ def _add_export(sub, fmt) -> None:
     p.add_argument("run", help="run directory or checkpoint (STEM, STEM.json)")
     p.add_argument("dir", help="output folder; must be new or empty unless --overwrite")
     p.add_argument("--raw-weights", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--ema", metavar="NAME", help="which averaged weights: ema (the classic EMA) or a "
+                   "power-function EMA profile (train.ema_std), e.g. std0.100 (default: the "
+                   "checkpoint's default)")
     p.add_argument("--overwrite", action="store_true", help="replace model.safetensors and "
                    "config.json in a folder that holds files (other files are kept)")
     p.set_defaults(func=cmd_export)
+
+
+def _std_list(text: str) -> list[float]:
+    from ..train.power_ema import STD_MAX
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v <= STD_MAX for v in values):
+        raise argparse.ArgumentTypeError(f"relative standard deviations must be in (0, {STD_MAX:.4f}], "
+                                         f"got {text!r}")
+    return values
+
+
+def _add_ema(sub, fmt) -> None:
+    p = sub.add_parser("ema", help="power-function EMA of any length after training, from the run's "
+                       "snapshots (EDM2's post-hoc EMA)", formatter_class=fmt,
+                       description="Reconstruct the power-function EMA of each relative standard "
+                                   "deviation in --std (EDM2, arXiv 2312.02696) at --step (default: the "
+                                   "last snapshot) from the snapshots a run trained with train.ema_std "
+                                   "and train.ema_snapshot_every wrote in RUN/ema_snapshots: the least-"
+                                   "squares combination of the stored profiles. Writes each as a new "
+                                   "checkpoint RUN/ema/stdS-stepK (sample, evaluate or export it like "
+                                   "any checkpoint); existing files are never replaced.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--std", type=_std_list, required=True, metavar="S[,S...]",
+                   help="relative standard deviations sigma_rel in (0, 0.2887], e.g. 0.05,0.10")
+    p.add_argument("--step", type=_positive_int, help="reconstruct at this snapshot's step (default: "
+                   "the last)")
+    p.set_defaults(func=cmd_ema)
 
 
 def _add_demo(sub, fmt) -> None:

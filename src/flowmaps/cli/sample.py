@@ -29,9 +29,16 @@ from ..solvers import solve_ode
 from ..train import distributed
 
 
+def weights_choice(args) -> bool | str:
+    """``use_ema`` of :func:`~flowmaps.runs.experiment.load_model` from ``--raw-weights`` / ``--ema``."""
+    if args.raw_weights and args.ema:
+        raise ConfigError("--raw-weights and --ema: choose one (raw weights, or averaged weights by name)")
+    return False if args.raw_weights else (args.ema or True)
+
+
 def cmd_sample(args) -> int:
     device, dist = open_device(args.device)
-    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
+    loaded = load_model(args.checkpoint, use_ema=weights_choice(args), device=device)
     stem = checkpoint_stem(args.checkpoint)
     out = Path(args.out) if args.out else stem.parent.parent / "samples"
     jobs = _jobs(args, loaded)

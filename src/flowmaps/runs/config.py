@@ -204,7 +204,11 @@ class TrainConfig:
     generates kernels with the host's compiler; ``aot_eager`` only traces). ``device``: cpu, cuda, cuda:N, mps.
     ``lr_schedule``: ``inverse_sqrt`` (after ``lr_decay_start``), ``constant``, ``cosine`` or ``linear``
     (decay to ``lr_final`` × ``lr`` at ``steps``), after a linear warm-up of ``warmup_steps``.
-    ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on.
+    ``ema_warmup``: cap the EMA decay at ``(1 + k)/(10 + k)`` early on. ``ema_std``: also keep EDM2's
+    power-function EMA profiles of these lengths σ_rel (a list, ``0.05,0.10``; each in (0, 0.2887]),
+    the first of which is then the default weights of sampling, evaluation and export (``ema_decay``'s
+    EMA stays available by the name ``ema``); ``ema_snapshot_every``: every that many steps (and at the
+    last) save the profiles to ``RUN/ema_snapshots/`` for ``flowmaps ema`` (post-hoc lengths).
     ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
     files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
@@ -220,6 +224,8 @@ class TrainConfig:
     lr_final: float = 0.0
     ema_decay: float | None = 0.999
     ema_warmup: bool = True
+    ema_std: list | float | None = None
+    ema_snapshot_every: int | None = None
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -313,6 +319,7 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "train.checkpoint_every", "eval.n_samples", "eval.w2_samples", "eval.energy_samples",
             "eval.rtol", "objective.stage_steps", "train.grad_clip", "train.lr_decay_start",
             "train.threads", "train.keep_checkpoints", "train.max_bad_steps", "train.grad_accum",
+            "train.ema_snapshot_every",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
             "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
@@ -350,6 +357,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be a positive number or 'data', got {v!r}")
     if cfg.train.ema_decay is not None and not 0 <= cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    _validate_ema_std(cfg.train)
     if not 0 < cfg.objective.initial_range <= 1:
         raise ConfigError("objective.initial_range: must be in (0, 1]")
     o = cfg.objective
@@ -398,6 +406,29 @@ def _validate(cfg: Config) -> None:
     if cfg.data.name == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'file'")
     _validate_teacher(cfg.teacher)
+
+
+def _validate_ema_std(t: TrainConfig) -> None:
+    """``train.ema_std``: one σ_rel or a list of distinct ones in (0, 12^{-1/2}] (normalised to a list);
+    ``train.ema_snapshot_every`` needs it."""
+    from ..train.power_ema import STD_MAX, profile_name
+
+    if isinstance(t.ema_std, float):
+        t.ema_std = [t.ema_std]
+    if t.ema_std is None:
+        if t.ema_snapshot_every is not None:
+            raise ConfigError("train.ema_snapshot_every: snapshots are of the power-function EMA "
+                              "profiles; set train.ema_std too (e.g. train.ema_std=0.05,0.10)")
+        return
+    values = t.ema_std
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= STD_MAX
+                         for v in values):
+        raise ConfigError(f"train.ema_std: a list of relative standard deviations in (0, {STD_MAX:.4f}] "
+                          f"(e.g. 0.05,0.10), got {values!r}")
+    t.ema_std = [float(v) for v in values]
+    names = [profile_name(v) for v in t.ema_std]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.ema_std: the lengths must differ, got {values!r}")
 
 
 def _validate_teacher(t: TeacherConfig) -> None:

@@ -31,7 +31,7 @@ from .typed import build
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
            "build_model", "build_objective", "build_teacher", "factory_teacher", "Loaded", "load_model",
-           "save_model", "check_model_checkpoint"]
+           "save_model", "check_model_checkpoint", "model_metadata", "select_weights"]
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
@@ -360,29 +360,78 @@ class Loaded:
     scales: dict
     standardizer: Standardizer | None
     metadata: dict
+    weights: str = "model"  # which weights: model (raw), ema (classic), or a power profile's name
 
     def to_data_units(self, x: Tensor) -> Tensor:
         return self.standardizer.inverse(x) if self.standardizer is not None else x
+
+
+def model_metadata(cfg: Config, scales: dict, standardizer: Standardizer | None, step: int,
+                   domain: str | None) -> dict:
+    """The metadata that rebuilds a run's model from a checkpoint (config, step, objective, training
+    domain, interpolant, scales, standardiser)."""
+    return {"config": to_dict(cfg), "step": step, "objective": cfg.objective.name, "domain": domain,
+            "interpolant": {"name": cfg.interpolant.name, "sigma0": scales["sigma0"]},
+            "scales": scales, "standardizer": standardizer.to_dict() if standardizer else None}
 
 
 def save_model(stem: str | Path, model: FlowMap, ema: FlowMap | None, cfg: Config, scales: dict,
                standardizer: Standardizer | None, step: int, extra: dict | None = None,
                trainer_state: tuple[dict, dict] | None = None) -> Path:
     """Write a checkpoint: weights (and EMA), the resolved config and data scales; with
-    ``trainer_state = Trainer.state_dict()`` also everything needed to resume training exactly."""
+    ``trainer_state = Trainer.state_dict()`` also everything needed to resume training exactly (then
+    the power-function EMA profiles too, whose ``ema_profiles``/``ema_default`` the caller passes in
+    ``extra``: :meth:`~flowmaps.train.trainer.Trainer.ema_metadata`)."""
     tensors = {"model": model.state_dict()}
     if ema is not None:
         tensors["ema"] = ema.state_dict()
     if trainer_state is not None:
         tensors = {group: state for group, state in trainer_state[0].items() if state}
-    meta = {"config": to_dict(cfg), "step": step, "objective": cfg.objective.name,
-            "domain": getattr(model, "domain", None),
-            "interpolant": {"name": cfg.interpolant.name, "sigma0": scales["sigma0"]},
-            "scales": scales, "standardizer": standardizer.to_dict() if standardizer else None}
+    meta = model_metadata(cfg, scales, standardizer, step, getattr(model, "domain", None))
     if trainer_state is not None:
         meta["trainer"] = trainer_state[1]
     meta.update(extra or {})
     return save_checkpoint(stem, tensors, meta)
+
+
+def select_weights(groups: dict, meta: dict, use_ema: bool | str = True, where="checkpoint"
+                   ) -> tuple[str, str]:
+    """Which weight group of a checkpoint to load: ``(group, name)``.
+
+    ``use_ema=False``: the raw weights (``model``). ``True``: the checkpoint's default average — its
+    ``ema_default`` (the first power-function profile of a run with ``train.ema_std``, or a post-hoc
+    reconstruction), else the classic ``ema``, else the raw weights (older checkpoints have no
+    ``ema_default``). A string names an average: ``"ema"`` (the classic EMA) or a power profile by name
+    or length (``"std0.050"``, ``"std0.05"``, ``"0.05"``). An unknown name is a one-line
+    :class:`CheckpointError` listing the averages the checkpoint holds."""
+    from ..train.power_ema import parse_std
+
+    profiles = meta.get("ema_profiles") or []
+    names = (["ema"] if "ema" in groups else []) + [p.get("name") for p in profiles]
+    if use_ema is False:
+        if "model" not in groups:
+            raise CheckpointError(f"{where}: holds no raw weights (averaged weights only: "
+                                  f"{', '.join(names) or 'none'})")
+        return "model", "model"
+    if use_ema is True:
+        default = meta.get("ema_default")
+        if default is not None:
+            use_ema = default
+        elif "ema" in groups:
+            return "ema", "ema"
+        else:
+            return "model", "model"
+    if use_ema == "ema" and "ema" in groups:
+        return "ema", "ema"
+    wanted = parse_std(use_ema)
+    for p in profiles:
+        if p.get("name") == use_ema or (wanted is not None and isinstance(p.get("std"), (int, float))
+                                        and abs(p["std"] - wanted) <= 1e-9 * max(1.0, wanted)):
+            if p.get("group") not in groups:
+                break
+            return p["group"], p["name"]
+    raise CheckpointError(f"{where}: no averaged weights named {use_ema!r}; it holds "
+                          f"{', '.join(names) or 'none'}")
 
 
 def _check_config(where: Path, config: dict) -> None:
@@ -398,11 +447,12 @@ def check_model_checkpoint(where: Path, meta: dict) -> None:
     check_model_metadata(where, meta, check_config=_check_config)
 
 
-def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
-    """Rebuild the FlowMap of a checkpoint or run directory (EMA weights when present and ``use_ema``),
+def load_model(path: str | Path, use_ema: bool | str = True, device="cpu") -> Loaded:
+    """Rebuild the FlowMap of a checkpoint or run directory (its default averaged weights when present
+    and ``use_ema``; a name such as ``"std0.100"`` or ``"ema"`` picks one, see :func:`select_weights`),
     with its config, scales and standardiser; ``.model`` carries its interpolant, sample shape,
     number of classes and standardiser (``.model.to_data_units``), as :func:`flowmaps.load` returns
-    it."""
+    it. ``.weights`` names the weights loaded (``model``, ``ema``, ``std0.050``…)."""
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = build(Config, meta["config"])
@@ -411,7 +461,8 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
         raise CheckpointError(f"{path}: metadata is incomplete or from an incompatible version "
                               f"({err})") from None
     model = build_model(cfg, scales)
-    state = groups["ema"] if use_ema and "ema" in groups else groups["model"]
+    group, weights = select_weights(groups, meta, use_ema, where=str(path))
+    state = groups[group]
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -423,4 +474,4 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     # what sampling needs travels with the map (as FlowMap.from_pretrained sets it)
     model.interpolant, model.standardizer = interpolant, std
     model.sample_shape, model.num_classes = sample_shape(scales), scales.get("num_classes", 0)
-    return Loaded(model, interpolant, cfg, scales, std, meta)
+    return Loaded(model, interpolant, cfg, scales, std, meta, weights)

@@ -17,10 +17,10 @@ from .experiment import load_model
 __all__ = ["load", "export_model"]
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> FlowMap:
+def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool | str = True) -> FlowMap:
     """A ready :class:`~flowmaps.FlowMap` in eval mode on ``device``, from an exported folder
     (:meth:`FlowMap.from_pretrained`), a run directory or a checkpoint (:func:`load_model`, EMA weights
-    unless ``use_ema=False``). The map carries ``interpolant`` (draw base points with
+    unless ``use_ema=False``; a name such as ``"std0.100"`` picks a power-function EMA profile). The map carries ``interpolant`` (draw base points with
     ``model.interpolant.sample_base(torch.empty(n, *model.sample_shape))``), ``sample_shape``,
     ``num_classes``, ``domain`` and ``to_data_units``."""
     folder = model_folder(path)
@@ -29,13 +29,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
     return load_model(path, use_ema=use_ema, device=device).model
 
 
-def export_model(source: str | Path, directory: str | Path, use_ema: bool = True,
+def export_model(source: str | Path, directory: str | Path, use_ema: bool | str = True,
                  overwrite: bool = False) -> dict:
     """Write the map of ``source`` (a run directory or checkpoint) to ``directory``; returns what was
-    written (``{"directory", "weights", "step", "objective"}``). The source is read and checked before
-    anything is written; a folder holding files is refused unless ``overwrite``."""
+    written (``{"directory", "weights", "step", "objective"}``; ``weights``: ``model``, ``ema`` or a
+    power-function profile's name, chosen by ``use_ema`` as in :func:`load`). The source is read and
+    checked before anything is written; a folder holding files is refused unless ``overwrite``."""
     loaded = load_model(source, use_ema=use_ema)
-    weights = "ema" if use_ema and "ema" in loaded.metadata["groups"] else "model"
+    weights = loaded.weights
     cfg = loaded.config
     trained = {"objective": cfg.objective.name, "step": loaded.metadata.get("step", 0),
                "data": cfg.data.name, "preset": cfg.preset, "interpolant": cfg.interpolant.name}

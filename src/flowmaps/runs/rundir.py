@@ -1,5 +1,6 @@
 """Run directories: each run writes its own folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
-``plots/``), never one that holds another run's files unless asked to overwrite or resume it."""
+``plots/``; ``ema_snapshots/`` and ``ema/`` with the power-function EMA), never one that holds another
+run's files unless asked to overwrite or resume it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class RunDir:
     which continues the run in it). Nothing is created before :meth:`create` (rank 0 only)."""
 
     ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "plots", "samples", "results.json",
-                 "table.md", "tensorboard")
+                 "table.md", "tensorboard", "ema_snapshots", "ema")
 
     def __init__(self, path: str | Path, overwrite: bool = False, create: bool = True,
                  resume: bool = False):

@@ -32,6 +32,7 @@ from . import extras, tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
 from .devices import open_device
+from .posthoc_ema import write_snapshot
 from .rundir import RunDir, RunDirError, default_out
 
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
@@ -200,7 +201,7 @@ class TrainingRun:
                        labels=bundle.labels if conditional else None, label_dropout=t.label_dropout,
                        null_label=scales["num_classes"] if conditional else None, augment=augment,
                        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                       lr_final=t.lr_final, ema_warmup=t.ema_warmup)
+                       lr_final=t.lr_final, ema_warmup=t.ema_warmup, ema_std=t.ema_std)
 
     def restore(self, resumed: tuple[Path, dict, dict]) -> None:
         """Continue from a checkpoint found by :func:`latest_checkpoint`."""
@@ -263,7 +264,8 @@ class TrainingRun:
                 # checkpoints the state of the step it is given: the last one read).
                 history = self.trainer.run(t.steps - self.trainer.step_count, progress=progress,
                                            callback=self._after_step, should_stop=stop,
-                                           sync_every=math.gcd(t.log_every, t.checkpoint_every))
+                                           sync_every=math.gcd(t.log_every, t.checkpoint_every,
+                                                               t.ema_snapshot_every or 0))
             except FloatingPointError as err:
                 kept = (latest_checkpoint(self.run.checkpoints, check=ex.check_model_checkpoint)
                         if self.main else None)
@@ -285,6 +287,8 @@ class TrainingRun:
             self.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
                           "grad_norm": float(out.grad_norm),
                           "seconds": round(time.perf_counter() - self.start, 3)})
+        if t.ema_snapshot_every and (step % t.ema_snapshot_every == 0 or step == t.steps):
+            self.snapshot()
         if step % t.checkpoint_every == 0 and step < t.steps:
             self.checkpoint()
 
@@ -316,7 +320,15 @@ class TrainingRun:
     def _write_checkpoint(self, stem: Path, best_loss, state) -> None:
         ex.save_model(stem, self.parts.model, self.trainer.ema, self.cfg, self.parts.scales,
                       self.parts.bundle.standardizer, self.trainer.step_count,
-                      extra={"best_validation_loss": best_loss}, trainer_state=state)
+                      extra={"best_validation_loss": best_loss, **self.trainer.ema_metadata()},
+                      trainer_state=state)
+
+    def snapshot(self) -> None:
+        """``RUN/ema_snapshots/step-K``: the power-function EMA profiles now (rank 0; the profiles are
+        the same on every rank), for ``flowmaps ema`` (:mod:`flowmaps.runs.posthoc_ema`)."""
+        if self.main:
+            write_snapshot(self.run.path, self.trainer, self.cfg, self.parts.scales,
+                           self.parts.bundle.standardizer, getattr(self.parts.model, "domain", None))
 
     # --- after training ----------------------------------------------------------------------------
 

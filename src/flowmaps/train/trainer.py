@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..data.images import ByteImages
 from ..objectives.base import LossOutput, Objective
 from .batches import DataSource, batch_sampler
+from .power_ema import PowerEMA
 from .schedules import learning_rate_schedule
 
 __all__ = ["Trainer", "fit", "FitResult"]
@@ -84,9 +85,15 @@ class Trainer:
         warmup_steps: linear learning-rate warm-up over this many steps (0: none).
         total_steps: the run's length, needed by the cosine and linear schedules (:func:`fit` sets it);
             also told to the objective (:meth:`~flowmaps.objectives.Objective.plan`).
-        ema_decay: keep an exponential moving average of the weights in ``self.ema`` (``None``: off);
-            with ``ema_warmup`` (default) the decay is warmed up as ``min(ema_decay, (1 + k)/(10 + k))``
-            after ``k`` updates.
+        ema_decay: keep an exponential moving average of the weights (``None``: off; the averaged
+            model named ``"ema"`` in :attr:`averages`); with ``ema_warmup`` (default) the decay is
+            warmed up as ``min(ema_decay, (1 + k)/(10 + k))`` after ``k`` updates.
+        ema_std: also keep EDM2's power-function averages, one per relative standard deviation
+            σ_rel in this list (:mod:`flowmaps.train.power_ema`: after step t,
+            θ̂ ← β θ̂ + (1 − β) θ(t) with β = (1 − 1/t)^{γ+1}, γ from σ_rel); named ``std0.050`` … in
+            :attr:`averages`. When given, the first is the default average :attr:`ema` (what
+            validation, sampling and export use unless told otherwise); the classic EMA, if also
+            kept, stays available as ``"ema"``.
         seed: seeds the generator of data, base samples and times (rank ``r`` of a distributed run uses
             :func:`~flowmaps.train.distributed.rank_seed`), and the global RNG.
         max_bad_steps: consecutive non-finite steps tolerated (each update is skipped and reported in
@@ -126,7 +133,7 @@ class Trainer:
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
                  fused: bool | None = None, lr_schedule: str = "inverse_sqrt",
                  warmup_steps: int = 0, total_steps: int | None = None, lr_final: float = 0.0,
-                 ema_warmup: bool = True):
+                 ema_warmup: bool = True, ema_std: Sequence[float] | None = None):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -210,15 +217,47 @@ class Trainer:
             objective.plan(int(total_steps))  # a schedule over the run (AlphaFlow's curriculum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.ema_decay, self.ema_warmup = ema_decay, bool(ema_warmup)
-        self.ema = None
+        self.classic_ema = None
         if ema_decay is not None:
-            self.ema = copy.deepcopy(model).eval()
-            self.ema.requires_grad_(False)
-            self._ema_pairs = (list(self.ema.parameters()), [p.detach() for p in model.parameters()],
-                               list(self.ema.buffers()), list(model.buffers()))
+            self.classic_ema = copy.deepcopy(model).eval()
+            self.classic_ema.requires_grad_(False)
+            self._ema_pairs = (list(self.classic_ema.parameters()),
+                               [p.detach() for p in model.parameters()],
+                               list(self.classic_ema.buffers()), list(model.buffers()))
+        self.power_ema = PowerEMA(model, ema_std) if ema_std is not None else None
         self.step_count = 0
         self.bad_steps, self.max_bad_steps = 0, max_bad_steps
         self._grad_norm: Tensor | None = None
+
+    @property
+    def averages(self) -> dict[str, nn.Module]:
+        """Every averaged model kept, by name: ``"ema"`` (the classic EMA) and ``"std0.050"`` … (the
+        power-function profiles of ``ema_std``), in that order."""
+        out = {} if self.classic_ema is None else {"ema": self.classic_ema}
+        if self.power_ema is not None:
+            out.update(self.power_ema.models)
+        return out
+
+    @property
+    def ema_default(self) -> str | None:
+        """The name of the default average: the first power profile, else ``"ema"``, else ``None``."""
+        if self.power_ema is not None:
+            return self.power_ema.names[0]
+        return "ema" if self.classic_ema is not None else None
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """The default averaged model (:attr:`ema_default`), or ``None`` when no average is kept."""
+        name = self.ema_default
+        return None if name is None else self.averages[name]
+
+    def ema_metadata(self) -> dict:
+        """What a model checkpoint records of the power profiles (``{}`` without them, so a classic
+        run's checkpoints are unchanged): ``ema_profiles`` (name, σ_rel, γ, weight group of each) and
+        ``ema_default``."""
+        if self.power_ema is None:
+            return {}
+        return {"ema_profiles": self.power_ema.profiles(), "ema_default": self.ema_default}
 
     @property
     def last_grad_norm(self) -> float:
@@ -313,8 +352,11 @@ class Trainer:
                           dict(zip(keys_s, values[1 + len(keys_t):].unbind())))
 
     def _skip(self, out: LossOutput, what: str) -> LossOutput:
-        """Host guard: no update; the step and the schedule advance (as under the device guard)."""
+        """Host guard: no update; the step and the schedule advance (as under the device guard). The
+        power profiles average the unchanged weights in (θ(t) = θ(t − 1): they stay exact averages)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.power_ema is not None:
+            self.power_ema.update(self.step_count + 1)
         with warnings.catch_warnings():  # on purpose when the first step is skipped: no update made
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
             self.scheduler.step()
@@ -365,8 +407,11 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self, keep: Tensor | None = None) -> None:
         """One multi-tensor lerp of the EMA towards the weights; ``keep`` (device guard, a 0-dim bool)
-        zeroes the weight of a skipped step on the device."""
-        if self.ema is None:
+        zeroes the weight of a skipped step on the device. The power profiles are updated for every
+        step, skipped or not (:class:`~flowmaps.train.power_ema.PowerEMA`), at t = the step's number."""
+        if self.power_ema is not None:
+            self.power_ema.update(self.step_count + 1)
+        if self.classic_ema is None:
             return
         # Warm-up (as in common EMA implementations): early on the average would be dominated by the
         # initialisation, so the decay is capped at (1 + k) / (10 + k) after k updates.
@@ -408,8 +453,10 @@ class Trainer:
         obj_tensors, obj_meta = self.objective.state_dict()
         tensors = {"model": self.model.state_dict(), "optim": flat_optim, "rng": rng,
                    "objective": obj_tensors}
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
+        if self.classic_ema is not None:
+            tensors["ema"] = self.classic_ema.state_dict()
+        if self.power_ema is not None:
+            tensors.update(self.power_ema.state_dict())
         meta = {"step": self.step_count, "bad_steps": self.bad_steps,
                 "world_size": self.dist.world_size, "seed": self.seed,
                 "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -419,6 +466,8 @@ class Trainer:
                 # position: the next batch follows from it exactly.
                 "data_position": {"sampler": "with replacement", "draws": self.step_count *
                                   self.batch_size * self.dist.world_size}}
+        if self.power_ema is not None:
+            meta["ema_profiles"] = self.power_ema.profiles()
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, dict[str, Tensor]], meta: dict) -> None:
@@ -427,10 +476,12 @@ class Trainer:
             raise ValueError(f"the checkpoint was written by {meta['world_size']} process(es); resume "
                              f"it with the same number (this run has {self.dist.world_size})")
         self.model.load_state_dict(tensors["model"])
-        if self.ema is not None:
+        if self.classic_ema is not None:
             if "ema" not in tensors:
                 raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA")
-            self.ema.load_state_dict(tensors["ema"])
+            self.classic_ema.load_state_dict(tensors["ema"])
+        if self.power_ema is not None:
+            self.power_ema.load_state_dict(tensors)
         state: dict = {}
         for key, value in tensors.get("optim", {}).items():
             idx, _, name = key.partition(".")
@@ -551,13 +602,15 @@ class FitResult(list):
 
     ``ema`` is the exponential moving average of the weights (a copy of the model in eval mode, or
     ``None`` when ``ema_decay=None``): usually the better sampler, as the CLI samples and evaluates it.
-    ``model`` is the model passed to :func:`fit`, trained in place (the raw weights); ``trainer`` the
+    With ``ema_std`` it is the first power-function profile, and ``averages`` holds every average by
+    name (``"ema"``, ``"std0.050"``, …; see :attr:`Trainer.averages`). ``model`` is the model passed to :func:`fit`, trained in place (the raw weights); ``trainer`` the
     :class:`Trainer`, to continue training (``result.trainer.run(1000)``).
     """
 
     def __init__(self, losses: list[float], trainer: "Trainer"):
         super().__init__(losses)
         self.trainer, self.model, self.ema = trainer, trainer.model, trainer.ema
+        self.averages = trainer.averages
 
     @property
     def best(self) -> nn.Module:
@@ -570,7 +623,9 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
         ema_decay: float | None = 0.999, **options) -> FitResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
     loss history (a list), with the EMA of the weights in ``.ema`` (``ema_decay``, default 0.999 as in
-    the CLI; ``None`` keeps none) and the trained model in ``.model``.
+    the CLI; ``None`` keeps none) and the trained model in ``.model``. ``ema_std=[0.05, 0.10]`` (an
+    option of :class:`Trainer`) also keeps EDM2's power-function averages of those lengths σ_rel; the
+    first becomes ``.ema`` and all are in ``.averages``.
 
     ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
     drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
