@@ -166,7 +166,7 @@ TRAIN_OBJECTIVES = """objectives:
              multi-step samples need --gamma 1
 Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
 weighting, distribution, psd_gamma, guidance, guidance_kappa, guidance_interval, diagonal_times,
-offdiag_dropout, fm_steps, anneal_steps (see the README).
+offdiag_dropout, fm_steps, anneal_steps (see docs/objectives.md).
 """
 
 
