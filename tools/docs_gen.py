@@ -48,6 +48,7 @@ def _option_row(action: argparse.Action) -> str | None:
     if action.choices is not None and not isinstance(action.choices, dict):
         details.append("one of " + ", ".join(f"`{c}`" for c in action.choices))
     if (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            and "default" not in (action.help or "")
             and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
         details.append(f"default `{action.default}`")
     if action.required and action.option_strings:
@@ -113,19 +114,32 @@ def _default(f: dataclasses.Field):
     return None
 
 
+def _values(key: str) -> str:
+    """The values the config checks for ``key`` (:data:`flowmaps.runs.config.CHOICES`, ``POSITIVE``)."""
+    from flowmaps.runs import config
+
+    if key in config.CHOICES:
+        return ", ".join(f"`{c}`" for c in config.CHOICES[key])
+    return "positive" if key in config.POSITIVE else ""
+
+
 def config_reference() -> str:
     out = []
     for section, cls in config_sections():
         hints = typing.get_type_hints(cls)
-        out += [f"### `{section}`", "", inspect.getdoc(cls) or "", "", "| key | type | default |", "|---|---|---|"]
+        out += [f"### `{section}`", "", inspect.getdoc(cls) or "", "",
+                "| key | type | default | values |", "|---|---|---|---|"]
+        rows = []
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 sub = hints[f.name]
-                for g in dataclasses.fields(sub):
-                    out.append(f"| `{section}.{f.name}.{g.name}` | {_md(_type_name(typing.get_type_hints(sub)[g.name]))} "
-                               f"| `{_md(repr(_default(g)))}` |")
-                continue
-            out.append(f"| `{section}.{f.name}` | {_md(_type_name(hints[f.name]))} | `{_md(repr(_default(f)))}` |")
+                sub_hints = typing.get_type_hints(sub)
+                rows += [(f"{section}.{f.name}.{g.name}", sub_hints[g.name], _default(g))
+                         for g in dataclasses.fields(sub)]
+            else:
+                rows.append((f"{section}.{f.name}", hints[f.name], _default(f)))
+        for key, tp, default in rows:
+            out.append(f"| `{key}` | {_md(_type_name(tp))} | `{_md(repr(default))}` | {_values(key)} |")
         out.append("")
     return "\n".join(out)
 
