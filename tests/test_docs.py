@@ -103,10 +103,11 @@ def test_the_cli_reference_has_every_command_and_option():
     from flowmaps.cli.main import build_parser
 
     reference = docs_gen.cli_reference()
-    commands = docs_gen.subcommands(build_parser())
-    assert {"train", "distill", "sample", "evaluate", "export", "presets"} <= {c for c, _, _ in commands}
+    commands = list(docs_gen.all_commands(build_parser()))
+    assert {f"flowmaps {c}" for c in ("train", "distill", "sample", "evaluate", "export", "presets")} <= {
+        c for c, _, _ in commands}
     for name, parser, _ in commands:
-        section = reference.split(f"## `flowmaps {name}`\n", 1)[1].split("\n## `flowmaps ", 1)[0]
+        section = reference.split(f"## `{name}`\n", 1)[1].split("\n## `flowmaps", 1)[0]
         for action in parser._actions:
             if action.help == argparse.SUPPRESS:
                 continue

@@ -82,12 +82,19 @@ def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Arg
     return out
 
 
+def all_commands(parser: argparse.ArgumentParser, prefix: str = "flowmaps"):
+    """``(full name, parser, help)`` of every command and sub-command, depth first."""
+    for name, sub, summary in subcommands(parser):
+        yield f"{prefix} {name}", sub, summary
+        yield from all_commands(sub, f"{prefix} {name}")
+
+
 def cli_reference() -> str:
     from flowmaps.cli.main import build_parser
 
     parser = build_parser()
     parts = [_command_section("flowmaps", parser, None)]
-    parts += [_command_section(f"flowmaps {name}", p, summary) for name, p, summary in subcommands(parser)]
+    parts += [_command_section(name, p, summary) for name, p, summary in all_commands(parser)]
     return "\n".join(parts)
 
 
