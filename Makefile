@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean docs
 
 setup: $(STAMP)
 
@@ -17,13 +17,16 @@ setup: $(STAMP)
 # (the train.logger=tensorboard tests). pytest-xdist runs the tests in TEST_WORKERS processes.
 TEST_LIBS        := "pytest>=7.4" pytest-xdist==3.8.0 diffusers==0.42.1 "tensorboard>=2.10"
 TEST_LIBS_NODEPS := torchcfm==1.0.7 flow-matching==1.0.10
+# The `docs` extra of pyproject.toml (same pins; tests/test_docs.py checks): the site's builder, theme and
+# API reference. Installed by setup because `make test` builds the site (tests/test_docs.py).
+DOCS_LIBS        := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# Install the pinned CPU torch first, only when no torch is present, so the package's
 	@# torch range is already satisfied and never resolves to a multi-GB CUDA build.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[eval]" $(TEST_LIBS)
+	$(BIN)/pip install --quiet -e ".[eval]" $(TEST_LIBS) $(DOCS_LIBS)
 	$(BIN)/pip install --quiet --no-deps $(TEST_LIBS_NODEPS)
 	@touch $(STAMP)
 
@@ -36,8 +39,12 @@ TEST_WORKERS ?= 2
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
+# The documentation site, offline, warnings as errors: site/index.html (docs/, mkdocs.yml).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
 
 # Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
 .PHONY: bench-quality bench-cost bench-peers bench-images bench-memory

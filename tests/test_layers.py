@@ -1,4 +1,4 @@
-"""The package's layering (README, Layout): every module imports only from its own layer or a lower one,
+"""The package's layering (docs/contributing.md, Layout): every module imports only from its own layer or a lower one,
 and no import cycles. Read from the source with ``ast`` (function-level imports included), so it costs
 no import; a planted upward import and a planted cycle show that the check can fail."""
 
@@ -47,7 +47,7 @@ def level(module: str) -> int:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in ("__init__", "__main__"):
         return TOP
-    assert parts[1] in LEVEL, f"{module} is in no layer: add it to LAYERS (and the README's Layout)"
+    assert parts[1] in LEVEL, f"{module} is in no layer: add it to LAYERS (and the Layout of docs/contributing.md)"
     return LEVEL[parts[1]]
 
 

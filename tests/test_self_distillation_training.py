@@ -10,7 +10,7 @@ docstring); each case's range is in its comment, and ``test_an_untrained_map_fai
 the zero-step (identity) map fails every bar.
 
 ESD and CT: their Eulerian map-form residual under stop-gradient is ill-posed as a gradient flow
-(README, "Which residuals are stable"): at 5·10⁻⁴ ESD ran away after a few thousand steps (map error
+(docs/objectives.md, "Which residuals are stable"): at 5·10⁻⁴ ESD ran away after a few thousand steps (map error
 6·10⁴) without a single non-finite loss, so long runs use 2·10⁻⁴. Within this test's 1000 steps they
 train steadily at 5·10⁻⁴ (ESD) and 10⁻³ (CT); at 2·10⁻⁴ they barely move in that time (1-step error
 0.67–0.70 and 0.95–0.97). ``benchmarks/self_distillation.py gmm`` reports every objective at longer

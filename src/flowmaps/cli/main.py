@@ -169,7 +169,7 @@ TRAIN_OBJECTIVES = """objectives:
              multi-step samples need --gamma 1
 Switches of the self-distillation step (objective.*): eta, residual, form, source, stopgrad,
 weighting, distribution, psd_gamma, guidance, guidance_kappa, guidance_interval, diagonal_times,
-offdiag_dropout, fm_steps, anneal_steps (see the README).
+offdiag_dropout, fm_steps, anneal_steps (see docs/objectives.md).
 """
 
 
@@ -399,6 +399,10 @@ def _add_presets(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``flowmaps`` command, ``argv`` as on the command line (default ``sys.argv[1:]``), and
+    return its exit status: 0 success, 2 bad input (one line ``flowmaps: error: ...`` on stderr),
+    3 training stopped by non-finite steps. ``flowmaps.cli.main(["train", "--preset", "gmm"])`` is
+    ``flowmaps train --preset gmm``."""
     parser = build_parser()
     # Overrides may come before or after options (argparse alone collects only the first group).
     try:

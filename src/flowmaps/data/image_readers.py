@@ -35,6 +35,8 @@ __all__ = ["IMAGE_DATASETS", "load_image_dataset", "load_digits", "read_idx", "r
            "read_imagenet32", "read_image_folder"]
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
+"""The image datasets ``data.name`` accepts, read from local files by :func:`load_image_dataset`
+(digits ships with scikit-learn)."""
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

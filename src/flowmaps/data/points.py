@@ -76,6 +76,8 @@ DATASETS: dict[str, Callable[..., Tensor]] = {
     "checkerboard": checkerboard, "eight_gaussians": eight_gaussians, "moons": moons,
     "spirals": spirals,
 }
+"""The 2-D generators by name (``data.name``): each ``f(n, generator=None)`` returns ``n`` samples
+``(n, 2)``."""
 
 
 def make_dataset(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -184,11 +184,17 @@ class FeatureStats:
 # ------------------------------------------------------------- precision / recall, density / coverage
 
 class PrecisionRecall(NamedTuple):
+    """What :func:`precision_recall` returns: the fractions of fakes on the real manifold
+    (``precision``) and of reals on the fake manifold (``recall``)."""
+
     precision: float
     recall: float
 
 
 class DensityCoverage(NamedTuple):
+    """What :func:`density_coverage` returns: ``density`` (≈ 1 when the laws agree) and ``coverage``
+    (in [0, 1])."""
+
     density: float
     coverage: float
 

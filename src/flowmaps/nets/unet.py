@@ -421,6 +421,8 @@ UNET_PRESETS: dict[str, dict] = {
     "imagenet32": dict(channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=3,
                        attention_levels=(1, 2), dropout=0.0),
 }
+"""Network settings by preset name (:func:`unet_preset`): channels, channel multipliers, blocks per
+level, attention levels, dropout and embedding width of the :class:`UNet` of each image preset."""
 
 
 def unet_preset(name: str, image_shape: Sequence[int], num_classes: int = 0, **overrides) -> UNet:

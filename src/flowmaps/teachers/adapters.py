@@ -334,3 +334,5 @@ def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: f
 
 ADAPTERS = {"torchcfm": torchcfm, "flow_matching": flow_matching, "diffusers_flow": diffusers_flow,
             "diffusers_vp": diffusers_vp}
+"""The adapters by the name ``teacher.adapter=`` takes: each converts a module of that library into a
+teacher ``b(x, t)``."""
