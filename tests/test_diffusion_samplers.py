@@ -207,10 +207,13 @@ def test_grids_and_bad_names():
     for spacing in S.SPACINGS:
         g = S.grid(spacing, 6, teacher)
         assert g.numel() == 7 and g[-1] == 1.0 and bool((g[1:] > g[:-1]).all())
-    g = S.grid("uniform_lambda", 4, teacher)
-    lam = torch.log(g[:-1] / (1 - g[:-1]))
-    torch.testing.assert_close(lam[1:] - lam[:-1], (lam[1] - lam[0]).expand(3), rtol=1e-12, atol=0)
-    assert float(g[0]) == pytest.approx(teacher.tau_start)
+    g = S.grid("uniform_lambda", 4, teacher)  # 0, three interior times of 4 λ-steps over [lo, hi], 1
+    lo, hi = teacher.tau_start, teacher.tau_range[1]
+    lam = torch.log(g[1:-1] / (1 - g[1:-1]))
+    ends = torch.tensor([math.log(lo / (1 - lo)), math.log(hi / (1 - hi))], dtype=torch.float64)
+    torch.testing.assert_close(lam, ends[0] + (ends[1] - ends[0]) * torch.tensor([0.25, 0.5, 0.75],
+                               dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert g[0] == 0.0 and S.grid("uniform_lambda", 1, teacher).tolist() == [0.0, 1.0]
     flow = teachers.torchcfm(lambda x: x[:, :2], call="concat")
     with pytest.raises(ValueError, match="needs a VP teacher"):
         S.grid("leading", 4, flow)
@@ -235,9 +238,9 @@ def test_gaussian_velocity_is_the_exact_velocity_of_standard_normal_data():
 
 
 def test_noise_end_defaults_and_options():
-    """ε-prediction: by default the teacher below tau_start is the velocity of N(0, I) data and the
-    exact conversion above it; v-prediction keeps the whole schedule; 'exact' is the old behaviour
-    and 'clamp' holds b at tau_start."""
+    """ε-prediction: by default the teacher below tau_start is held at its value there ('clamp') and
+    is the exact conversion above it; 'gaussian' is the velocity of N(0, I) data below tau_start;
+    v-prediction keeps the whole schedule; 'exact' is the behaviour before."""
     from diffusers import DDPMScheduler
 
     model = SmoothModel()
@@ -245,15 +248,17 @@ def test_noise_end_defaults_and_options():
     x = torch.randn(8, 3, dtype=torch.float64)
     lo, hi = torch.full((8,), 0.01, dtype=torch.float64), torch.full((8,), 0.3, dtype=torch.float64)
     default, exact = teachers.diffusers_vp(model, eps), teachers.diffusers_vp(model, eps, noise_end="exact")
-    assert default.noise_end == "gaussian" and default.tau_start == teachers.adapters.DEFAULT_TAU_START
-    torch.testing.assert_close(default(x, lo), gaussian_velocity(x, lo, 1.0))
+    start = teachers.adapters.DEFAULT_TAU_START
+    assert default.noise_end == "clamp" and default.tau_start == start
+    torch.testing.assert_close(default(x, lo), exact(x, torch.full_like(lo, start)))
     torch.testing.assert_close(default(x, hi), exact(x, hi))
     assert not torch.allclose(exact(x, lo), default(x, lo))
-    clamp = teachers.diffusers_vp(model, eps, noise_end="clamp", tau_start=0.1)
-    torch.testing.assert_close(clamp(x, lo), exact(x, torch.full_like(lo, 0.1)))
+    gauss = teachers.diffusers_vp(model, eps, noise_end="gaussian", tau_start=0.1)
+    torch.testing.assert_close(gauss(x, lo), gaussian_velocity(x, lo, 1.0))
+    torch.testing.assert_close(gauss(x, hi), exact(x, hi))
     mixed = torch.tensor([0.01, 0.3] * 4, dtype=torch.float64)
-    torch.testing.assert_close(default(x, mixed)[::2], default(x, lo)[::2])
-    torch.testing.assert_close(default(x, mixed)[1::2], default(x, hi)[1::2])
+    torch.testing.assert_close(gauss(x, mixed)[::2], gauss(x, lo)[::2])
+    torch.testing.assert_close(gauss(x, mixed)[1::2], gauss(x, hi)[1::2])
     v = teachers.diffusers_vp(model, DDPMScheduler(beta_schedule="squaredcos_cap_v2",
                                                    prediction_type="v_prediction"))
     assert v.noise_end == "exact" and v.tau_start is None
@@ -261,3 +266,59 @@ def test_noise_end_defaults_and_options():
         teachers.diffusers_vp(model, eps, noise_end="soft")
     with pytest.raises(ValueError, match="tau_start"):
         teachers.diffusers_vp(model, eps, noise_end="gaussian", tau_start=1.5)
+
+
+# --- flowmaps evaluate: the rows of a diffusers teacher ------------------------------------------------
+
+DDPM_USER = '''
+"""User code: a diffusers-style ε-network on (x, timestep) and its DDPMScheduler."""
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, sample, timestep):
+        t = torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1).expand(sample.shape[0])
+        return 0.5 * torch.tanh(self.lin(torch.cat([sample, t[:, None] / 1000], 1))) + 0.9 * sample
+
+
+def make():
+    from diffusers import DDPMScheduler
+    return Net(), DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+'''
+
+
+def test_evaluate_adds_scheduler_ddim_and_dpm_rows_for_a_diffusers_teacher(tmp_path, monkeypatch):
+    """`flowmaps distill` from a diffusers ε-model (teacher.factory + diffusers_vp), then `flowmaps
+    evaluate`: rows of its own scheduler (DDPMScheduler), of DDIMScheduler by name, and of our DDIM
+    and DPM-Solver++(2M) at NFE = steps, in the table and the JSON; diffusers' DDIM (leading) and ours on
+    leading spacing give the same samples, so the same W2."""
+    import json
+
+    from flowmaps.cli import main
+
+    (tmp_path / "ddpm_user.py").write_text(DDPM_USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "lmd"
+    assert main(["distill", "--preset", "gmm", "--quiet", "train.steps=3", "data.n_train=2000",
+                 "data.n_eval=500", "teacher.factory=ddpm_user:make", "teacher.adapter=diffusers_vp",
+                 "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "eval"), "--steps", "1,2,4", "--no-dopri5",
+                 "--n", "300", "eval.schedulers=[own,DDIMScheduler]", "eval.spacings=[auto,trailing]",
+                 "eval.solvers=[euler]"]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    got = {(r["sampler"], r["steps"]): r for r in rows}
+    for sampler in ("DDPMScheduler", "DDIMScheduler", "ddim (leading)", "ddim (trailing)",
+                    "dpmpp_2m (linspace)", "dpmpp_2m (trailing)"):
+        for k in (1, 2, 4):
+            assert got[(sampler, k)]["nfe"] == k, (sampler, k)
+    for k in (1, 2, 4):
+        assert got[("DDIMScheduler", k)]["w2"] == pytest.approx(got[("ddim (leading)", k)]["w2"], rel=1e-3)
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "DDIMScheduler" in table and "dpmpp_2m (linspace)" in table
+    assert (tmp_path / "eval" / "plots" / "w2_vs_nfe.png").is_file()

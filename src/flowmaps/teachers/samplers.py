@@ -32,13 +32,14 @@ so enters neither ``h``, ``r`` nor the coefficients: the update is the same for 
 ``set_alpha_to_one`` and DPM-Solver's ``final_sigmas_type="zero"`` end there too):
 
 * ``uniform_t``: ``0, 1/k, …, 1``;
-* ``uniform_lambda``: ``k`` times uniform in λ between the teacher's ``t_lo`` and ``t_hi`` (its
-  well-conditioned range), then 1;
+* ``uniform_lambda``: 0, the ``k − 1`` interior times of ``k`` steps uniform in λ from the teacher's
+  ``t_lo`` to ``t_hi`` (its well-conditioned range, :func:`well_conditioned_range`), then 1 (the first
+  and last steps, from λ = −∞ and to λ = +∞, are first order);
 * ``leading``, ``trailing``, ``linspace`` (a VP teacher with a discrete schedule of ``N`` timesteps):
   diffusers ``DDIMScheduler.set_timesteps(k)``'s timesteps ``n_1 > … > n_k`` (as its code defines them, with
   ``steps_offset``), mapped to our ``t`` of the same ``ᾱ_n`` and followed by 1.
 
-A grid starting at ``t_1 > 0`` starts, as diffusers does, from the base *put at* ``t_1``: diffusers
+The VP spacings start at ``t_1 > 0`` and, as diffusers does, from the base *put at* ``t_1``: diffusers
 draws ``z ~ N(0, I)`` at its first timestep, which in our convention is ``x = z / k``; as our base is
 ``x0 = σ0 ε`` this is ``x_{t_1} = x0 · √(t_1² + σ0² (1 − t_1)²) / σ0`` (:func:`start_at`), the exact flow from
 0 to ``t_1`` of the velocity of N(0, I) data, at no network evaluation.
@@ -163,11 +164,10 @@ def grid(spacing: str, steps: int, teacher=None, sigma0: float | None = None) ->
         return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     if spacing == "uniform_lambda":
         lo, hi = well_conditioned_range(teacher)
-        if steps == 1:
-            return torch.tensor([lo, 1.0], dtype=torch.float64)
-        lam = torch.linspace(_lambda(lo, sigma0), _lambda(hi, sigma0), steps, dtype=torch.float64)
-        inner = torch.sigmoid(lam + math.log(sigma0))
-        return torch.cat([inner, torch.ones(1, dtype=torch.float64)])
+        lam = torch.linspace(_lambda(lo, sigma0), _lambda(hi, sigma0), steps + 1, dtype=torch.float64)
+        inner = torch.sigmoid(lam[1:-1] + math.log(sigma0))
+        one = torch.ones(1, dtype=torch.float64)
+        return torch.cat([0 * one, inner, one])
     if spacing in VP_SPACINGS:
         schedule = getattr(teacher, "schedule", None)
         if schedule is None:
@@ -193,7 +193,8 @@ def well_conditioned_range(teacher) -> tuple[float, float]:
 def sample(velocity: Callable, x0: Tensor, sampler: str, steps: int, spacing: str,
            cond: Tensor | None = None) -> Tensor:
     """``steps`` steps of ``sampler`` (``ddim`` or ``dpmpp_2m``) from base points ``x0`` (``t = 0``) on
-    ``spacing``'s grid; a grid starting after 0 starts from the base put there (:func:`start_at`)."""
+    ``spacing``'s grid; a grid starting after 0 (the VP spacings) starts from the base put there as
+    diffusers puts its noise (:func:`start_at`)."""
     sigma0 = float(getattr(velocity, "sigma0", 1.0))
     times = grid(spacing, steps, velocity, sigma0)
     x = start_at(x0, float(times[0]), sigma0) if float(times[0]) > 0 else x0
