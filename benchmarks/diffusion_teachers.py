@@ -111,7 +111,9 @@ def teachers_stage(seeds):
             row = dict(betas=betas, prediction=prediction, seed=seed)
             plain = fm.teachers.diffusers_vp(model, scheduler, noise_end="exact")
             for k in (1, 2, 4, 8):
-                row[f"diffusers DDIM {k}"] = w2(S.scheduler_sample(plain, x0, k, "DDIMScheduler")[0], held)
+                ddim = S.scheduler_sample(plain, x0, k, "DDIMScheduler")[0]
+                row[f"diffusers DDIM {k}"] = w2(ddim, held)
+                row[f"diffusers DDIM {k}: mean |x - exact flow|"] = float((ddim - exact_x).norm(dim=1).mean())
                 row[f"diffusers DPM++ {k}"] = w2(S.scheduler_sample(
                     plain, x0, k, "DPMSolverMultistepScheduler")[0], held)
             for end, start in ends:
@@ -119,6 +121,7 @@ def teachers_stage(seeds):
                 name = end if start is None else f"{end} {start:g}"
                 sol = solve_ode(teacher, x0, "dopri5", rtol=1e-4, atol=1e-4)
                 row[f"dopri5 [{name}]"] = w2(sol.x, held)
+                row[f"mean |x - exact flow| [{name}]"] = float((sol.x - exact_x).norm(dim=1).mean())
                 row[f"dopri5 NFE [{name}]"] = sol.nfe
                 for k in (4, 8):
                     row[f"DPM++ uniform_lambda {k} [{name}]"] = w2(
@@ -177,17 +180,57 @@ def target_stage(seeds, steps, noise_ends, eval_steps=(1, 2, 4, 8)):
 
 
 def target_table(results):
-    lines = ["| seed | noise_end | map 1 | DDIM 2 | map 2 | DDIM 4 | map 4 | DDIM 8 | own DDPM 8 | "
-             "DPM++ 8 (ours) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """W2 to held-out data (and, after the slash, the mean distance to the exact flow of the mixture
+    from the same base point): the map at k steps against the client's DDIM at 2k."""
+    head = ["map 1", "DDIM 2", "map 2", "DDIM 4", "map 4", "DDIM 8", "DDPM 8 (own)", "DPM++ 8 (ours)",
+            "teacher dopri5"]
+    lines = ["| seed | noise_end | " + " | ".join(head) + " | train s |", "|---|---|" + "---|" * (len(head) + 1)]
     for res in results:
-        w = {(r["sampler"], r["steps"]): r["w2"] for r in res["rows"]}
-        dpm = next((v for (s, k), v in w.items() if s.startswith("dpmpp_2m") and k == 8), None)
-        cells = [w.get(("flow map", 1)), w.get(("DDIMScheduler", 2)), w.get(("flow map", 2)),
-                 w.get(("DDIMScheduler", 4)), w.get(("flow map", 4)), w.get(("DDIMScheduler", 8)),
-                 w.get(("DDPMScheduler", 8)), dpm]
-        lines.append(f"| {res['seed']} | {res['noise_end']} | " + " | ".join(
-            "–" if c is None else f"{c:.3f}" for c in cells) + " |")
+        rows = {(r["sampler"], r["steps"]): r for r in res["rows"]}
+        dpm = next((r for (s, k), r in rows.items() if s.startswith("dpmpp_2m") and k == 8), None)
+        cells = [rows.get(key) for key in (("flow map", 1), ("DDIMScheduler", 2), ("flow map", 2),
+                                           ("DDIMScheduler", 4), ("flow map", 4), ("DDIMScheduler", 8),
+                                           ("DDPMScheduler", 8))] + [dpm, rows.get(("dopri5", None))]
+        text = ["–" if c is None else f"{c['w2']:.3f} / {c['map_error']:.3f}" if c.get("map_error") is not None
+                else f"{c['w2']:.3f}" for c in cells]
+        lines.append(f"| {res['seed']} | {res['noise_end']} | " + " | ".join(text) +
+                     f" | {res['train_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def why_stage(seeds, noise_ends):
+    """Where the distilled map's error comes from: for each target run, the mean distance from the same
+    base points of the map at k steps to the exact flow of the mixture, to its teacher's dopri5
+    endpoint (the teacher it was distilled from, same noise end), and the teacher's own distance to the
+    exact flow."""
+    from flowmaps.runs.experiment import load_model
+
+    x0 = torch.randn(N, 2, generator=torch.Generator().manual_seed(5))
+    exact_x = solve_ode(mixture().velocity, x0.double(), "dopri5", rtol=1e-7, atol=1e-7).x.float()
+    dist = lambda a, b: float((a - b).norm(dim=1).mean())  # noqa: E731
+    rows = []
+    for seed in seeds:
+        model, scheduler = load_client("squaredcos_cap_v2", "epsilon", seed)
+        for end in noise_ends:
+            run = ROOT / "runs" / f"lmd-{end}-seed{seed}"
+            if not (run / "checkpoints" / "final.json").exists():
+                continue
+            teacher = fm.teachers.diffusers_vp(model, scheduler, noise_end=end)
+            ref = solve_ode(teacher, x0, "dopri5", rtol=1e-5, atol=1e-5).x
+            flow_map = load_model(str(run)).model.eval()
+            row = dict(seed=seed, noise_end=end, teacher_to_exact=dist(ref, exact_x))
+            with torch.no_grad():
+                for k in (1, 2, 4, 8):
+                    x = flow_map.sample(x0, steps=k)
+                    row[f"map{k}_to_exact"], row[f"map{k}_to_teacher"] = dist(x, exact_x), dist(x, ref)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    head = ["teacher→exact"] + [f"map {k}→teacher / →exact" for k in (1, 2, 4, 8)]
+    lines = ["| seed | noise_end | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['noise_end']} | {r['teacher_to_exact']:.4f} | " + " | ".join(
+            f"{r[f'map{k}_to_teacher']:.4f} / {r[f'map{k}_to_exact']:.4f}" for k in (1, 2, 4, 8)) + " |")
+    write("why", rows, "\n".join(lines))
 
 
 def write(name, payload, table):
@@ -201,15 +244,21 @@ def write(name, payload, table):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["teachers", "target"])
+    parser.add_argument("stage", choices=["teachers", "target", "table", "why"])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--steps", type=int, default=3000, help="LMD steps of the target stage")
     parser.add_argument("--noise-ends", default="exact,auto", help="target stage: teacher.noise_end values")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.stage == "teachers":
+    if args.stage == "table":  # rewrite target.md from target.json
+        results = json.loads((ROOT / "target.json").read_text())["results"]
+        (ROOT / "target.md").write_text(target_table(results) + "\n")
+        print(target_table(results))
+    elif args.stage == "teachers":
         teachers_stage(seeds)
+    elif args.stage == "why":
+        why_stage(seeds, args.noise_ends.split(","))
     else:
         target_stage(seeds, args.steps, args.noise_ends.split(","))
 
