@@ -13,9 +13,15 @@ gmm preset's mixture, a small MLP on (x, timestep)), is brought to flowmaps with
   evaluated by ``flowmaps evaluate`` with ``eval.schedulers=[own,DDIMScheduler]``: the map at k steps
   against the client's DDIM at 2k steps, k = 1, 2.
 
+* ``why``: for each target run, the mean distance (same base points) of the map at k steps to its
+  teacher's dopri5 endpoint and to the exact flow of the mixture, and the teacher's own distance.
+
 Usage:  OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks .venv/bin/python benchmarks/diffusion_teachers.py \
-            [teachers|target] [--seeds 0,1] [--steps 3000]
-Writes benchmarks/results/diffusion_teachers/{teachers,target}.{json,md} (and the runs under runs/).
+            teachers|target|why|table [--seeds 0,1,2] [--steps 2000] [--noise-ends exact,auto]
+(the results: ``teachers --seeds 0``, ``target --seeds 0,1,2 --steps 2000``, ``why --seeds 0,1,2``).
+Writes benchmarks/results/diffusion_teachers/{teachers,target,why}.{json,md} (runs and the clients'
+weights under runs/, not committed). ``target`` keeps the rows of other seeds / noise ends in
+target.json; ``table`` rewrites target.md from it.
 """
 
 from __future__ import annotations
@@ -134,7 +140,8 @@ def teachers_stage(seeds):
 
 def teachers_table(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("betas", "prediction", "seed")))
-    lines = ["| quantity | " + " | ".join(f"{r['prediction']} {r['betas']} s{r['seed']}" for r in rows) + " |",
+    names = [f"{r['prediction']} {r['betas']} s{r['seed']}" for r in rows]
+    lines = ["| quantity | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(rows)]
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(_fmt(r.get(key, "–")) for r in rows) + " |")
@@ -170,7 +177,8 @@ def target_stage(seeds, steps, noise_ends, eval_steps=(1, 2, 4, 8)):
             rows = [r.as_dict() for r in ev["rows"]]
             results = [r for r in results if (r["seed"], r["noise_end"]) != (seed, end)]
             results.append(dict(seed=seed, noise_end=end, train_steps=steps, train_seconds=seconds,
-                                command=" ".join(["flowmaps distill --preset gmm --objective lmd"] + overrides), rows=rows))
+                                command=" ".join(["flowmaps distill --preset gmm --objective lmd"] + overrides),
+                                rows=rows))
             summary = {(r["sampler"], r["steps"]): r["w2"] for r in rows}
             print(f"seed {seed} noise_end={end}: " + ", ".join(
                 f"map@{k} {summary.get(('flow map', k), float('nan')):.3f} vs DDIM@{2 * k} "
@@ -191,8 +199,8 @@ def target_table(results):
         cells = [rows.get(key) for key in (("flow map", 1), ("DDIMScheduler", 2), ("flow map", 2),
                                            ("DDIMScheduler", 4), ("flow map", 4), ("DDIMScheduler", 8),
                                            ("DDPMScheduler", 8))] + [dpm]
-        text = ["–" if c is None else f"{c['w2']:.3f} / {c['map_error']:.3f}" if c.get("map_error") is not None
-                else f"{c['w2']:.3f}" for c in cells]
+        text = ["–" if c is None else f"{c['w2']:.3f} / {c['map_error']:.3f}"
+                if c.get("map_error") is not None else f"{c['w2']:.3f}" for c in cells]
         lines.append(f"| {res['seed']} | {res['noise_end']} | " + " | ".join(text) +
                      f" | {res['train_seconds']:.0f} |")
     return "\n".join(lines)

@@ -102,7 +102,8 @@ class TeacherVelocity(nn.Module):
         low = tau < self.tau_start
         if not bool(low.any()):
             return b
-        return torch.where(low.reshape((-1,) + (1,) * (x.ndim - 1)), gaussian_velocity(x, tau, self.sigma0), b)
+        low = low.reshape((-1,) + (1,) * (x.ndim - 1))
+        return torch.where(low, gaussian_velocity(x, tau, self.sigma0), b)
 
     def _teacher(self, x: Tensor, t: float | Tensor, cond: Tensor | None) -> Tensor:
         z, point = self.query(x, t)
@@ -127,7 +128,8 @@ class TeacherVelocity(nn.Module):
         return pred
 
     def extra_repr(self) -> str:
-        start = f", noise_end={self.noise_end}, tau_start={self.tau_start:.4g}" if self.tau_start else ""
+        start = (f", noise_end={self.noise_end}, tau_start={self.tau_start:.4g}"
+                 if self.tau_start is not None else "")
         return (f"adapter={self.name}, prediction={self.prediction}, sigma0={self.sigma0:g}, "
                 f"tau_range=({self.tau_range[0]:.4g}, {self.tau_range[1]:.4g}){start}")
 

@@ -134,7 +134,8 @@ def start_at(x0: Tensor, t: float, sigma0: float = 1.0) -> Tensor:
     return x0 * (math.sqrt(t * t + sigma0 * sigma0 * (1.0 - t) ** 2) / sigma0)
 
 
-def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int, steps_offset: int = 0) -> list[int]:
+def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int,
+                       steps_offset: int = 0) -> list[int]:
     """diffusers ``DDIMScheduler.set_timesteps(steps)``'s timesteps (decreasing) for ``spacing``
     ``leading``, ``trailing`` or ``linspace``, as its code computes them."""
     n, k = int(num_train_timesteps), int(steps)
