@@ -257,6 +257,16 @@ def refused(capsys, tmp_path, user, monkeypatch):
     (["teacher.factory=cfm_teacher:nan_velocity"], ["teacher.factory", "NaN"]),
     (["teacher.factory=cfm_teacher:make", "teacher.adapter=torchcfm", "teacher.guidance=2"],
      ["teacher.guidance"]),
+    (["teacher.factory=cfm_teacher:make", "teacher.adapter=torchcfm", "teacher.noise_end=gaussian"],
+     ["teacher.noise_end", "diffusers_vp"]),
+    (["teacher.factory=cfm_teacher:make", "teacher.adapter=diffusers_vp", "teacher.noise_end=soft"],
+     ["teacher.noise_end", "soft", "gaussian"]),
+    (["teacher.factory=cfm_teacher:make", "teacher.adapter=diffusers_vp", "teacher.tau_start=2"],
+     ["teacher.tau_start", "[0, 1)"]),
+    (["eval.samplers=[heun]"], ["eval.samplers", "heun", "dpmpp_2m"]),
+    (["eval.spacings=[karras]"], ["eval.spacings", "karras", "trailing"]),
+    (["eval.spacings=[]"], ["eval.spacings", "at least one"]),
+    (["eval.schedulers=[own,1x]"], ["eval.schedulers", "class names"]),
 ])
 def test_bad_factory_input_is_one_line(refused, overrides, words):
     refused(overrides, *words)

@@ -353,7 +353,7 @@ def test_diffusers_vp_noising_is_our_interpolant_scaled():
 def test_diffusers_vp_adapter_is_the_exact_velocity(case, sigma0):
     scheduler = vp_scheduler(case)
     velocity = teachers.diffusers_vp(ExactVPModel(scheduler, scheduler.config.prediction_type), scheduler,
-                                     sigma0=sigma0)
+                                     sigma0=sigma0, noise_end="exact")
     lo, hi = velocity.tau_range
     assert 0 < lo < 0.1 and 0.9 < hi < 1
     assert max_error(velocity, sigma0, shape=IMAGE, lo=lo, hi=hi) < 1e-9
@@ -365,7 +365,7 @@ def test_diffusers_vp_at_integer_timesteps_uses_the_discrete_schedule(case):
     exact with ``alphas_cumprod[n]`` read directly, no interpolation."""
     scheduler = vp_scheduler(case)
     model = ExactVPModel(scheduler, scheduler.config.prediction_type, discrete=True)
-    velocity = teachers.diffusers_vp(model, scheduler)
+    velocity = teachers.diffusers_vp(model, scheduler, noise_end="exact")
     abar = scheduler.alphas_cumprod.double()[::37]
     tau = abar.sqrt() / (abar.sqrt() + (1 - abar).sqrt())
     x, _ = states(1.0, n=tau.numel())
@@ -376,8 +376,10 @@ def test_diffusers_vp_at_integer_timesteps_uses_the_discrete_schedule(case):
 
 
 def test_diffusers_vp_clamps_outside_the_schedule():
+    """noise_end="exact": the whole schedule, clamped at its ends (the default noise end of ε-models is
+    tested in test_diffusion_samplers.py)."""
     scheduler = vp_scheduler("ddpm-linear-epsilon")
-    velocity = teachers.diffusers_vp(ExactVPModel(scheduler, "epsilon"), scheduler)
+    velocity = teachers.diffusers_vp(ExactVPModel(scheduler, "epsilon"), scheduler, noise_end="exact")
     lo, hi = velocity.tau_range
     x, _ = states(1.0, n=30)
     for t, clamped in ((0.0, lo), (1.0, hi)):
@@ -406,7 +408,7 @@ def test_real_unet2d_as_vp_and_flow_teacher():
     tau = a / (a + s)
     with torch.no_grad():
         eps = unet((a + s)[:, None, None, None] * x, torch.tensor([10, 400, 900] * 2)).sample
-        b = teachers.diffusers_vp(unet, scheduler)(x, tau)
+        b = teachers.diffusers_vp(unet, scheduler, noise_end="exact")(x, tau)
         assert torch.allclose(b, (x - eps) / tau[:, None, None, None], atol=1e-4, rtol=1e-4)
         t = torch.rand(6, generator=torch.Generator().manual_seed(7))
         flow = teachers.diffusers_flow(unet)(x, t)
@@ -419,7 +421,7 @@ def test_learned_variance_output_keeps_the_epsilon_channels():
     scheduler = DDPMScheduler(variance_type="learned_range")
     unet = tiny_unet(out_channels=2)
     x, tau = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5)
-    velocity = teachers.diffusers_vp(unet, scheduler)
+    velocity = teachers.diffusers_vp(unet, scheduler, noise_end="exact")
     z, point = velocity.query(x, tau)
     with torch.no_grad():
         eps = unet(z, point.u.float()).sample[:, :1]
@@ -452,9 +454,9 @@ def test_bad_adapter_arguments_are_refused():
     with pytest.raises(ValueError, match="call"):
         teachers.torchcfm(ExactTX(), call="xt")
     with pytest.raises(ValueError, match="prediction_type"):
-        teachers.diffusers_vp(ExactTX(), DDPMScheduler(), prediction_type="flow")
+        teachers.diffusers_vp(ExactTX(), DDPMScheduler(), prediction_type="flow", noise_end="exact")
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        teachers.diffusers_vp(ExactTX(), object())
+        teachers.diffusers_vp(ExactTX(), object(), noise_end="exact")
     with pytest.raises(TypeError, match="cond_kwarg"):
         teachers.torchcfm(torchcfm_exact("concat"))(torch.zeros(2, 16), torch.zeros(2), torch.zeros(2))
 
@@ -497,7 +499,8 @@ def closed_form_errors() -> dict[str, tuple[float, float]]:
                               max_error(v, 1.0, shape=IMAGE, dtype=torch.float32))
     for case in VP_CASES:
         scheduler = vp_scheduler(case)
-        v = teachers.diffusers_vp(ExactVPModel(scheduler, scheduler.config.prediction_type), scheduler)
+        v = teachers.diffusers_vp(ExactVPModel(scheduler, scheduler.config.prediction_type), scheduler,
+                                  noise_end="exact")
         lo, hi = v.tau_range
         rows[f"diffusers_vp[{case}]"] = (max_error(v, 1.0, shape=IMAGE, lo=lo, hi=hi),
                                          max_error(v, 1.0, shape=IMAGE, lo=lo, hi=hi, dtype=torch.float32))

@@ -195,6 +195,10 @@ DISTILL_TEACHERS = """teachers from elsewhere (your own code, imported; nothing 
   teacher.kwargs={width: 64}                keyword arguments of the call (or teacher.kwargs.width=64)
   teacher.adapter=torchcfm|flow_matching|diffusers_flow|diffusers_vp
                                             convert the module's output to our velocity (t=0 noise)
+  teacher.noise_end=auto|clamp|gaussian|exact  (diffusers_vp) below teacher.tau_start (default 0.05)
+                                            an epsilon model is held at tau_start (clamp) or replaced by
+                                            the velocity of N(0, I) data (gaussian); auto = clamp for
+                                            epsilon, exact (the whole schedule) for v/sample models
   e.g. flowmaps distill --preset gmm teacher.factory=my_cfm:make teacher.weights=cfm.safetensors \\
            teacher.adapter=torchcfm --out runs/lmd-cfm
 """
@@ -257,14 +261,28 @@ def _add_sample(sub, fmt) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+EVALUATE_SAMPLERS = """the teacher's fast samplers (eval.* overrides):
+  eval.samplers=[ddim,dpmpp_2m]   DDIM (eta=0) and DPM-Solver++(2M) at each step count ([] for none)
+  eval.spacings=[auto]            their grids: auto, uniform_t, uniform_lambda, and for diffusers_vp
+                                  teachers leading, trailing, linspace (diffusers' DDIM timesteps);
+                                  auto = leading (DDIM) / linspace (DPM) for diffusers_vp teachers,
+                                  uniform_t (DDIM) / uniform_lambda (DPM) for the others
+  eval.schedulers=[own]           a diffusers teacher's own scheduler, set_timesteps(k) + step on its
+                                  network; or compatible classes by name, e.g. [own,DDIMScheduler]
+  e.g. flowmaps evaluate runs/lmd-ddpm "eval.schedulers=[own,DDIMScheduler]" eval.spacings=[auto,trailing]
+"""
+
+
 def _add_evaluate(sub, fmt) -> None:
     p = sub.add_parser("evaluate", help="quality-versus-cost table of flow maps and their teacher",
                        formatter_class=fmt,
                        description="For each flow map and step count: NFE, wall time per 10k "
                                    "samples, W2 and energy distance to held-out data, histogram KL "
                                    "(checkerboard, gmm) and the exact-map error (gmm); the teacher's "
-                                   "Euler/Heun/RK4 at the same NFE and dopri5. Writes table.md, "
-                                   "results.json and plots.")
+                                   "Euler/Heun/RK4 at the same NFE and dopri5, its DDIM and "
+                                   "DPM-Solver++(2M) at the same NFE, and a diffusers teacher's own "
+                                   "scheduler. Writes table.md, results.json and plots.",
+                       epilog=EVALUATE_SAMPLERS)
     p.add_argument("checkpoints", nargs="+", help="flow-map checkpoints (and optionally a velocity "
                    "checkpoint, used as the teacher), and eval.* overrides as key=value (e.g. "
                    "eval.fid_stats=DIR made by `flowmaps fid-stats`, eval.n_samples=5000)")

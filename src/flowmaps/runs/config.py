@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from ..teachers.adapters import ADAPTERS
+from ..teachers.adapters import ADAPTERS, NOISE_ENDS
+from ..teachers.samplers import SAMPLERS, SPACINGS
 from ..teachers.factory import FACTORY_PATTERN
 from .typed import ConfigError, build, parse_override, read_yaml, to_dict
 
@@ -182,7 +183,10 @@ class TeacherConfig:
     returns a velocity ``b(x, t)``, a module, or ``(module, scheduler)``. ``weights``: a ``.safetensors``
     state dict loaded into the returned module. ``adapter``: how the module's output becomes our velocity
     (``torchcfm``, ``flow_matching``, ``diffusers_flow``, ``diffusers_vp``; unset: it already is one). See
-    :mod:`flowmaps.teachers`. ``guidance``: classifier-free guidance of a class-conditional checkpoint."""
+    :mod:`flowmaps.teachers`. ``guidance``: classifier-free guidance of a class-conditional checkpoint.
+    ``noise_end`` (``auto``, ``gaussian``, ``clamp``, ``exact``) and ``tau_start``: the noise end of a
+    ``diffusers_vp`` teacher (:func:`flowmaps.teachers.diffusers_vp`; ``auto``: an ε-prediction model
+    is queried at ``t ≥ 0.05`` only, ``b_t := b_{0.05}`` below; ``exact`` the whole schedule)."""
 
     checkpoint: str | None = None
     exact: bool = False
@@ -191,6 +195,8 @@ class TeacherConfig:
     weights: str | None = None
     adapter: str | None = None
     guidance: float = 1.0
+    noise_end: str = "auto"
+    tau_start: float | None = None
 
 
 @dataclass
@@ -250,7 +256,12 @@ class EvalConfig:
     ``features`` — ``classifier`` (a small classifier trained on the dataset for ``classifier_steps``,
     offline) or ``inception`` (Inception-v3 from the local file ``inception_weights``; needs the
     ``fid`` extra) — against reference statistics in ``fid_stats`` (made by ``flowmaps fid-stats``;
-    computed on the fly when unset); samples are drawn ``batch_size`` at a time."""
+    computed on the fly when unset); samples are drawn ``batch_size`` at a time.
+    ``samplers`` — the teacher's fast samplers at the same step counts (``ddim``, ``dpmpp_2m``; ``[]``
+    for none) on each of ``spacings`` (``auto``, ``uniform_t``, ``uniform_lambda``, and for diffusers VP
+    teachers ``leading``, ``trailing``, ``linspace``); ``schedulers`` — a diffusers teacher's own
+    scheduler (``own``) or a compatible class by name (``DDIMScheduler``…), run with its
+    ``set_timesteps(k)`` and ``step`` on the teacher's network."""
 
     steps: list = field(default_factory=lambda: [1, 2, 4, 8, 16])
     n_samples: int = 10_000
@@ -265,6 +276,9 @@ class EvalConfig:
     fid_stats: str | None = None
     classifier_steps: int = 1500
     batch_size: int = 1000
+    samplers: list = field(default_factory=lambda: ["ddim", "dpmpp_2m"])
+    spacings: list = field(default_factory=lambda: ["auto"])
+    schedulers: list = field(default_factory=lambda: ["own"])
 
 
 @dataclass
@@ -392,6 +406,7 @@ def _validate(cfg: Config) -> None:
     bad = [s for s in cfg.eval.solvers if s not in ("euler", "heun", "rk4")]
     if bad:
         raise ConfigError(f"eval.solvers: unknown solver(s) {bad}; choose from euler, heun, rk4")
+    _validate_fast_samplers(cfg.eval)
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     if not 0 <= cfg.train.label_dropout < 1:
@@ -431,6 +446,19 @@ def _validate_ema_std(t: TrainConfig) -> None:
         raise ConfigError(f"train.ema_std: the lengths must differ, got {values!r}")
 
 
+def _validate_fast_samplers(e: EvalConfig) -> None:
+    for key, allowed in (("samplers", SAMPLERS), ("spacings", ("auto",) + SPACINGS)):
+        values = getattr(e, key)
+        bad = [v for v in values if v not in allowed] if isinstance(values, list) else [values]
+        if bad:
+            raise ConfigError(f"eval.{key}: unknown {bad}; choose from {', '.join(allowed)}")
+    if not e.spacings:
+        raise ConfigError("eval.spacings: needs at least one spacing (auto by default)")
+    if not isinstance(e.schedulers, list) or any(
+            not isinstance(v, str) or not re.match(r"[A-Za-z_]\w*\Z", v) for v in e.schedulers):
+        raise ConfigError(f"eval.schedulers: 'own' or diffusers scheduler class names, got {e.schedulers}")
+
+
 def _validate_teacher(t: TeacherConfig) -> None:
     if t.factory is not None and not FACTORY_PATTERN.match(t.factory):
         raise ConfigError(f"teacher.factory: {t.factory!r} is not of the form package.module:function")
@@ -442,6 +470,13 @@ def _validate_teacher(t: TeacherConfig) -> None:
             raise ConfigError("teacher.kwargs: applies to teacher.factory=package.module:function only")
     if t.adapter is not None and t.adapter not in ADAPTERS:
         raise ConfigError(f"teacher.adapter: {t.adapter!r} is not one of {', '.join(ADAPTERS)}")
+    if t.noise_end not in ("auto",) + NOISE_ENDS:
+        raise ConfigError(f"teacher.noise_end: {t.noise_end!r} is not one of auto, {', '.join(NOISE_ENDS)}")
+    if (t.noise_end != "auto" or t.tau_start is not None) and t.adapter != "diffusers_vp":
+        raise ConfigError("teacher.noise_end, teacher.tau_start: apply to teacher.adapter=diffusers_vp only")
+    if t.tau_start is not None and (isinstance(t.tau_start, bool) or not isinstance(t.tau_start, (int, float))
+                                    or not 0 <= t.tau_start < 1):
+        raise ConfigError(f"teacher.tau_start: a time in [0, 1), got {t.tau_start!r}")
     if any(not isinstance(k, str) for k in t.kwargs):
         raise ConfigError(f"teacher.kwargs: keys must be names, got {sorted(map(repr, t.kwargs))}")
 

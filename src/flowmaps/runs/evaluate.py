@@ -85,7 +85,8 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
                       energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
                       progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
                       quality=quality, cond=cond, device=device, chunk=e.batch_size,
-                      tuned_grids=tuned, gammas=gammas or (), interpolant=first.interpolant)
+                      tuned_grids=tuned, gammas=gammas or (), interpolant=first.interpolant,
+                      samplers=e.samplers, spacings=e.spacings, schedulers=e.schedulers)
     if not dist.is_main:
         return {"rows": [], "table": "", "dir": run.path}
     table = markdown_table(result.rows)

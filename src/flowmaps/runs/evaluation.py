@@ -40,6 +40,7 @@ from torch import Tensor
 from ..flowmap import FlowMap
 from ..metrics.points import energy_distance, mean_map_error, wasserstein2
 from ..solvers import solve_ode
+from ..teachers import samplers as fast
 from ..train import distributed
 from .config import Config, ConfigError
 
@@ -111,7 +112,7 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
              n_paths: int = 64, quality: Callable[[Tensor], dict] | None = None,
              cond: Tensor | None = None, device="cpu", chunk: int | None = None,
              tuned_grids: dict[str, dict[int, Tensor]] | None = None, gammas=(),
-             interpolant=None) -> Evaluation:
+             interpolant=None, samplers=(), spacings=("auto",), schedulers=()) -> Evaluation:
     """Evaluate every flow map at every step count, and the teacher's solvers at the same NFE.
 
     ``x0``: base samples in model space (shared by all samplers); ``held_out``: data units;
@@ -121,6 +122,13 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
     teachers get them). Samples are drawn on ``device``, ``chunk`` base points at a time (default:
     all at once), sharded under torchrun (module docstring); rank 0 alone scores them (the other
     ranks return no rows).
+
+    ``samplers`` (``ddim``, ``dpmpp_2m``; :mod:`flowmaps.teachers.samplers`) add rows of the teacher's
+    fast samplers at ``k`` steps (NFE ``k``) on each of ``spacings`` (``auto``: diffusers' default of the
+    sampler for a VP teacher, ``leading`` for DDIM and ``linspace`` for DPM-Solver, else ``uniform_t``
+    for DDIM and ``uniform_lambda`` for DPM-Solver); they need the linear interpolant. ``schedulers``
+    (``own`` or a compatible diffusers scheduler class name) add rows of a diffusers teacher's own
+    scheduler, ``set_timesteps(k)`` + ``step``, on its network; other teachers have none and get none.
     """
     rows: list[Row] = []
     samples: dict = {}
@@ -199,10 +207,57 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
             x, seconds, nfe = _sharded(solved("dopri5", rtol=rtol, atol=rtol), x0, cond, chunk,
                                        device, repeats=1)
             score(teacher_name, "dopri5", None, nfe, x, seconds)
+        _fast_rows(teacher, x0, cond, chunk, device, steps, samplers, spacings, schedulers, interpolant,
+                   seed, teacher_name, score, progress)
         if main:
             paths[teacher_name] = solve_ode(field(sub(cond, n_paths)), paths_x0, "rk4", steps=16,
                                             return_path=True).path.cpu()
     return Evaluation(rows, samples, paths)
+
+
+def resolve_spacing(spacing: str, sampler: str, teacher) -> str:
+    """The spacing ``auto`` stands for (:func:`evaluate`), or ``spacing`` itself."""
+    if spacing != "auto":
+        return spacing
+    if getattr(teacher, "schedule", None) is not None:  # a VP teacher with a discrete schedule
+        return "leading" if sampler == "ddim" else "linspace"
+    return "uniform_t" if sampler == "ddim" else "uniform_lambda"
+
+
+def _fast_rows(teacher, x0, cond, chunk, device, steps, samplers, spacings, schedulers, interpolant,
+               seed, teacher_name, score, progress):
+    """Rows of the teacher's DDIM / DPM-Solver++(2M) and of its own diffusers scheduler(s)."""
+    sigma0 = getattr(interpolant, "sigma0", None) if interpolant is not None else 1.0
+    linear = interpolant is None or (type(interpolant).__name__ == "Linear"
+                                     and torch.as_tensor(sigma0).numel() == 1)
+    if samplers and not linear:
+        if progress:
+            progress("skipped DDIM / DPM-Solver rows: they need the linear interpolant with one sigma0")
+        samplers = ()
+    for name in samplers:
+        for spacing in dict.fromkeys(resolve_spacing(s, name, teacher) for s in spacings):
+            try:
+                fast.grid(spacing, 1, teacher)
+            except ValueError as err:
+                raise ConfigError(f"eval.spacings: {err}") from None
+            for k in steps:
+                def run(xc, cc, k=k, spacing=spacing):
+                    return fast.sample(teacher, xc, name, k, spacing, cond=cc), k
+                x, seconds, nfe = _sharded(run, x0, cond, chunk, device)
+                score(teacher_name, f"{name} ({spacing})", k, nfe, x, seconds)
+    if getattr(teacher, "scheduler", None) is None:
+        return
+    for scheduler in schedulers:
+        try:
+            runner = fast.SchedulerRun(teacher, scheduler)
+        except ValueError as err:
+            raise ConfigError(f"eval.schedulers: {err}") from None
+        for k in steps:
+            def run(xc, cc, rows, k=k):
+                g = torch.Generator(device=xc.device).manual_seed((seed + 7) * 1_000_003 + int(rows[0]))
+                return runner(xc, k, cc, generator=g)
+            x, seconds, nfe = _sharded(run, x0, cond, chunk, device, rows=True)
+            score(teacher_name, runner.name, k, nfe, x, seconds)
 
 
 def _fmt(v, digits=4) -> str:

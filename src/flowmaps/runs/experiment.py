@@ -257,8 +257,9 @@ def factory_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu")
                           f"interpolant.sigma0={scales['sigma0']} (set interpolant.name=linear and a "
                           "number for interpolant.sigma0)")
     try:
+        options = {"noise_end": t.noise_end, "tau_start": t.tau_start} if t.adapter == "diffusers_vp" else {}
         velocity = from_factory(t.factory, kwargs=t.kwargs, weights=t.weights, adapter=t.adapter,
-                                sigma0=float(sigma0.reshape(-1)[0]))
+                                sigma0=float(sigma0.reshape(-1)[0]), options=options)
         if isinstance(velocity, torch.nn.Module):
             velocity = velocity.to(device)
         check_teacher(velocity, bundle.train[:8].to(device), where=f"the teacher of {t.factory}")

@@ -17,11 +17,14 @@ Layer: after ``nets`` and before ``objectives``; it imports only from the mathem
   the continuous-time DDPM schedule.
 * :mod:`~flowmaps.teachers.adapters` — the four adapters and :class:`TeacherVelocity`.
 * :mod:`~flowmaps.teachers.factory` — ``module:function`` + safetensors weights + kwargs (+ adapter).
+* :mod:`~flowmaps.teachers.samplers` — DDIM and DPM-Solver++(2M) of any teacher in our convention, on
+  diffusers' spacings, and a diffusers teacher's own scheduler as a sampler.
 """
 
+from . import samplers
 from .adapters import ADAPTERS, TeacherVelocity, diffusers_flow, diffusers_vp, flow_matching, torchcfm
 from .conversion import VPSchedule
 from .factory import TeacherError, check_teacher, from_factory
 
 __all__ = ["torchcfm", "flow_matching", "diffusers_flow", "diffusers_vp", "ADAPTERS", "TeacherVelocity",
-           "VPSchedule", "from_factory", "check_teacher", "TeacherError"]
+           "VPSchedule", "from_factory", "check_teacher", "TeacherError", "samplers"]

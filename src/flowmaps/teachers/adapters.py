@@ -22,7 +22,8 @@ from .._tensor import batch_times
 from .conversion import PREDICTIONS, PathPoint, VPSchedule, linear_path, linear_velocity, tau_of_ratio
 from .conversion import teacher_state
 
-__all__ = ["TeacherVelocity", "torchcfm", "flow_matching", "diffusers_flow", "diffusers_vp", "ADAPTERS"]
+__all__ = ["TeacherVelocity", "NOISE_ENDS", "gaussian_velocity", "DEFAULT_TAU_START", "torchcfm",
+           "flow_matching", "diffusers_flow", "diffusers_vp", "ADAPTERS"]
 
 
 def _output(out: Any) -> Tensor:
@@ -65,8 +66,13 @@ class TeacherVelocity(nn.Module):
 
     def __init__(self, model, call: Callable, at: Callable[[Tensor], PathPoint], prediction: str,
                  sigma0: float = 1.0, tau_range: tuple[float, float] = (0.0, 1.0),
-                 cond_kwarg: str | None = None, extras: dict | None = None, name: str = "teacher"):
+                 cond_kwarg: str | None = None, extras: dict | None = None, name: str = "teacher",
+                 noise_end: str = "exact", tau_start: float | None = None):
         super().__init__()
+        if noise_end not in NOISE_ENDS:
+            raise ValueError(f"{name}: noise_end must be one of {', '.join(NOISE_ENDS)}, got {noise_end!r}")
+        if noise_end != "exact" and (tau_start is None or not 0.0 <= float(tau_start) < 1.0):
+            raise ValueError(f"{name}: noise_end={noise_end} needs tau_start in [0, 1), got {tau_start!r}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"{name}: prediction must be one of {', '.join(PREDICTIONS)}, "
                              f"got {prediction!r}")
@@ -76,14 +82,30 @@ class TeacherVelocity(nn.Module):
         self._call, self._at, self.prediction = call, at, prediction
         self.sigma0, self.tau_range = _scalar_sigma0(sigma0), tuple(float(v) for v in tau_range)
         self.cond_kwarg, self.extras, self.name = cond_kwarg, dict(extras or {}), name
+        self.noise_end = noise_end
+        self.tau_start = None if noise_end == "exact" else max(float(tau_start), self.tau_range[0])
 
     def query(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, PathPoint]:
         """The teacher's state and time for our ``(x, t)``: ``(z, PathPoint)``."""
-        tau = batch_times(t, x).to(torch.float64).clamp(*self.tau_range)
+        lo, hi = self.tau_range
+        if self.tau_start is not None:
+            lo = max(lo, self.tau_start)
+        tau = batch_times(t, x).to(torch.float64).clamp(lo, hi)
         point = self._at(tau)
         return teacher_state(x, point, self.sigma0), point
 
     def forward(self, x: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        b = self._teacher(x, t, cond)
+        if self.noise_end != "gaussian":
+            return b
+        tau = batch_times(t, x).to(torch.float64)
+        low = tau < self.tau_start
+        if not bool(low.any()):
+            return b
+        low = low.reshape((-1,) + (1,) * (x.ndim - 1))
+        return torch.where(low, gaussian_velocity(x, tau, self.sigma0), b)
+
+    def _teacher(self, x: Tensor, t: float | Tensor, cond: Tensor | None) -> Tensor:
         z, point = self.query(x, t)
         extras = dict(self.extras)
         if cond is not None:
@@ -106,8 +128,23 @@ class TeacherVelocity(nn.Module):
         return pred
 
     def extra_repr(self) -> str:
+        start = (f", noise_end={self.noise_end}, tau_start={self.tau_start:.4g}"
+                 if self.tau_start is not None else "")
         return (f"adapter={self.name}, prediction={self.prediction}, sigma0={self.sigma0:g}, "
-                f"tau_range=({self.tau_range[0]:.4g}, {self.tau_range[1]:.4g})")
+                f"tau_range=({self.tau_range[0]:.4g}, {self.tau_range[1]:.4g}){start}")
+
+
+NOISE_ENDS = ("exact", "clamp", "gaussian")
+
+
+def gaussian_velocity(x: Tensor, tau: Tensor, sigma0: float) -> Tensor:
+    """The exact velocity of standard-normal data N(0, I) on our path, ``b_τ(x) = x (τ − σ0²(1 − τ)) /
+    (τ² + σ0² (1 − τ)²)``: the flow that scales the base to the variance ``τ² + σ0²(1 − τ)²`` of the VP
+    noise ``z ~ N(0, I)`` read at ``τ`` (``x = z/k``), i.e. what diffusers' samplers assume when they put
+    pure noise at their first timestep."""
+    tau = tau.to(torch.float64)
+    coef = (tau - sigma0 ** 2 * (1.0 - tau)) / (tau ** 2 + sigma0 ** 2 * (1.0 - tau) ** 2)
+    return coef.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)) * x
 
 
 # --- torchcfm ---------------------------------------------------------------------------------------
@@ -283,12 +320,18 @@ def diffusers_flow(model, scheduler=None, timestep_scale: float | None = None, s
 
     velocity = TeacherVelocity(model, _call_diffusers, at, "velocity", s0, (0.0, 1.0), cond_kwarg, extras,
                                name="diffusers_flow")
-    velocity.timestep_scale = scale
+    velocity.timestep_scale, velocity.scheduler = scale, scheduler
     return velocity
 
 
+DEFAULT_TAU_START = 0.05
+"""The default noise end of ε-prediction VP teachers (``diffusers_vp(noise_end="auto")``): below it the
+velocity is held at its value there, ``b_t := b_{0.05}`` (README, spec E.7: measured)."""
+
+
 def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: float = 1.0,
-                 cond_kwarg: str | None = None, extras: dict | None = None) -> TeacherVelocity:
+                 cond_kwarg: str | None = None, extras: dict | None = None, noise_end: str = "auto",
+                 tau_start: float | None = None) -> TeacherVelocity:
     """A diffusers ε-, v- or x-prediction VP model (``DDPMScheduler``, ``DDIMScheduler`` or any scheduler
     with ``alphas_cumprod``; called ``model(x, timestep=…, **extras)``) as a teacher, converted **exactly**.
 
@@ -314,6 +357,25 @@ def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: f
     for the default linear betas) is clamped to it. ε-prediction near ``τ_min`` divides by ``τ``: the
     model's own errors are amplified by ``1/τ`` there (v-prediction has no such division). Learned-variance
     outputs (2C channels) keep their first C channels, as ``DDPMScheduler.step`` does.
+
+    **The noise end** (``noise_end``, ``tau_start``). ε-prediction divides the model's error by ``τ``:
+    ``squaredcos_cap_v2`` reaches ``τ_min ≈ 4.9e-5`` at timestep 999 (errors × 2·10⁴), the linear betas
+    ``τ_min ≈ 0.0063`` (× 160). diffusers' own samplers put their pure noise at their first timestep
+    and so never need the model at ``τ`` below it. ``noise_end``:
+
+    * ``"clamp"`` — ``b_τ(x) := b_{tau_start}(x)`` below ``tau_start``: the network is queried at
+      ``tau_start`` or later only, where its error is amplified ``σ0/tau_start``× at most. Near the
+      noise end the velocity changes slowly (``b_0(x) = E[x1] − x``), so holding it costs little: with a
+      perfect model of the gmm mixture the dopri5 endpoints move by 0.0015 on average at
+      ``tau_start = 0.05`` (``benchmarks/diffusion_teachers.py``);
+    * ``"gaussian"`` — below ``tau_start`` the velocity of N(0, I) data,
+      ``b_τ(x) = x (τ − σ0²(1 − τ))/(τ² + σ0²(1 − τ)²)`` (:func:`gaussian_velocity`): the base flows to
+      the noise level of ``tau_start`` as diffusers' pure-noise start assumes (the VP noise
+      ``z ~ N(0, I)`` read there). Exact only for standardised data (same perfect model: 0.049);
+    * ``"exact"`` — the whole schedule (clamped at ``τ_min`` only): the behaviour before issue 17;
+    * ``"auto"`` (default) — ``"clamp"`` with ``tau_start = DEFAULT_TAU_START`` (0.05) for
+      ε-prediction; ``"exact"`` for v- and x-prediction, whose conversions divide by nothing that
+      vanishes at the noise end.
     """
     kind = prediction_type or _config(scheduler, "prediction_type", "epsilon")
     names = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x1"}
@@ -326,9 +388,16 @@ def diffusers_vp(model, scheduler, prediction_type: str | None = None, sigma0: f
                          "DDPMScheduler or DDIMScheduler is needed)")
     s0 = _scalar_sigma0(sigma0)
     schedule = VPSchedule(abar, s0)
+    if noise_end == "auto":
+        noise_end = "clamp" if kind == "epsilon" else "exact"
+        tau_start = DEFAULT_TAU_START if tau_start is None else tau_start
+    elif noise_end != "exact" and tau_start is None:
+        tau_start = DEFAULT_TAU_START
     velocity = TeacherVelocity(model, _call_diffusers, schedule.at, names[kind], s0, schedule.tau_range,
-                               cond_kwarg, extras, name=f"diffusers_vp[{kind}]")
-    velocity.schedule = schedule
+                               cond_kwarg, extras, name=f"diffusers_vp[{kind}]", noise_end=noise_end,
+                               tau_start=tau_start if noise_end != "exact" else None)
+    velocity.schedule, velocity.scheduler = schedule, scheduler
+    velocity.steps_offset = int(_config(scheduler, "steps_offset", 0) or 0)
     return velocity
 
 

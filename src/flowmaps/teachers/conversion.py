@@ -138,6 +138,19 @@ class VPSchedule:
         ends = torch.stack([lam[-1], lam[0]])
         self.tau_range = tuple(tau_of_ratio(torch.exp(ends / 2), self.sigma0).tolist())
 
+    def tau_of_timesteps(self, timesteps) -> Tensor:
+        """Our times (float64) of the integer timesteps ``n``: ``τ/((1 − τ) σ0) = √(ᾱ_n/(1 − ᾱ_n))``."""
+        n = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1)
+        if bool(((n < 0) | (n >= self.num_timesteps)).any()):
+            raise ValueError(f"timesteps must be in [0, {self.num_timesteps - 1}], got {n.tolist()}")
+        return torch.sigmoid(self.lam[n] / 2 + math.log(self.sigma0))
+
+    def state_scale(self, tau: Tensor) -> Tensor:
+        """``k`` of ``z = k x`` at our times: the VP state is ours scaled by
+        ``k = 1/√(τ² + σ0² (1 − τ)²)`` (``A = k τ``, ``S = k σ0 (1 − τ)``, ``A² + S² = 1``); 1 at ``τ = 1``."""
+        tau = torch.as_tensor(tau, dtype=torch.float64)
+        return 1.0 / torch.sqrt(tau ** 2 + self.sigma0 ** 2 * (1.0 - tau) ** 2)
+
     def at(self, tau: Tensor) -> PathPoint:
         """The continuous timestep ``u`` and ``A, S`` for our times ``tau`` (float64, on ``tau``'s device)."""
         lam_all = self.lam.to(tau.device)

@@ -102,7 +102,7 @@ def _load_weights(module, weights: str | Path, spec: str) -> None:
                            "weights") from None
 
 def from_factory(spec: str, kwargs: dict | None = None, weights: str | Path | None = None,
-                 adapter: str | None = None, sigma0: float = 1.0):
+                 adapter: str | None = None, sigma0: float = 1.0, options: dict | None = None):
     """Build a teacher velocity from ``spec = "package.module:function"`` (module docstring).
 
     Args:
@@ -112,6 +112,7 @@ def from_factory(spec: str, kwargs: dict | None = None, weights: str | Path | No
         adapter: ``torchcfm``, ``flow_matching``, ``diffusers_flow`` or ``diffusers_vp`` (``None``: the
             function returns our velocity).
         sigma0: our base scale, passed to the adapter.
+        options: further keyword arguments of the adapter (``diffusers_vp``: ``noise_end``, ``tau_start``).
 
     Returns a callable ``b(x, t)`` (an ``nn.Module`` when the function returned one). Raises
     :class:`TeacherError`.
@@ -140,7 +141,7 @@ def from_factory(spec: str, kwargs: dict | None = None, weights: str | Path | No
         made.eval().requires_grad_(False)
     if adapter is None:
         return made
-    options = {"sigma0": sigma0}
+    options = {"sigma0": sigma0, **(options or {})}
     try:
         if adapter == "torchcfm":
             if scheduler is not None:
