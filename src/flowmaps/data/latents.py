@@ -304,12 +304,9 @@ def write_latents(out: str | Path, codec: VAECodec, images, labels: Tensor | Non
 
 # ------------------------------------------------------------------------------------------ reading
 
-def read_safetensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, memory-mapped read-only (nothing copied until indexed):
-    ``{name: tensor}`` (bfloat16 viewed from its 16-bit words). Only the dtypes F16, BF16, F32, I64
-    and U8 are read. A file that is not a well-formed safetensors file raises
-    :class:`LatentDataError`."""
-    path = Path(path)
+def _header(path: Path) -> tuple[dict, int]:
+    """The checked header of a safetensors file: ``({name: (numpy dtype, torch dtype, shape, offset)},
+    start of the data section)``; every tensor must be of a dtype read here and lie inside the file."""
     if not path.is_file():
         raise LatentDataError(f"{path}: no such file")
     size = path.stat().st_size
@@ -317,10 +314,11 @@ def read_safetensors(path: str | Path, names: tuple[str, ...] | None = None) -> 
         with open(path, "rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
-                raise LatentDataError(f"{path}: too short for a safetensors file")
+                raise LatentDataError(f"{path}: too short for a safetensors file (truncated or corrupt)")
             (length,) = struct.unpack("<Q", head)
             if length > min(size - 8, 100 << 20):
-                raise LatentDataError(f"{path}: not a safetensors file (header length {length})")
+                raise LatentDataError(f"{path}: not a safetensors file (header length {length}; "
+                                      "truncated or corrupt)")
             header = json.loads(handle.read(length))
     except LatentDataError:
         raise
@@ -330,11 +328,11 @@ def read_safetensors(path: str | Path, names: tuple[str, ...] | None = None) -> 
         raise LatentDataError(f"{path}: not a safetensors file (its header is not a mapping)")
     start, out = 8 + length, {}
     for name, spec in header.items():
-        if name == "__metadata__" or (names is not None and name not in names):
+        if name == "__metadata__":
             continue
         try:
             np_dtype, torch_dtype = _ST_DTYPES[spec["dtype"]]
-            shape = [int(v) for v in spec["shape"]]
+            shape = tuple(int(v) for v in spec["shape"])
             lo, hi = (int(v) for v in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise LatentDataError(f"{path}: tensor {name!r} has an unreadable or unsupported entry "
@@ -342,16 +340,47 @@ def read_safetensors(path: str | Path, names: tuple[str, ...] | None = None) -> 
         nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
         if hi - lo != nbytes or lo < 0 or start + hi > size:
             raise LatentDataError(f"{path}: tensor {name!r} does not fit the file (truncated or corrupt)")
-        if nbytes == 0:
+        out[name] = (np_dtype, torch_dtype, shape, start + lo)
+    return out, start
+
+
+def read_safetensors(path: str | Path, names: tuple[str, ...] | None = None) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, memory-mapped read-only (nothing copied until indexed):
+    ``{name: tensor}`` (bfloat16 viewed from its 16-bit words). Only the dtypes F16, BF16, F32, I64
+    and U8 are read. A file that is not a well-formed safetensors file (truncated, a tensor outside
+    the file) raises :class:`LatentDataError`."""
+    import warnings
+
+    path = Path(path)
+    header, _ = _header(path)
+    out = {}
+    for name, (np_dtype, torch_dtype, shape, offset) in header.items():
+        if names is not None and name not in names:
+            continue
+        if math.prod(shape) == 0:
             out[name] = torch.empty(shape, dtype=torch_dtype)
             continue
-        array = np.memmap(path, dtype=np_dtype, mode="r", offset=start + lo, shape=tuple(shape))
-        import warnings
+        array = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
         with warnings.catch_warnings():  # read-only memory: torch warns; nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(array)
         out[name] = t.view(torch_dtype) if torch_dtype != t.dtype else t
     return out
+
+
+def _check_entries(path: Path, header: dict, index: dict, count: int, labeled: bool) -> None:
+    """A shard's (or the held-out file's) header against the index: ``latents`` of the index's dtype
+    and shape with ``count`` rows, int64 ``labels`` of ``count`` when the data are labeled."""
+    entry = header.get("latents")
+    want = (LATENT_DTYPES[index["dtype"]], (count, *index["shape"]))
+    if entry is None or (entry[1], entry[2]) != want:
+        got = None if entry is None else f"{entry[1]} {list(entry[2])}"
+        raise LatentDataError(f"{path}: 'latents' is not {index['dtype']} {[count, *index['shape']]} as "
+                              f"the index says (got {got})")
+    if labeled:
+        y = header.get("labels")
+        if y is None or (y[1], y[2]) != (torch.int64, (count,)):
+            raise LatentDataError(f"{path}: 'labels' missing or not int64 ({count},)")
 
 
 def read_index(path: str | Path) -> dict:
@@ -385,25 +414,19 @@ def read_index(path: str | Path) -> dict:
         ok = False
     if not ok:
         raise LatentDataError(f"{file}: malformed latents index (shape, dtype, shards, counts, vae)")
-    for name, _ in shards:
+    for name, count in shards:  # headers only (a few hundred bytes each): truncation shows here
         if not (folder / name).is_file():
             raise LatentDataError(f"{folder / name}: shard listed in {file} is missing")
+        header, _ = _header(folder / name)
+        _check_entries(folder / name, header, index, count, bool(index["num_classes"]))
     index["folder"] = str(folder)
     return index
 
 
-def _check_shard(path: Path, tensors: dict, index: dict, count: int, labeled: bool) -> None:
-    z = tensors.get("latents")
-    if z is None or list(z.shape) != [count, *index["shape"]] \
-            or z.dtype != LATENT_DTYPES[index["dtype"]]:
-        raise LatentDataError(f"{path}: 'latents' is not {index['dtype']} {[count, *index['shape']]} as "
-                              f"the index says (got {None if z is None else (z.dtype, list(z.shape))})")
-    if labeled:
-        y = tensors.get("labels")
-        if y is None or list(y.shape) != [count] or y.dtype != torch.int64:
-            raise LatentDataError(f"{path}: 'labels' missing or not int64 ({count},)")
-        if count and (int(y.min()) < 0 or int(y.max()) >= index["num_classes"]):
-            raise LatentDataError(f"{path}: labels outside 0..{index['num_classes'] - 1}")
+def _check_labels(path: Path, labels: Tensor | None, index: dict) -> None:
+    if labels is not None and labels.numel() and (int(labels.min()) < 0
+                                                  or int(labels.max()) >= index["num_classes"]):
+        raise LatentDataError(f"{path}: labels outside 0..{index['num_classes'] - 1}")
 
 
 class LatentShards:
@@ -474,10 +497,12 @@ class LatentShards:
         self._current = None  # release the previous shard first
         name, count = self.shards[k]
         path = self.folder / name
+        header, _ = _header(path)  # the file may have changed since the index was read
+        _check_entries(path, header, self.index, count, self.labeled)
         tensors = read_safetensors(path, ("latents", "labels"))
-        _check_shard(path, tensors, self.index, count, self.labeled)
+        _check_labels(path, tensors.get("labels") if self.labeled else None, self.index)
         z = tensors["latents"]
-        if not bool(torch.isfinite(z).all()):
+        if not all(bool(torch.isfinite(block).all()) for block in z.split(256)):  # no shard-sized mask
             raise LatentDataError(f"{path}: holds NaN or infinite latents")
         y = tensors.get("labels") if self.labeled else None
         if self.device.type != "cpu":
@@ -537,7 +562,9 @@ def read_held_out(index: dict) -> tuple[Tensor | None, Tensor | None]:
     if not entry:
         return None, None
     path = Path(index["folder"]) / entry["file"]
+    header, _ = _header(path)
+    _check_entries(path, header, index, int(entry["count"]), bool(index["num_classes"]))
     tensors = read_safetensors(path, ("latents", "labels"))
-    _check_shard(path, tensors, index, int(entry["count"]), bool(index["num_classes"]))
+    _check_labels(path, tensors.get("labels"), index)
     return tensors["latents"], tensors.get("labels")
 
