@@ -14,7 +14,9 @@ reports ``VmRSS`` before reading (after its imports and one warm-up of the ops a
   the same number of batches drawn from it: what a reader holding the set costs;
 * ``train`` — ``flowmaps train --preset latents`` for ``--steps`` steps on the set (velocity, a small
   U-Net, class-conditional), which loads, trains and checkpoints as a user's run does (its sample sheet
-  is skipped: the synthetic set has no VAE).
+  is skipped: the synthetic set has no VAE); ``train_one_shard`` — the same run on a set of one such
+  shard: the difference between the two is what the other shards cost a run (a reader holding the set
+  would add their bytes).
 
 Results: ``benchmarks/results/latent_memory.{json,md}``. Nothing is downloaded.
 Run: ``.venv/bin/python benchmarks/latent_memory.py`` (about a minute on 2 cores).
@@ -35,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "latent_memory.json"
-MODES = ("lazy", "whole", "train")
+MODES = ("lazy", "whole", "train", "train_one_shard")
 MIB = 2 ** 20
 SHAPE = (4, 32, 32)
 
@@ -64,7 +66,7 @@ def child(args) -> int:
     baseline = _status("VmRSS")
     start = time.perf_counter()
     report = {}
-    if args.mode == "train":
+    if args.mode.startswith("train"):
         code = flowmaps_main(["train", "--preset", "latents", f"data.path={args.data}", "--out", args.run,
                               "--overwrite", "--quiet", "model.class_conditional=true", "model.channels=16",
                               f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
@@ -156,6 +158,12 @@ def markdown(result: dict) -> str:
         above = (row["peak_rss"] - row["baseline_rss"]) / MIB
         lines.append(f"| {mode} | {row['ru_maxrss'] / MIB:.0f} | {above:.0f} | "
                      f"{above * MIB / meta['shard_bytes']:.2f} | {row['seconds']:.1f} |")
+    if {"train", "train_one_shard"} <= set(result["modes"]):
+        a, b = (result["modes"][m] for m in ("train", "train_one_shard"))
+        extra = ((a["peak_rss"] - a["baseline_rss"]) - (b["peak_rss"] - b["baseline_rss"])) / MIB
+        lines += ["", f"Training on {meta['shards']} shards against one: {extra:+.0f} MiB above baseline "
+                  f"(the {meta['shards'] - 1} other shards hold "
+                  f"{(meta['shards'] - 1) * meta['shard_bytes'] / MIB:.0f} MiB)."]
     lines += ["", "Peak RSS is the child's `ru_maxrss` (os.wait4); 'above baseline' is its `VmHWM` minus "
               "its `VmRSS` after its imports and a warm-up of the ops a draw uses (the train mode's "
               "baseline is before flowmaps builds its network and optimiser, which it includes)."]
@@ -184,8 +192,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="latent_memory_") as tmp:
         data = Path(tmp) / "latents"
         shard_bytes = write_data(data, args.shards, args.rows)
-        for mode in [m for m in args.modes.split(",") if m]:
-            row = measure(mode, data, Path(tmp) / "run", args)
+        modes = [m for m in args.modes.split(",") if m]
+        if "train_one_shard" in modes:
+            write_data(Path(tmp) / "one", 1, args.rows)
+        for mode in modes:
+            row = measure(mode, Path(tmp) / "one" if mode == "train_one_shard" else data,
+                          Path(tmp) / "run", args)
             result["modes"][mode] = row
             print(f"{mode:6s}: peak RSS {row['ru_maxrss'] / MIB:6.0f} MiB, above baseline "
                   f"{(row['peak_rss'] - row['baseline_rss']) / MIB:6.0f} MiB ({row['seconds']:.1f} s)",

@@ -163,6 +163,20 @@ def test_bfloat16_posterior_samples_and_a_one_channel_vae(root, vae_dir):
     assert torch.equal(rows["latents"], expected.half())
 
 
+def test_bf16_autocast_encodes_close_to_fp32_but_not_equal(root, vae_dir):
+    out = root / "autocast"
+    assert main(["encode", "--vae", str(vae_dir), "--out", str(out), "--precision", "bf16", "--preset",
+                 "digits", "--quiet", "data.limit=40", "--dtype", "bfloat16"]) == 0
+    assert read_index(out)["precision"] == "bf16"
+    rows = shard_rows(out)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    fp32 = reference_latents(vae, source_split_of(40).train[:][rows["source_index"]])
+    z = rows["latents"].float()
+    assert not torch.equal(z, fp32.bfloat16().float())  # autocast ran: not the fp32 encoding
+    # bf16 keeps 8 significant bits: each of the encoder's few layers rounds at about 2^-8 relative
+    assert (z - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
 def source_split_of(limit: int):
     return ex.build_data(load_config("digits", overrides=[f"data.limit={limit}"]))
 
@@ -377,6 +391,32 @@ def test_evaluate_scores_decoded_images_against_the_source_digits(run, tmp_path)
     assert reference["images"] == 300 and reference["shape"] == [1, 8, 8]  # the digits themselves
     assert {p.name for p in (tmp_path / "e" / "plots").iterdir()} >= {"samples_grid.png",
                                                                      "trajectories.png"}
+
+
+def test_two_ranks_train_on_disjoint_shards(encoded, tmp_path):
+    """torchrun, 2 processes: each rank draws from its own shards and the run resumes both positions."""
+    from test_sharding import ok, torchrun
+
+    args = ["train", "--preset", "latents", f"data.path={encoded}", "--out", tmp_path / "ddp", "--quiet",
+            "train.steps=4", "train.batch_size=40", "model.channels=8", "model.class_conditional=true"]
+    ok(torchrun(*args))
+    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "final.json").read_text())
+    positions = meta["trainer"]["data_position"]["source"]
+    assert len(positions) == 2 and all(p["epoch"] == 0 for p in positions)
+    mine = [LatentShards(encoded, seed=0, rank=r, world=2)._mine(0) for r in range(2)]
+    assert set(mine[0]).isdisjoint(mine[1])
+    # 4 draws of 40 from each rank's own shards (100 rows each, the last 80), whole batches per visit
+    counts = [s["count"] for s in read_index(encoded)["shards"]]
+
+    def walk(order):
+        position = left = 0
+        for _ in range(4):
+            if left <= 0:
+                left, position = counts[order[position]], position + 1
+            left -= 40
+        return {"epoch": 0, "position": position, "left": left}
+
+    assert positions == [walk(m) for m in mine]
 
 
 def test_a_pixel_preset_takes_latents(encoded, tmp_path):
