@@ -227,7 +227,8 @@ def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], fo
                  n: int = 32) -> None:
     """Sample sheets: the data, then every method × step count (and the teacher's dopri5 and Euler at
     the largest step count), the same base points in every row; and trajectories of a few samples."""
-    rows = {"data (held out)": bundle.to_data_units(bundle.held_out[:n]).clamp(-1, 1)}
+    label = "data (held out)" if bundle.latents is None else "data (held out, through the VAE)"
+    rows = {label: bundle.to_data_units(bundle.held_out[:n]).clamp(-1, 1)}
     for (method, sampler, k), x in result.samples.items():
         if sampler == "flow map":
             rows[f"{method}, {k} step{'s' * (k > 1)}"] = x[:n].clamp(-1, 1)

@@ -345,7 +345,8 @@ class TrainingRun:
             decode = self._decoder()
             if decode is None:
                 return
-            save_labeled_grids({"data": decode(bundle.held_out[:n_plot]).clamp(-1, 1),
+            save_labeled_grids({"data" if bundle.latents is None else "data (through the VAE)":
+                                decode(bundle.held_out[:n_plot]).clamp(-1, 1),
                                 **{k: decode(v.cpu()).clamp(-1, 1) for k, v in shown.items()}},
                                self.run.plots / "samples.png")
 
