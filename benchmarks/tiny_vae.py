@@ -74,8 +74,8 @@ def main() -> int:
         loss.backward()
         opt.step()
         if step % 250 == 0 or step == args.steps:
-            log.append({"step": step, "loss": float(loss), "kl": float(kl)})
-            print(f"step {step}: loss {float(loss):.4f} (kl {float(kl):.3f})", flush=True)
+            log.append({"step": step, "loss": loss.item(), "kl": kl.item()})
+            print(f"step {step}: loss {loss.item():.4f} (kl {kl.item():.3f})", flush=True)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(c).latent_dist.mean for c in train.split(500)])
