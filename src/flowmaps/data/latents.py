@@ -243,11 +243,18 @@ def write_latents(out: str | Path, codec: VAECodec, images, labels: Tensor | Non
             rest = {k: v[take:] for k, v in parts.items()}
             pending, pending_rows = ([rest] if pending_rows > take else []), pending_rows - take
 
-    def stored(z: Tensor) -> Tensor:
-        nonlocal sums
+    latent_shape = None
+
+    def finite(z: Tensor) -> Tensor:
+        nonlocal latent_shape
         if not bool(torch.isfinite(z).all()):
             raise LatentDataError("the VAE returned NaN or infinite latents")
-        q = z.to(torch_dtype)
+        latent_shape = latent_shape or list(z.shape[1:])
+        return z.to(torch_dtype)
+
+    def stored(z: Tensor) -> Tensor:
+        nonlocal sums
+        q = finite(z)
         d = q.double()
         s = torch.stack([d.sum((0, 2, 3)), d.square().sum((0, 2, 3))])
         sums = s if sums is None else sums + s
@@ -273,7 +280,7 @@ def write_latents(out: str | Path, codec: VAECodec, images, labels: Tensor | Non
     if m:
         parts = []
         for rows in torch.arange(m).split(codec.batch_size):
-            parts.append(codec.encode_batch(held_out_images[rows], posterior, noise).to(torch_dtype))
+            parts.append(finite(codec.encode_batch(held_out_images[rows], posterior, noise)))
             if bar is not None:
                 bar.update(len(rows))
         held = {"latents": torch.cat(parts), "source_index": torch.arange(m)}
@@ -282,14 +289,13 @@ def write_latents(out: str | Path, codec: VAECodec, images, labels: Tensor | Non
         _save_shard(out / HELD_OUT_NAME, held)
     if bar is not None:
         bar.close()
-    f = codec.info["downsample"]
-    values = count * (shape[-2] // f) * (shape[-1] // f)  # stored values per channel
+    values = count * latent_shape[1] * latent_shape[2]  # stored values per channel
     mean = sums[0] / values
     var = (sums[1] - values * mean.square()) / max(values - 1, 1)
     all_mean = sums[0].sum() / (values * mean.numel())
     all_var = (sums[1].sum() - values * mean.numel() * all_mean ** 2) / max(values * mean.numel() - 1, 1)
     index = {"format": INDEX_FORMAT, "format_version": INDEX_VERSION,
-             "shape": [codec.info["latent_channels"], shape[-2] // f, shape[-1] // f],
+             "shape": latent_shape,
              "dtype": dtype, "count": count, "shards": shards,
              "held_out": {"file": HELD_OUT_NAME, "count": m} if m else None,
              "num_classes": int(num_classes) if labels is not None else 0,
