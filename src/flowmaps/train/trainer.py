@@ -74,7 +74,10 @@ class Trainer:
         objective: any :class:`~flowmaps.objectives.Objective`.
         data: samples ``(N, ...)`` drawn with replacement — a tensor, or images kept as 8-bit codes
             (:class:`~flowmaps.data.images.ByteImages`, each drawn batch decoded to float32 on the
-            codes' device) — or a callable ``data(n[, generator=g])``.
+            codes' device) — or a callable ``data(n[, generator=g])``, or a source that draws its own
+            labeled batches, ``data.draw_labeled(n, g) -> (x, labels | None)`` (labels when its
+            ``yields_labels``; :class:`~flowmaps.data.latents.LatentShards`), whose ``state_dict()``
+            (its position, every rank's) is part of :meth:`state_dict`.
         batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
         lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
