@@ -24,8 +24,7 @@ from flowmaps.data.latents import LatentShards, read_index, read_safetensors
 from flowmaps.runs import experiment as ex
 from flowmaps.runs.config import load_config
 
-diffusers = pytest.importorskip("diffusers")  # the test extra pins it; a missing extra is an error below
-from diffusers import AutoencoderKL  # noqa: E402
+from diffusers import AutoencoderKL  # the test extra pins diffusers: without it these tests fail
 
 torch.set_num_threads(1)
 SRC = Path(__file__).resolve().parents[1] / "src"
