@@ -10,6 +10,7 @@ from ..runs import experiment as ex
 from ..runs.config import ConfigError, dump_config, load_config
 from ..runs.devices import open_device
 from ..runs.evaluation import build_reference
+from ..runs.latents import reference_bundle
 from ..runs.rundir import RunDir
 from ..train.distributed import launched_by_torchrun
 
@@ -25,11 +26,12 @@ def cmd_fid_stats(args) -> int:
     bundle = ex.build_data(cfg)
     if not bundle.image:
         raise ConfigError(f"data.name: fid-stats is for image datasets; {cfg.data.name} is vector data")
+    images = reference_bundle(cfg, bundle)  # latents: the source images they were encoded from
     out = Path(args.out) if args.out else Path("fid-stats") / cfg.data.name
     run = RunDir(out, args.overwrite, create=False)
     run.create()
     (run.path / "config.yaml").write_text(dump_config(cfg))
-    reference = build_reference(cfg, bundle, run.path, progress=not args.quiet, device=device)
+    reference = build_reference(cfg, images, run.path, progress=not args.quiet, device=device)
     print(json.dumps(reference.info, indent=2))
     print(f"use it with: eval.fid_stats={run.path}")
     return 0

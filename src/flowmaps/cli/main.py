@@ -30,6 +30,7 @@ from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, launched_by_torchrun, shutdown
 from .demo import cmd_demo
 from .ema import cmd_ema
+from .encode import cmd_encode
 from .evaluate import cmd_evaluate
 from .export import cmd_export
 from .fid_stats import cmd_fid_stats
@@ -41,7 +42,7 @@ from .tune_grid import cmd_tune_grid
 EPILOG_OVERRIDES = """overrides:
   Any config key as section.key=value (YAML values), applied after the preset and --config, e.g.
     train.steps=2000 train.lr=5e-4 model.width=128 objective.emd_form=full data.path=x.npy
-  Sections: data, interpolant, model, objective, teacher, train, eval (see `flowmaps presets --show NAME`).
+  Sections: data, interpolant, model, objective, teacher, train, eval, decode (see `flowmaps presets --show NAME`).
 """
 
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ema(sub, fmt)
     _add_demo(sub, fmt)
     _add_fid_stats(sub, fmt)
+    _add_encode(sub, fmt)
     _add_presets(sub)
     return parser
 
@@ -252,6 +254,8 @@ def _add_sample(sub, fmt) -> None:
     p.add_argument("--ema", metavar="NAME", help="which averaged weights: ema (the classic EMA) or a "
                    "power-function EMA profile (train.ema_std), e.g. std0.100 (default: the "
                    "checkpoint's default, the first profile when it has any)")
+    p.add_argument("--vae", metavar="DIR", help="a model trained on latents: the VAE folder that "
+                   "decodes them (default: the run's decode.vae)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/samples)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu); under "
@@ -406,6 +410,40 @@ def _add_fid_stats(sub, fmt) -> None:
                    "(default: the config's train.device, cpu)")
     _add_run_options(p, resume=False)
     p.set_defaults(func=cmd_fid_stats)
+
+
+def _add_encode(sub, fmt) -> None:
+    p = sub.add_parser("encode", help="encode an image dataset into a VAE's latent space (train on it "
+                       "with data.name=latents)", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                       description="Encode the images of a preset's data section (with --config and "
+                                   "overrides such as data.image_size=32 data.hflip=true) with a "
+                                   "diffusers AutoencoderKL from a local folder: latents (z = (mean - "
+                                   "shift_factor) * scaling_factor) in safetensors shards with labels, "
+                                   "flipped copies when data.hflip, the held-out split, and index.json. "
+                                   "Then: flowmaps train --preset latents data.path=OUT.")
+    p.add_argument("--vae", required=True, metavar="DIR", help="local AutoencoderKL folder "
+                   "(save_pretrained); never downloaded")
+    p.add_argument("--preset", choices=list_presets(), help="preset whose data section is encoded "
+                   "(default: digits)")
+    p.add_argument("--config", metavar="FILE", help="YAML config applied after the preset")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder of latents (never "
+                   "overwritten)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per VAE pass "
+                   "(default 64)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="stored dtype (default float16)")
+    p.add_argument("--posterior", choices=["mean", "sample"], default="mean", help="store the "
+                   "posterior mean (default) or one posterior sample drawn from --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stored order (and of posterior "
+                   "samples); default 0")
+    p.add_argument("--shard-size", type=_positive_int, default=10_000, help="latents per shard "
+                   "(default 10000; a training process holds about one shard)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: encode under bf16 autocast "
+                   "(default: the config's train.precision)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_encode)
 
 
 def _add_presets(sub) -> None:

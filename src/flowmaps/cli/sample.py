@@ -39,6 +39,12 @@ def weights_choice(args) -> bool | str:
 def cmd_sample(args) -> int:
     device, dist = open_device(args.device)
     loaded = load_model(args.checkpoint, use_ema=weights_choice(args), device=device)
+    if loaded.scales.get("latents"):  # samples are decoded to images, batch by batch on the device
+        from ..runs.latents import latent_codec
+
+        loaded.decoder = latent_codec(loaded.config, loaded.scales, device, vae=args.vae)
+    elif getattr(args, "vae", None):
+        raise ConfigError("--vae: applies to models trained on latents (data.name=latents)")
     stem = checkpoint_stem(args.checkpoint)
     out = Path(args.out) if args.out else stem.parent.parent / "samples"
     jobs = _jobs(args, loaded)

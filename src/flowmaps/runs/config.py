@@ -42,8 +42,10 @@ class DataConfig:
     (exact velocity available), ``file`` (``path`` to ``.npy``/``.csv``, any dimension), or images:
     ``digits`` (scikit-learn's bundled 8×8 digits), ``mnist`` / ``fashion_mnist`` (IDX files in
     ``path``), ``cifar10`` (the official binary version in ``path``), ``imagenet32`` (the official
-    ``.npz`` files in ``path``), ``image_folder`` (PNG/JPEG in ``path``, resized to ``image_size``).
-    Images are scaled to [−1, 1]; ``hflip`` augments by horizontal flips; ``limit`` keeps the first N
+    ``.npz`` files in ``path``), ``image_folder`` (PNG/JPEG in ``path``, resized to ``image_size``),
+    or ``latents`` (a folder made by ``flowmaps encode`` in ``path``: a VAE's latents of one of those,
+    read one shard at a time; its hold-out split is the encoder's, and ``hflip`` is ignored since the
+    flipped copies were encoded). Images are scaled to [−1, 1]; ``hflip`` augments by horizontal flips; ``limit`` keeps the first N
     images; ``n_eval`` images are held out (for image data ``n_train`` is unused)."""
 
     name: str = "checkerboard"
@@ -56,6 +58,17 @@ class DataConfig:
     hflip: bool = False
     limit: int | None = None
     gmm: GMMSpec = field(default_factory=GMMSpec)
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding of latents (``data.name: latents``) into images for samples, sheets and the Fréchet
+    distance: ``vae`` the local diffusers AutoencoderKL folder (``null``: the one recorded in the
+    latents' index, filled in when a run starts), ``batch_size`` latents decoded at a time on the
+    device (bf16 autocast when ``train.precision: bf16``)."""
+
+    vae: str | None = None
+    batch_size: int = 64
 
 
 @dataclass
@@ -291,6 +304,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def validate(self) -> "Config":
         _validate(self)
@@ -302,7 +316,7 @@ SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
-                  "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder"),
+                  "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder", "latents"),
     "model.name": ("mlp", "unet"),
     "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
@@ -337,7 +351,7 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
             "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
-            "objective.target_clamp")
+            "objective.target_clamp", "decode.batch_size")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -420,6 +434,9 @@ def _validate(cfg: Config) -> None:
                           f"{cfg.train.batch_size}")
     if cfg.data.name == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'file'")
+    if cfg.data.name == "latents" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.name is 'latents' (a folder made by "
+                          "`flowmaps encode`)")
     _validate_teacher(cfg.teacher)
 
 

@@ -44,6 +44,10 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     first = loaded[0]
     cfg = _with_eval_overrides(first.config, overrides)
     bundle = _shared_data(cfg, loaded, checkpoints)
+    if bundle.latents is not None:  # samples (and sheets) decoded to images on the device
+        from .latents import latent_codec
+
+        bundle.decoder = latent_codec(cfg, first.scales, device)
     dim = first.scales["dim"]
     maps, velocity = _split_models(loaded, names)
     steps = steps or cfg.eval.steps
@@ -76,8 +80,11 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
         exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
     quality = None
     if bundle.image and dist.is_main:
+        from .latents import reference_bundle
+
         reference = (load_reference(cfg, Path(e.fid_stats), device) if e.fid_stats else
-                     build_reference(cfg, bundle, run.path / "reference", progress, device))
+                     build_reference(cfg, reference_bundle(cfg, bundle), run.path / "reference",
+                                     progress, device))
         quality = reference.quality
     result = evaluate(maps, velocity, x0, bundle.held_out, bundle.to_data_units, steps=steps,
                       solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
@@ -105,13 +112,14 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
 # --- what is evaluated -----------------------------------------------------------------------------
 
 def _with_eval_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """The first checkpoint's config with ``eval.*`` overrides applied (any other key is refused)."""
+    """The first checkpoint's config with ``eval.*`` and ``decode.*`` overrides applied (any other key
+    is refused)."""
     if not overrides:
         return cfg
-    bad = [o for o in overrides if not o.startswith("eval.")]
+    bad = [o for o in overrides if not o.startswith(("eval.", "decode."))]
     if bad:
-        raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* overrides only (the rest "
-                          "comes from the checkpoints)")
+        raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* and decode.* overrides only (the "
+                          "rest comes from the checkpoints)")
     return build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
 
 
@@ -220,14 +228,20 @@ def _image_plots(result: Evaluation, bundle: ex.DataBundle, steps: list[int], fo
                  n: int = 32) -> None:
     """Sample sheets: the data, then every method × step count (and the teacher's dopri5 and Euler at
     the largest step count), the same base points in every row; and trajectories of a few samples."""
-    rows = {"data (held out)": bundle.held_out[:n]}
+    label = "data (held out)" if bundle.latents is None else "data (held out, through the VAE)"
+    rows = {label: bundle.to_data_units(bundle.held_out[:n]).clamp(-1, 1)}
     for (method, sampler, k), x in result.samples.items():
         if sampler == "flow map":
             rows[f"{method}, {k} step{'s' * (k > 1)}"] = x[:n].clamp(-1, 1)
         elif sampler == "dopri5" or (sampler == "euler" and k == max(steps)):
             rows[f"{method} {sampler}" + (f" {k}" if k else "")] = x[:n].clamp(-1, 1)
     save_labeled_grids(rows, folder / "samples_grid.png", nrow=16)
-    tiles, nrow = trajectory_bands(result.paths)
+    paths = result.paths
+    if bundle.decoder is not None:
+        from .latents import decode_paths
+
+        paths = decode_paths(bundle.to_data_units, paths)
+    tiles, nrow = trajectory_bands(paths)
     save_labeled_grids(tiles, folder / "trajectories.png", nrow=nrow)
 
 

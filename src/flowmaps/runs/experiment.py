@@ -55,6 +55,8 @@ class DataBundle:
     held_out_labels: Tensor | None = None
     num_classes: int = 0
     image: bool = False
+    latents: dict | None = None  # the index of a latents folder (data.name: latents)
+    decoder: Callable[[Tensor], Tensor] | None = None  # latents -> images (set where images are shown)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -65,7 +67,9 @@ class DataBundle:
         return int(torch.tensor(self.sample_shape).prod())
 
     def to_data_units(self, x: Tensor) -> Tensor:
-        return self.standardizer.inverse(x) if self.standardizer is not None else x
+        """Model space to data units: un-standardised, and decoded to images when a decoder is set."""
+        x = self.standardizer.inverse(x) if self.standardizer is not None else x
+        return self.decoder(x) if self.decoder is not None else x
 
 
 def _gmm_reference(cfg: Config, interpolant: Interpolant | None = None) -> GaussianMixture:
@@ -83,6 +87,8 @@ def build_data(cfg: Config) -> DataBundle:
     d = cfg.data
     if d.name in IMAGE_DATASETS:
         return _build_images(cfg)
+    if d.name == "latents":
+        return _build_latents(cfg)
     if d.name == "file":
         data = load_array(d.path)
         if data.shape[0] < 2:
@@ -125,6 +131,32 @@ def _build_images(cfg: Config) -> DataBundle:
                       num_classes=dataset.num_classes, image=True)
 
 
+HELD_OUT_LATENTS = 2048  # held-out latents kept as float32 (validation and sheets use fewer)
+
+
+def _build_latents(cfg: Config) -> DataBundle:
+    """A latents folder (``flowmaps encode``): the training shards as a lazy
+    :class:`~flowmaps.data.latents.LatentShards` (labels drawn with the rows when the model is
+    class-conditional; shard order seeded by ``train.seed``, shared out among torchrun ranks), and the
+    first :data:`HELD_OUT_LATENTS` held-out latents as float32."""
+    from ..data.latents import LatentShards, read_held_out, read_index
+    from ..train.distributed import info
+
+    index = read_index(cfg.data.path)
+    dist = info()
+    labeled = bool(cfg.model.class_conditional and index["num_classes"])
+    train = LatentShards(cfg.data.path, labeled=labeled, seed=cfg.train.seed, rank=dist.rank,
+                         world=dist.world_size, index=index)
+    held, held_labels = read_held_out(index)
+    if held is None:
+        raise ConfigError(f"data.path: {cfg.data.path} holds no held-out latents")
+    held = held[:HELD_OUT_LATENTS].float()
+    held_labels = None if held_labels is None else held_labels[:HELD_OUT_LATENTS].clone()
+    return DataBundle(train=train, held_out=held, standardizer=None, labels=None,
+                      held_out_labels=held_labels, num_classes=int(index["num_classes"]), image=True,
+                      latents=index)
+
+
 def _resolve_scale(value, bundle: DataBundle):
     if value != "data":
         return float(value)
@@ -141,10 +173,17 @@ def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
         raise ConfigError(f"model.name: unet needs image data; {cfg.data.name} is vector data (use mlp)")
     if m.class_conditional and not bundle.num_classes:
         raise ConfigError(f"model.class_conditional: {cfg.data.name} has no class labels")
-    return {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
-            "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
-            "shape": list(bundle.sample_shape),
-            "num_classes": bundle.num_classes if m.class_conditional else 0}
+    scales = {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
+              "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
+              "shape": list(bundle.sample_shape),
+              "num_classes": bundle.num_classes if m.class_conditional else 0}
+    if bundle.latents is not None:  # what decoding needs to check its VAE against the encoder's
+        vae = bundle.latents["vae"]
+        scales["latents"] = {"config_sha256": vae["config_sha256"],
+                             "scaling_factor": vae["scaling_factor"],
+                             "shift_factor": vae["shift_factor"],
+                             "image_shape": list(bundle.latents["image_shape"])}
+    return scales
 
 
 def build_interpolant(cfg: Config, scales: dict) -> Interpolant:
@@ -362,9 +401,12 @@ class Loaded:
     standardizer: Standardizer | None
     metadata: dict
     weights: str = "model"  # which weights: model (raw), ema (classic), or a power profile's name
+    decoder: Callable[[Tensor], Tensor] | None = None  # latents -> images (runs.latents.latent_codec)
 
     def to_data_units(self, x: Tensor) -> Tensor:
-        return self.standardizer.inverse(x) if self.standardizer is not None else x
+        """Model space to data units: un-standardised, and decoded when a decoder is set."""
+        x = self.standardizer.inverse(x) if self.standardizer is not None else x
+        return self.decoder(x) if self.decoder is not None else x
 
 
 def model_metadata(cfg: Config, scales: dict, standardizer: Standardizer | None, step: int,

@@ -142,6 +142,8 @@ class _Parts:
 
 def _assemble(cfg: Config, distill: bool, device: torch.device) -> _Parts:
     bundle = ex.build_data(cfg)
+    if bundle.latents is not None and cfg.decode.vae is None:  # recorded in the run's config
+        cfg.decode.vae = bundle.latents["vae"]["path"]
     scales = ex.resolve_scales(cfg, bundle)
     interpolant = ex.build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
@@ -187,7 +189,7 @@ class TrainingRun:
     def _make_trainer(self) -> Trainer:
         t, bundle, scales = self.cfg.train, self.parts.bundle, self.parts.scales
         augment = None
-        if self.cfg.data.hflip:
+        if self.cfg.data.hflip and bundle.latents is None:  # latents: the flips were encoded
             if not bundle.image:
                 raise ConfigError("data.hflip: horizontal flips apply to image datasets only")
             augment = random_hflip
@@ -352,9 +354,26 @@ class TrainingRun:
                              bundle.held_out, self.run.plots / "samples.png",
                              title=f"{name} on {cfg.data.name}")
         if bundle.image:
-            save_labeled_grids({"data": bundle.held_out[:n_plot],
-                                **{k: v.cpu().clamp(-1, 1) for k, v in shown.items()}},
+            decode = self._decoder()
+            if decode is None:
+                return
+            save_labeled_grids({"data" if bundle.latents is None else "data (through the VAE)":
+                                decode(bundle.held_out[:n_plot]).clamp(-1, 1),
+                                **{k: decode(v.cpu()).clamp(-1, 1) for k, v in shown.items()}},
                                self.run.plots / "samples.png")
+
+    def _decoder(self):
+        """Images from model-space samples: the identity for pixels; for latents the VAE of
+        ``decode.vae`` (when it cannot be loaded the sheet is skipped with a warning, the run stands)."""
+        if self.parts.bundle.latents is None:
+            return lambda x: x
+        from .latents import latent_codec
+
+        try:
+            return latent_codec(self.cfg, self.parts.scales, self.device)
+        except ValueError as err:
+            print(f"flowmaps: warning: plots/samples.png not written: {err}", file=sys.stderr)
+            return None
 
     def _samples(self) -> tuple[int, dict[str, Tensor]]:
         """Samples of the trained model (EMA weights when kept): RK4 for a velocity, 1, 2 and 4 steps for a

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from typing import Callable, Sequence
 
@@ -74,7 +75,10 @@ class Trainer:
         objective: any :class:`~flowmaps.objectives.Objective`.
         data: samples ``(N, ...)`` drawn with replacement — a tensor, or images kept as 8-bit codes
             (:class:`~flowmaps.data.images.ByteImages`, each drawn batch decoded to float32 on the
-            codes' device) — or a callable ``data(n[, generator=g])``.
+            codes' device) — or a callable ``data(n[, generator=g])``, or a source that draws its own
+            labeled batches, ``data.draw_labeled(n, g) -> (x, labels | None)`` (labels when its
+            ``yields_labels``; :class:`~flowmaps.data.latents.LatentShards`), whose ``state_dict()``
+            (its position, every rank's) is part of :meth:`state_dict`.
         batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
         lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
@@ -185,6 +189,12 @@ class Trainer:
                                  "label used by label dropout and guidance)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
+        # A source that draws its own labeled batches (LatentShards: one shard at a time), with a
+        # position of its own kept in the resumable state.
+        self.source = data if callable(getattr(data, "draw_labeled", None)) else None
+        if self.source is not None and getattr(self.source, "yields_labels", False) and null_label is None:
+            raise ValueError("class-conditional training needs null_label (the unconditional "
+                             "label used by label dropout and guidance)")
         self.draw = batch_sampler(data, self.generator, self.device)
         if labels is not None:
             labels = labels.to(self.device)  # indexed by the generator's draws without a host copy
@@ -316,16 +326,19 @@ class Trainer:
 
     def _draw_batch(self, n: int) -> tuple[Tensor, Tensor | None]:
         """A batch (and its labels, with label dropout) from the trainer's generator."""
-        if self.labels is None:
+        g = self.generator
+        if self.source is not None:
+            x, cond = self.source.draw_labeled(n, g)
+            x, cond = x.to(self.device), None if cond is None else cond.to(self.device)
+        elif self.labels is None:
             x, cond = self.draw(n), None
         else:
-            g = self.generator
             idx = torch.randint(self.labels.shape[0], (n,), generator=g, device=g.device)
             x = self.draw.data[idx.to(self.draw.data.device)].to(self.device)
             cond = self.labels[idx.to(self.labels.device)].to(self.device)
-            if self.label_dropout > 0:
-                drop = torch.rand(n, generator=g, device=g.device).to(self.device) < self.label_dropout
-                cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+        if cond is not None and self.label_dropout > 0:
+            drop = torch.rand(n, generator=g, device=g.device).to(self.device) < self.label_dropout
+            cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
         if self.augment is not None:
             x = self.augment(x, self.generator)
         return x, cond
@@ -468,6 +481,11 @@ class Trainer:
                                   self.batch_size * self.dist.world_size}}
         if self.power_ema is not None:
             meta["ema_profiles"] = self.power_ema.profiles()
+        if self.source is not None and hasattr(self.source, "state_dict"):
+            # a sharded source's position (this rank's; every rank's, gathered, for a resume)
+            text = json.dumps(self.source.state_dict()).encode().ljust(256)  # equal lengths to gather
+            positions = dist_.all_gather_bytes(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+            meta["data_position"]["source"] = [json.loads(bytes(p.tolist()).decode()) for p in positions]
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, dict[str, Tensor]], meta: dict) -> None:
@@ -501,6 +519,9 @@ class Trainer:
         if self.device.type == "cuda" and f"cuda.{rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda.{rank}"].to(torch.uint8), self.device)
         self.step_count, self.bad_steps = int(meta["step"]), int(meta["bad_steps"])
+        positions = meta.get("data_position", {}).get("source")
+        if self.source is not None and positions:
+            self.source.load_state_dict(positions[rank])
 
     @torch.no_grad()
     def check_replicas(self) -> None:
