@@ -484,3 +484,88 @@ def test_resume_through_disk_is_bit_identical(objective, tmp_path):
     a, b = _everything(resumed), _everything(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not math.isclose(float(a["model.net.linear_out.weight"].abs().sum()), 0.0)
+
+
+# --- the imagenet256 presets (GPU settings, stepped here at reduced width) ------------------------------
+
+LATENT_SCALES = {"sigma0": 1.0, "sigma_data": 1.0, "dim": 4096, "shape": [4, 32, 32], "num_classes": 1000}
+REDUCED = ["model.dit_width=32", "model.dit_depth=2", "model.heads=2", "train.device=cpu"]
+
+
+def full_size_parameters(cfg) -> int:
+    """The preset's full network counted on the meta device (no memory, no values)."""
+    with torch.device("meta"):
+        return ex.build_model(cfg, LATENT_SCALES).net.parameter_count()
+
+
+@pytest.mark.parametrize("preset, size, millions", [("imagenet256", "B", 130), ("imagenet256_xl", "XL", 675)])
+def test_imagenet256_presets_carry_the_papers_settings(preset, size, millions):
+    base = load_config(preset)
+    m, t = base.model, base.train
+    assert (m.name, m.dit_size, m.patch, m.qk_norm, m.sigma_data, m.class_conditional) == (
+        "dit", size, 2, "rms", 1.0, True)
+    assert (t.optimizer, t.lr, t.betas, t.lr_schedule, t.batch_size, t.ema_decay, t.ema_warmup,
+            t.label_dropout, t.weight_decay) == ("adam", 1e-4, [0.9, 0.95], "constant", 256, 0.9999, False,
+                                                0.1, 0.0)
+    assert base.data.name == "latents" and base.eval.steps == [1, 2]
+    # DiT's table: B/2 130M, XL/2 675M parameters (ours: one more time embedder, C output channels)
+    assert abs(full_size_parameters(base) / (millions * 1e6) - 1) < 0.02
+    mf = load_config(preset, None, ["objective.name=meanflow"]).objective
+    assert (mf.eta, mf.distribution, mf.time_mean, mf.time_std, mf.adaptive_p, mf.adaptive_eps, mf.guidance,
+            mf.guidance_kappa) == (0.75, "logit_normal", 0.4, 1.0, 1.0, 0.01, 1.0, 0.5)
+    imf = load_config(preset, None, ["objective.name=imf"])
+    assert (imf.objective.eta, imf.objective.guidance_max, imf.model.guidance_conditioning) == (0.5, 7.0, True)
+    assert (imf.train.batch_size, imf.train.steps, imf.train.warmup_steps) == (1024, 800000, 12500)
+    lsd = load_config(preset, None, ["objective.name=lsd"]).objective
+    assert (lsd.eta, lsd.weighting, lsd.times, lsd.distribution, lsd.source) == (
+        0.75, "learned", "triangle", "uniform", "self")
+
+
+@pytest.mark.parametrize("preset", ["imagenet256", "imagenet256_xl"])
+@pytest.mark.parametrize("objective", ["meanflow", "imf", "lsd", "lmd"])
+def test_imagenet256_presets_build_and_step_at_reduced_width(preset, objective):
+    cfg = load_config(preset, None, [f"objective.name={objective}", *REDUCED])
+    t = cfg.train
+    torch.manual_seed(0)
+    model = ex.build_model(cfg, LATENT_SCALES)
+    assert isinstance(model.net, DiT) and model.net.grid == (16, 16)  # 32x32 latents, patch 2
+    teacher = None
+    if ex.needs_teacher(cfg):
+        teacher_cfg = load_config(preset, None, REDUCED)
+        teacher = perturb(ex.build_model(teacher_cfg, LATENT_SCALES)).requires_grad_(False)
+    objective_ = ex.build_objective(cfg, ex.build_interpolant(cfg, LATENT_SCALES), teacher, num_classes=1000)
+    g = torch.Generator().manual_seed(0)
+    latents, labels = torch.randn(4, 4, 32, 32, generator=g), torch.tensor([0, 999, 5, 17])
+    trainer = Trainer(model, objective_, latents, batch_size=2, lr=t.lr, optimizer=t.optimizer,
+                      betas=tuple(t.betas), grad_clip=t.grad_clip, lr_schedule=t.lr_schedule,
+                      lr_decay_start=t.lr_decay_start, warmup_steps=t.warmup_steps, ema_decay=t.ema_decay,
+                      ema_warmup=t.ema_warmup, labels=labels, label_dropout=t.label_dropout, null_label=1000)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    for _ in range(2):
+        assert torch.isfinite(trainer.step().loss)
+    with torch.no_grad():
+        cond = torch.tensor([3, 1000])
+        if cfg.model.guidance_conditioning:
+            cond = guidance_condition(cond, scale=2.0, lo=0.35, hi=0.6)
+        x = trainer.ema.sample(torch.randn(2, 4, 32, 32), steps=2, cond=cond)
+    assert x.shape == (2, 4, 32, 32) and torch.isfinite(x).all()
+
+
+def test_latents_data_is_refused_in_one_line_until_its_reader_lands():
+    with pytest.raises(ConfigError, match="latents") as err:
+        ex.build_data(load_config("imagenet256"))
+    assert "\n" not in str(err.value)
+
+
+def test_betas_reach_the_optimiser_and_bad_betas_are_refused():
+    assert load_config("digits", None, ["train.betas=0.8,0.9"]).train.betas == [0.8, 0.9]
+    with pytest.raises(ConfigError, match="train.betas"):
+        load_config("digits", None, ["train.betas=0.9,1.0"])
+    with pytest.raises(ConfigError, match="train.betas"):
+        load_config("digits", None, ["train.betas=0.9"])
+    model = FlowMap(tiny((1, 8, 8)))
+    trainer = Trainer(model, fm.objectives.Velocity(fm.Linear()), torch.zeros(4, 1, 8, 8), batch_size=2,
+                      betas=(0.5, 0.6))
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.6)
+    with pytest.raises(ValueError, match="betas"):
+        Trainer(model, fm.objectives.Velocity(fm.Linear()), torch.zeros(4, 1, 8, 8), betas=(0.9, 1.5))
