@@ -112,7 +112,7 @@ class ModelConfig:
     qk_norm: str = "rms"
     attention: str = "auto"
     jvp: str = "exact"
-    fd_eps: float = 1e-3
+    fd_eps: float = 3e-3
 
 
 @dataclass
