@@ -86,8 +86,13 @@ def parse_dit_size(size: str) -> tuple[str, int | None]:
 def forward_mode_active(tensor: Tensor) -> bool:
     """Whether a forward-mode derivative may be flowing through ``tensor``: it is wrapped by a
     ``torch.func`` transform (``jvp``; also ``vmap``/``grad``), or a ``torch.autograd.forward_ad`` dual
-    level is open."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor)) or forward_ad._current_level >= 0
+    level is open. Both are private torch APIs (checked on torch 2.13 by tests/test_dit.py); where one is
+    missing the answer is ``True``: the math path is always correct, only slower."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    level = getattr(forward_ad, "_current_level", None)
+    if wrapped is None or level is None:
+        return True
+    return bool(wrapped(tensor)) or level >= 0
 
 
 def sincos_2d(width: int, rows: int, cols: int) -> Tensor:
