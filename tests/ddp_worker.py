@@ -44,6 +44,10 @@ CASES = {
     "ct": (["objective.name=ct"], {}),
     "imf": (["objective.name=imf"], {}),
     "sct": (["objective.name=sct", "objective.tangent_warmup=2"], {}),
+    # the two-time DiT on 1x8x8 images (its JVPs go through torch.func.jvp and the math attention path;
+    # its plain passes through the fused SDPA kernel)
+    "dit_lsd": (["objective.name=lsd", "objective.weighting=learned"], {}),
+    "dit_meanflow": (["objective.name=meanflow"], {}),
 }
 TRAIN = dict(batch_size=BATCH, lr=1e-2, grad_clip=1.0, ema_decay=0.9, seed=5, lr_decay_start=2)
 
@@ -63,9 +67,21 @@ def gmm_problem(overrides=(), n_train: int = 512, n_eval: int = 64, init_seed: i
     return model, ex.build_objective(cfg, interpolant, teacher), bundle.train
 
 
+def dit_problem(overrides=(), init_seed: int = 0):
+    """``(model, objective, data)``: a width-16, one-block DiT on 48 random 1x8x8 images."""
+    cfg = load_config("digits", None, ["model.name=dit", "model.dit_width=16", "model.dit_depth=1",
+                                       "model.heads=2", *overrides])
+    scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 0}
+    torch.manual_seed(init_seed)
+    model = ex.build_model(cfg, scales)
+    data = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    return model, ex.build_objective(cfg, ex.build_interpolant(cfg, scales)), data
+
+
 def build(case: str):
     """``(model, objective, data)`` of a case, identical on every process (float64)."""
-    model, objective, data = gmm_problem(CASES[case][0])
+    problem = dit_problem if case.startswith("dit_") else gmm_problem
+    model, objective, data = problem(CASES[case][0])
     for module in objective.trainable_modules():  # a learned loss weight, in the model's precision
         module.double()
     return model.double(), objective, data.double()

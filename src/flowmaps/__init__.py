@@ -23,7 +23,7 @@ from . import exact, objectives, teachers
 from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
-from .nets import MLP, UNet
+from .nets import MLP, DiT, UNet
 from .objectives import GuidedVelocity
 from .runs.experiment import load_model
 from .runs.export import load
@@ -31,7 +31,7 @@ from .solvers import ODESolution, solve_ode
 from .train import Trainer, fit
 from .tuning import tune_grid
 
-__all__ = ["FlowMap", "MLP", "UNet", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric", "Custom",
-           "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "exact",
+__all__ = ["FlowMap", "MLP", "UNet", "DiT", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric",
+           "Custom", "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "exact",
            "objectives",
            "teachers", "__version__"]

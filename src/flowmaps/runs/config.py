@@ -93,7 +93,13 @@ class ModelConfig:
     ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
     dataset's labels (with a null label for classifier-free guidance). ``guidance_conditioning``
     (unet, class-conditional): the network also takes the guidance scale and interval
-    (:mod:`flowmaps.nets.guidance`; improved MeanFlow with ``objective.guidance_max``)."""
+    (:mod:`flowmaps.nets.guidance`; improved MeanFlow with ``objective.guidance_max``).
+
+    ``dit`` (images or latents, :class:`~flowmaps.nets.dit.DiT`, spec addition E.9): ``dit_size`` S | B | L |
+    XL (DiT's width, depth, heads), ``patch`` (2, 4, 8), ``dit_width``/``dit_depth``/``heads`` overriding the
+    size's numbers (CPU-sized tests), ``qk_norm`` rms | layer | none, ``attention`` auto (fused SDPA unless a
+    forward-mode derivative is taken) | math | sdpa, ``jvp`` exact | fd (central finite-difference JVP of
+    step ``fd_eps``). ``class_conditional`` and ``guidance_conditioning`` as for the U-Net."""
 
     name: str = "mlp"
     width: int = 256
@@ -110,6 +116,15 @@ class ModelConfig:
     dropout: float = 0.0
     class_conditional: bool = False
     guidance_conditioning: bool = False
+    dit_size: str = "B"
+    patch: int = 2
+    dit_width: int | None = None
+    dit_depth: int | None = None
+    heads: int | None = None
+    qk_norm: str = "rms"
+    attention: str = "auto"
+    jvp: str = "exact"
+    fd_eps: float = 3e-3
 
 
 @dataclass
@@ -228,6 +243,7 @@ class TrainConfig:
     the first of which is then the default weights of sampling, evaluation and export (``ema_decay``'s
     EMA stays available by the name ``ema``); ``ema_snapshot_every``: every that many steps (and at the
     last) save the profiles to ``RUN/ema_snapshots/`` for ``flowmaps ema`` (post-hoc lengths).
+    ``betas``: the optimiser's ``β₁, β₂`` (MeanFlow's ImageNet runs: ``0.9, 0.95``).
     ``logger``: ``jsonl`` (``metrics.jsonl``, always written: the record) or ``tensorboard`` (also event
     files in ``RUN/tensorboard/`` for TensorBoard; the optional ``tensorboard`` extra)."""
 
@@ -245,6 +261,7 @@ class TrainConfig:
     ema_warmup: bool = True
     ema_std: list | float | None = None
     ema_snapshot_every: int | None = None
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -317,7 +334,11 @@ SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
                   "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder", "latents"),
-    "model.name": ("mlp", "unet"),
+    "model.name": ("mlp", "unet", "dit"),
+    "model.dit_size": ("S", "B", "L", "XL"),
+    "model.qk_norm": ("rms", "layer", "none"),
+    "model.attention": ("auto", "math", "sdpa"),
+    "model.jvp": ("exact", "fd"),
     "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
     "model.activation": ("gelu", "silu", "tanh", "softplus"),
@@ -351,7 +372,8 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "model.channels", "model.blocks_per_level", "data.image_size", "data.limit",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
             "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
-            "objective.target_clamp", "decode.batch_size")
+            "objective.target_clamp", "decode.batch_size", "model.patch", "model.dit_width",
+            "model.dit_depth", "model.heads", "model.fd_eps")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -404,9 +426,13 @@ def _validate(cfg: Config) -> None:
     if o.guidance_max > 0 and not (cfg.model.guidance_conditioning and cfg.model.class_conditional):
         raise ConfigError("objective.guidance_max: the sampled guidance scale is fed to the network; "
                           "set model.class_conditional=true and model.guidance_conditioning=true")
-    if cfg.model.guidance_conditioning and not (cfg.model.name == "unet" and cfg.model.class_conditional):
-        raise ConfigError("model.guidance_conditioning: needs model.name=unet and "
+    if cfg.model.guidance_conditioning and not (cfg.model.name in ("unet", "dit")
+                                                and cfg.model.class_conditional):
+        raise ConfigError("model.guidance_conditioning: needs model.name=unet or dit and "
                           "model.class_conditional=true")
+    if cfg.model.name == "dit" and cfg.model.dropout:
+        raise ConfigError(f"model.dropout: the DiT has no dropout (as in DiT and MeanFlow's ImageNet "
+                          f"runs); got {cfg.model.dropout}")
     if o.alpha_end is not None and o.alpha_end < o.alpha_start:
         raise ConfigError(f"objective.alpha_end: must be >= objective.alpha_start ({o.alpha_start}), "
                           f"got {o.alpha_end}")
@@ -429,6 +455,10 @@ def _validate(cfg: Config) -> None:
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in flat[key]) or (
                 key == "model.channel_mults" and not flat[key]):
             raise ConfigError(f"{key}: must be a list of positive integers, got {flat[key]}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                              for b in betas):
+        raise ConfigError(f"train.betas: two numbers in [0, 1), got {betas}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} does not divide train.batch_size "
                           f"{cfg.train.batch_size}")

@@ -169,8 +169,8 @@ def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
     """Numbers for every ``"data"`` scale, recorded in checkpoints (with the sample shape and, for a
     class-conditional model, the number of classes)."""
     m = cfg.model
-    if m.name == "unet" and not bundle.image:
-        raise ConfigError(f"model.name: unet needs image data; {cfg.data.name} is vector data (use mlp)")
+    if m.name in ("unet", "dit") and not bundle.image:
+        raise ConfigError(f"model.name: {m.name} needs image data; {cfg.data.name} is vector data (use mlp)")
     if m.class_conditional and not bundle.num_classes:
         raise ConfigError(f"model.class_conditional: {cfg.data.name} has no class labels")
     scales = {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
@@ -233,10 +233,37 @@ def build_model(cfg: Config, scales: dict) -> FlowMap:
                    num_classes=scales.get("num_classes", 0), sigma_data=float(scales["sigma_data"]),
                    guidance_conditioning=m.guidance_conditioning)
         return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
+    if m.name == "dit":
+        return FlowMap(_build_dit(cfg, scales), jvp_fp32=cfg.train.jvp_fp32)
     net = MLP(scales["dim"], width=m.width, depth=m.depth, activation=m.activation,
               sigma_data=torch.tensor(scales["sigma_data"]), n_frequencies=time_frequencies(cfg),
               max_frequency=m.max_frequency, skip=m.skip)
     return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
+
+
+def _build_dit(cfg: Config, scales: dict):
+    """The :class:`~flowmaps.nets.dit.DiT` of ``model.dit_size``/``model.patch`` with the width, depth and
+    heads overrides; a bad combination (image size not divisible by the patch, heads not dividing the
+    width) is a one-line :class:`ConfigError`."""
+    from ..nets.dit import DIT_SIZES, DiT
+
+    m = cfg.model
+    shape = sample_shape(scales)
+    if len(shape) != 3:
+        raise ConfigError(f"model.name: dit needs images (C, H, W); samples have shape {shape}")
+    width, depth, heads = DIT_SIZES[m.dit_size]
+    width = m.dit_width or width
+    depth = m.dit_depth or depth
+    heads = m.heads or heads
+    try:
+        return DiT(shape, patch=m.patch, width=width, depth=depth, heads=heads,
+                   num_classes=scales.get("num_classes", 0), qk_norm=m.qk_norm,
+                   sigma_data=float(scales["sigma_data"]),
+                   guidance_conditioning=m.guidance_conditioning, attention=m.attention, jvp=m.jvp,
+                   fd_eps=m.fd_eps)
+    except ValueError as err:
+        raise ConfigError(f"model (dit {m.dit_size}/{m.patch}, width {width}, depth {depth}, heads "
+                          f"{heads}): {err}") from None
 
 
 def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):

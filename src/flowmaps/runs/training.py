@@ -203,7 +203,8 @@ class TrainingRun:
                        labels=bundle.labels if conditional else None, label_dropout=t.label_dropout,
                        null_label=scales["num_classes"] if conditional else None, augment=augment,
                        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                       lr_final=t.lr_final, ema_warmup=t.ema_warmup, ema_std=t.ema_std)
+                       lr_final=t.lr_final, ema_warmup=t.ema_warmup, ema_std=t.ema_std,
+                       betas=tuple(t.betas))
 
     def restore(self, resumed: tuple[Path, dict, dict]) -> None:
         """Continue from a checkpoint found by :func:`latest_checkpoint`."""
