@@ -23,6 +23,7 @@ from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
+from ..solvers import solve_ode
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
@@ -55,6 +56,8 @@ class DataBundle:
     held_out_labels: Tensor | None = None
     num_classes: int = 0
     image: bool = False
+    data_free: bool = False  # data.name=none: train and held_out are the teacher's samples (spec E.8)
+    teacher_scales: dict | None = None  # data.name=none with a checkpoint teacher: its scales
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -81,6 +84,8 @@ def build_data(cfg: Config) -> DataBundle:
     """Generate or load the dataset; split off ``n_eval`` held-out samples."""
     g = torch.Generator().manual_seed(cfg.data.seed)
     d = cfg.data
+    if d.name == "none":
+        return _build_data_free(cfg)
     if d.name in IMAGE_DATASETS:
         return _build_images(cfg)
     if d.name == "file":
@@ -104,6 +109,35 @@ def build_data(cfg: Config) -> DataBundle:
         from ..metrics.points import checkerboard_kl
         kl = checkerboard_kl
     return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
+
+
+def _build_data_free(cfg: Config) -> DataBundle:
+    """``data.name=none`` (spec E.8): no dataset. What a run still needs from data comes from the
+    teacher's samples: the scales (``"data"`` scales resolved on them), the validation batch and the
+    held-out set of the plots and of ``evaluate``. With ``teacher.exact`` those are samples of the
+    mixture ``data.gmm`` (the exact flow's law at ``t = 1``); with ``teacher.checkpoint`` the teacher's
+    RK4 samples (``data.teacher_steps`` intervals) from ``min(n_eval, 2048)`` base points of
+    ``data.seed``, in the teacher's model space (its standardiser kept). Training never reads them: its
+    points lie on the teacher's paths (:class:`~flowmaps.objectives.trajectories.TeacherPaths`)."""
+    d, t = cfg.data, cfg.teacher
+    g = torch.Generator().manual_seed(d.seed)
+    if t.exact:
+        ref = _gmm_reference(cfg)
+        train, held_out = ref.sample(min(d.n_eval, 2048), generator=g), ref.sample(d.n_eval, generator=g)
+        return DataBundle(train=train, held_out=held_out, standardizer=None, data_free=True)
+    if not t.checkpoint:
+        raise ConfigError("data.name: none needs teacher.checkpoint or teacher.exact")
+    teacher = load_model(t.checkpoint)
+    if teacher.scales.get("num_classes", 0):
+        raise ConfigError(f"teacher.checkpoint: {t.checkpoint} is class-conditional; training without "
+                          "data draws no class labels")
+    shape = sample_shape(teacher.scales)
+    n = min(d.n_eval, 2048)
+    x0 = teacher.interpolant.sample_base(torch.empty(n, *shape), g)
+    with torch.no_grad():
+        x1 = solve_ode(teacher.model.velocity, x0, "rk4", steps=d.teacher_steps).x
+    return DataBundle(train=x1, held_out=teacher.to_data_units(x1), standardizer=teacher.standardizer,
+                      image=len(shape) == 3, data_free=True, teacher_scales=teacher.scales)
 
 
 def _build_images(cfg: Config) -> DataBundle:
@@ -141,6 +175,10 @@ def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
         raise ConfigError(f"model.name: unet needs image data; {cfg.data.name} is vector data (use mlp)")
     if m.class_conditional and not bundle.num_classes:
         raise ConfigError(f"model.class_conditional: {cfg.data.name} has no class labels")
+    if bundle.teacher_scales is not None:  # without data: the teacher's base scale, σ_data "data" from its samples
+        return {"sigma0": bundle.teacher_scales["sigma0"],
+                "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
+                "shape": list(bundle.sample_shape), "num_classes": 0}
     return {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
             "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
             "shape": list(bundle.sample_shape),
@@ -153,7 +191,8 @@ def build_interpolant(cfg: Config, scales: dict) -> Interpolant:
 
 def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) -> None:
     """For gmm data, the exact reference (velocity, flow map, density) under this interpolant."""
-    if cfg.data.name == "gmm" and bundle.standardizer is None:
+    exact_teacher = cfg.data.name == "none" and cfg.teacher.exact  # the mixture defines the teacher
+    if (cfg.data.name == "gmm" or exact_teacher) and bundle.standardizer is None:
         bundle.reference = _gmm_reference(cfg, interpolant)
         from ..metrics.points import histogram_kl
         ref = bundle.reference

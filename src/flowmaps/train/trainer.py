@@ -73,7 +73,10 @@ class Trainer:
         objective: any :class:`~flowmaps.objectives.Objective`.
         data: samples ``(N, ...)`` drawn with replacement — a tensor, or images kept as 8-bit codes
             (:class:`~flowmaps.data.images.ByteImages`, each drawn batch decoded to float32 on the
-            codes' device) — or a callable ``data(n[, generator=g])``.
+            codes' device) — or a callable ``data(n[, generator=g])``; or ``None``: distillation
+            without data (spec E.8), the points at time ``s`` on the teacher's ODE paths from the base
+            (:class:`~flowmaps.objectives.trajectories.TeacherPaths`, options ``teacher_paths``; its
+            cache is rebuilt exactly on resume, its CPU time counted in ``objective.points.cost()``).
         batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
         lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
@@ -126,7 +129,8 @@ class Trainer:
                  augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
                  fused: bool | None = None, lr_schedule: str = "inverse_sqrt",
                  warmup_steps: int = 0, total_steps: int | None = None, lr_final: float = 0.0,
-                 ema_warmup: bool = True):
+                 ema_warmup: bool = True, teacher_paths: dict | None = None,
+                 sample_shape=None, progress: bool = False):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -178,6 +182,15 @@ class Trainer:
                                  "label used by label dropout and guidance)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
+        if data is None:  # without data: the objective's points on the teacher's paths (spec E.8)
+            if labels is not None:
+                raise ValueError("labels: class-conditional training needs data (data=None has none)")
+            shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+            points = objective.data_free(shape, device=self.device, dtype=params[0].dtype, seed=seed,
+                                         progress=progress, **(teacher_paths or {}))
+            data = points.placeholder
+        elif teacher_paths is not None:
+            raise ValueError("teacher_paths: applies to training without data (data=None)")
         self.draw = batch_sampler(data, self.generator, self.device)
         if labels is not None:
             labels = labels.to(self.device)  # indexed by the generator's draws without a host copy
@@ -546,6 +559,20 @@ class Trainer:
         return history
 
 
+def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one sample of ``model``: its ``sample_shape``, a U-Net's image shape, an MLP's
+    dimension; else a one-line ValueError asking for ``sample_shape``."""
+    if getattr(model, "sample_shape", None):
+        return tuple(model.sample_shape)
+    net = getattr(model, "net", model)
+    options = getattr(net, "network_options", None) or {}
+    if options.get("image_shape"):
+        return tuple(options["image_shape"])
+    if isinstance(options.get("dim"), int):
+        return (options["dim"],)
+    raise ValueError("data=None: give sample_shape (the shape of one sample) for this model")
+
+
 class FitResult(list):
     """What :func:`fit` returns: the per-step losses (it is that list) and the trained models.
 
@@ -565,7 +592,7 @@ class FitResult(list):
         return self.ema if self.ema is not None else self.model
 
 
-def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
+def fit(model: nn.Module, objective: Objective, data: DataSource | None, *, steps: int,
         batch_size: int = 256, lr: float = 1e-3, seed: int = 0, progress: bool = False,
         ema_decay: float | None = 0.999, **options) -> FitResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
@@ -573,7 +600,10 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
     the CLI; ``None`` keeps none) and the trained model in ``.model``.
 
     ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
-    drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
+    drawing a batch (``data(n)`` or ``data(n, generator=g)``), or ``None`` with a teacher distillation
+    (LMD, EMD): no dataset, the points at time ``s`` on the teacher's ODE paths from the base, solved
+    and refreshed by :class:`~flowmaps.objectives.trajectories.TeacherPaths` (``teacher_paths={"paths":
+    4096, "steps": 32, "refresh_every": 100, "refresh_paths": 256}``; spec E.8). Further ``options`` go to
     :class:`Trainer` (optimizer, grad_clip, lr_decay_start, weight_decay, max_bad_steps, grad_accum,
     precision, compile). The EMA does not change the training of ``model``: with or without it the raw
     weights are the same.
