@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
+from ..checkpoint import (CheckpointError, check_model_metadata, load_checkpoint, model_folder,
+                          save_checkpoint)
 from ..data.images import ByteImages
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
@@ -27,7 +28,7 @@ from ..solvers import solve_ode
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
-from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
+from .config import SELF_DISTILLATION, Config, ConfigError, list_presets, load_config, to_dict
 from .typed import build
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
@@ -399,6 +400,11 @@ class Loaded:
     scales: dict
     standardizer: Standardizer | None
     metadata: dict
+    # Where ``config`` comes from: "checkpoint" (a run's checkpoint), "export" (an export's recorded run
+    # config), "preset" (an older export: rebuilt from its preset, objective and data name), or None
+    # (an export made by FlowMap.save_pretrained: nothing recorded; ``config`` is a placeholder).
+    config_source: str | None = "checkpoint"
+    path: str = ""
 
     def to_data_units(self, x: Tensor) -> Tensor:
         return self.standardizer.inverse(x) if self.standardizer is not None else x
@@ -442,6 +448,9 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     with its config, scales and standardiser; ``.model`` carries its interpolant, sample shape,
     number of classes and standardiser (``.model.to_data_units``), as :func:`flowmaps.load` returns
     it."""
+    folder = model_folder(path)
+    if folder is not None:
+        return _load_export(folder, use_ema, device)
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = build(Config, meta["config"])
@@ -462,4 +471,49 @@ def load_model(path: str | Path, use_ema: bool = True, device="cpu") -> Loaded:
     # what sampling needs travels with the map (as FlowMap.from_pretrained sets it)
     model.interpolant, model.standardizer = interpolant, std
     model.sample_shape, model.num_classes = sample_shape(scales), scales.get("num_classes", 0)
-    return Loaded(model, interpolant, cfg, scales, std, meta)
+    return Loaded(model, interpolant, cfg, scales, std, meta, path=str(path))
+
+
+def _load_export(folder: Path, use_ema: bool, device) -> Loaded:
+    """An exported folder (``flowmaps export`` / :meth:`FlowMap.save_pretrained`) as a :class:`Loaded`,
+    so every command takes it where it takes a run. The map, interpolant, scales and standardiser are the
+    export's own. The config: the run's, recorded by ``flowmaps export`` (``run_config``); for an older
+    export the preset, objective and data name it records (``trained``); for a bare
+    ``save_pretrained`` folder a placeholder (``config_source=None``: what needs the data or the teacher
+    says so in one line). One set of weights is exported: ``use_ema=False`` is refused for an export of
+    the EMA weights."""
+    import json
+
+    model = FlowMap.from_pretrained(folder, device=device)
+    where = folder / "config.json"
+    meta = json.loads(where.read_text(encoding="utf-8"))
+    if not use_ema and meta.get("weights") == "ema":
+        raise CheckpointError(f"{folder}: holds the EMA weights only (exported without --raw-weights); "
+                              "--raw-weights needs the run or a raw-weights export")
+    trained = meta.get("trained") if isinstance(meta.get("trained"), dict) else {}
+    cfg, source = None, None
+    if isinstance(meta.get("run_config"), dict):
+        try:
+            cfg, source = build(Config, meta["run_config"]).validate(), "export"
+        except ConfigError as err:
+            raise CheckpointError(f"{where}: invalid run_config ({err})") from None
+    elif trained.get("preset") in list_presets():
+        over = [f"objective.name={trained.get('objective') or 'lmd'}"]
+        if trained.get("data") and trained["data"] != "none":
+            over.append(f"data.name={trained['data']}")
+        try:
+            cfg, source = load_config(trained["preset"], None, over), "preset"
+        except ConfigError:
+            cfg = None
+    if cfg is None:  # nothing recorded: a flow map of the export's shape; data and teacher unknown
+        cfg = Config()
+        cfg.objective.name = trained.get("objective") or "lmd"
+        cfg.preset = "export"
+    spec = meta["interpolant"]
+    cfg.interpolant.name = spec["name"]
+    scales = dict(meta["scales"])
+    step = trained.get("step", 0) if isinstance(trained.get("step", 0), int) else 0
+    metadata = {"step": step, "groups": [meta.get("weights", "model")], "domain": model.domain,
+                "objective": cfg.objective.name, "export": str(folder)}
+    return Loaded(model, model.interpolant, cfg, scales, model.standardizer, metadata,
+                  config_source=source, path=str(folder))
