@@ -15,6 +15,7 @@ against LMD on the data, at equal CPU time, the teacher's ODE cost included.
 
 Usage:
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/data_free.py gmm --seeds 0 1 2
+  (or one process per seed: gmm --seeds S --part, for S in 0 1 2; then gmm-table)
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/data_free.py digits --mode data --teacher T --budget 900
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/data_free.py digits --mode free --teacher T --budget 900
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/data_free.py digits-eval
@@ -88,17 +89,28 @@ def gmm(args) -> int:
         rows.append(dict(seed=seed, method="data-based LMD", steps=n, cpu=cpu, teacher_cpu=0.0,
                          error=errors(tr.ema)))
         budget = cpu
-        for label, steps, limit in (("data-free LMD, equal CPU", 10 * args.steps, budget),
-                                    ("data-free LMD, equal steps", args.steps, None)):
+        runs = [("data-free LMD, equal CPU", 10 * args.steps, budget)]
+        if args.equal_steps:
+            runs.append(("data-free LMD, equal steps", args.steps, None))
+        for label, steps, limit in runs:
             parts, tr, cpu, n = train(free_cfg, True, steps, limit, args.progress)
             cost = parts.objective.points.cost()
             rows.append(dict(seed=seed, method=label, steps=n, cpu=cpu,
                              teacher_cpu=cost["teacher_seconds"], teacher_nfe=cost["teacher_nfe"],
                              paths=cost["teacher_paths_solved"], error=errors(tr.ema)))
-        for r in rows[-3:]:
+        for r in rows[-len(runs) - 1:]:
             print(f"seed {seed} {r['method']:28s} steps {r['steps']:5d} cpu {r['cpu']:6.1f}s "
                   f"(teacher {r['teacher_cpu']:.1f}s) " +
                   " ".join(f"{k}:{r['error'][k]:.4f}" for k in STEPS), flush=True)
+    if args.part:  # one process per seed: gmm-seed<S>.json, merged by `gmm-table`
+        ROOT.mkdir(parents=True, exist_ok=True)
+        (ROOT / f"gmm-seed{'-'.join(map(str, args.seeds))}.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    return _write("gmm", rows, args, "exact-map error at k steps")
+
+
+def gmm_table(args) -> int:
+    rows = [r for f in sorted(ROOT.glob("gmm-seed*.json")) for r in json.loads(f.read_text())]
     return _write("gmm", rows, args, "exact-map error at k steps")
 
 
@@ -182,6 +194,9 @@ def main() -> int:
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--steps", type=int, default=4000)
     a.add_argument("--progress", action="store_true")
+    a.add_argument("--equal-steps", action="store_true", help="also data-free LMD at the same steps")
+    a.add_argument("--part", action="store_true", help="write gmm-seed<S>.json only (then gmm-table)")
+    sub.add_parser("gmm-table")
     b = sub.add_parser("digits")
     b.add_argument("--mode", choices=["data", "free"], required=True)
     b.add_argument("--teacher", required=True)
@@ -197,7 +212,8 @@ def main() -> int:
     c.add_argument("--n", type=int, default=2000)
     args = p.parse_args()
     torch.set_num_threads(1)
-    return {"gmm": gmm, "digits": digits, "digits-eval": digits_eval}[args.what](args)
+    return {"gmm": gmm, "gmm-table": gmm_table, "digits": digits,
+            "digits-eval": digits_eval}[args.what](args)
 
 
 if __name__ == "__main__":
