@@ -84,27 +84,32 @@ def gmm(args) -> int:
     for seed in args.seeds:
         over = ["objective.name=lmd", f"train.seed={seed}", f"train.steps={args.steps}"]
         data_cfg = load_config("gmm_hard", None, over)
-        free_cfg = load_config("gmm_hard", None, over + ["data.name=none"])
-        _, tr, cpu, n = train(data_cfg, False, args.steps, None, args.progress)
-        rows.append(dict(seed=seed, method="data-based LMD", steps=n, cpu=cpu, teacher_cpu=0.0,
-                         error=errors(tr.ema)))
-        budget = cpu
-        runs = [("data-free LMD, equal CPU", 10 * args.steps, budget)]
+        free_cfg = load_config("gmm_hard", None, over + ["data.name=none", *args.free])
+        tag = f" ({' '.join(args.free)})" if args.free else ""
+        if args.budget is None:
+            _, tr, cpu, n = train(data_cfg, False, args.steps, None, args.progress)
+            rows.append(dict(seed=seed, method="data-based LMD", steps=n, cpu=cpu, teacher_cpu=0.0,
+                             error=errors(tr.ema)))
+            budget = cpu
+        else:  # the budget of a data-based run measured before (its CPU seconds)
+            budget = args.budget
+        runs = [(f"data-free LMD{tag}, equal CPU", 10 * args.steps, budget)]
         if args.equal_steps:
-            runs.append(("data-free LMD, equal steps", args.steps, None))
+            runs.append((f"data-free LMD{tag}, equal steps", args.steps, None))
         for label, steps, limit in runs:
             parts, tr, cpu, n = train(free_cfg, True, steps, limit, args.progress)
             cost = parts.objective.points.cost()
             rows.append(dict(seed=seed, method=label, steps=n, cpu=cpu,
                              teacher_cpu=cost["teacher_seconds"], teacher_nfe=cost["teacher_nfe"],
                              paths=cost["teacher_paths_solved"], error=errors(tr.ema)))
-        for r in rows[-len(runs) - 1:]:
+        for r in rows[-len(runs) - (args.budget is None):]:
             print(f"seed {seed} {r['method']:28s} steps {r['steps']:5d} cpu {r['cpu']:6.1f}s "
                   f"(teacher {r['teacher_cpu']:.1f}s) " +
                   " ".join(f"{k}:{r['error'][k]:.4f}" for k in STEPS), flush=True)
     if args.part:  # one process per seed: gmm-seed<S>.json, merged by `gmm-table`
         ROOT.mkdir(parents=True, exist_ok=True)
-        (ROOT / f"gmm-seed{'-'.join(map(str, args.seeds))}.json").write_text(json.dumps(rows, indent=2))
+        name = "-".join(map(str, args.seeds)) + ("-" + "-".join(args.free) if args.free else "")
+        (ROOT / f"gmm-seed{name}.json").write_text(json.dumps(rows, indent=2))
         return 0
     return _write("gmm", rows, args, "exact-map error at k steps")
 
@@ -196,6 +201,9 @@ def main() -> int:
     a.add_argument("--progress", action="store_true")
     a.add_argument("--equal-steps", action="store_true", help="also data-free LMD at the same steps")
     a.add_argument("--part", action="store_true", help="write gmm-seed<S>.json only (then gmm-table)")
+    a.add_argument("--free", nargs="*", default=[], help="data.* overrides of the data-free runs")
+    a.add_argument("--budget", type=float, help="CPU seconds of a data-based run measured before "
+                   "(skips the data-based run)")
     sub.add_parser("gmm-table")
     b = sub.add_parser("digits")
     b.add_argument("--mode", choices=["data", "free"], required=True)
