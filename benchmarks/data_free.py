@@ -137,7 +137,7 @@ def digits(args) -> int:
     free = args.mode == "free"
     cfg = digits_config(args, free)
     parts, tr, cpu, n = train(cfg, free, cfg.train.steps, args.budget, args.progress)
-    out = ROOT / f"digits-{args.mode}"
+    out = ROOT / f"{args.name}-{args.mode}"
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     cfg.train.steps = n
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -158,21 +158,22 @@ def digits_eval(args) -> int:
     stats = ROOT / "reference"  # `flowmaps fid-stats --preset digits --out` this folder
     rows = []
     for mode, label in (("data", "data-based LMD"), ("free", "data-free LMD")):
-        run = ROOT / f"digits-{mode}"
+        run = ROOT / f"{args.name}-{mode}"
         info = json.loads((run / "budget.json").read_text())
-        result = evaluate_runs([str(run)], None, ROOT / f"digits-eval-{mode}", True, [1, 4], args.n,
+        result = evaluate_runs([str(run)], None, ROOT / f"{args.name}-eval-{mode}", True, [1, 4], args.n,
                                False, names=[label], progress=False,
                                overrides=[f"eval.fid_stats={stats}", "eval.solvers=[euler]"])
         fd = {r.steps: r.fd for r in result["rows"] if r.method == label}
         rows.append(dict(method=label, steps=info["steps"], cpu=info["cpu"],
                          teacher_cpu=info.get("teacher_seconds", 0.0), fd=fd))
         print(rows[-1], flush=True)
-    return _write("digits", rows, args, "FD at k steps", ks=(1, 4))
+    return _write(args.name, rows, args, "FD at k steps", ks=(1, 4))
 
 
 def _write(name, rows, args, metric, ks=STEPS) -> int:
     ROOT.mkdir(parents=True, exist_ok=True)
     key = "error" if name == "gmm" else "fd"
+    gmm_like = name == "gmm"
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [f"| method | seeds | steps | CPU s (teacher ODE s) | " + " | ".join(f"{k} step{'s' * (k > 1)}"
                                                                        for k in ks) + " |",
@@ -180,7 +181,7 @@ def _write(name, rows, args, metric, ks=STEPS) -> int:
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
         mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
-        cells = [f"{mean(lambda r: r[key][k]):.4f}" if name == "gmm" else f"{mean(lambda r: r[key][k]):.2f}"
+        cells = [f"{mean(lambda r: r[key][k]):.4f}" if gmm_like else f"{mean(lambda r: r[key][k]):.2f}"
                  for k in ks]
         lines.append(f"| {m} | {len(sel)} | {mean(lambda r: r['steps']):.0f} | {mean(lambda r: r['cpu']):.0f} "
                      f"({mean(lambda r: r['teacher_cpu']):.1f}) | " + " | ".join(cells) + " |")
@@ -218,7 +219,9 @@ def main() -> int:
     b.add_argument("--refresh-every", type=int, default=200)
     b.add_argument("--paths", type=int, default=4096)
     b.add_argument("--progress", action="store_true")
+    b.add_argument("--name", default="digits", help="results prefix (runs NAME-data, NAME-free)")
     c = sub.add_parser("digits-eval")
+    c.add_argument("--name", default="digits")
     c.add_argument("--n", type=int, default=2000)
     args = p.parse_args()
     torch.set_num_threads(1)
