@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 OUT = ROOT / "benchmarks" / "results" / "training_test_spread.json"
 MODULES = ["test_self_distillation_training", "test_training", "test_teacher_factory", "test_image_metrics",
-           "test_images"]
+           "test_images", "test_data_free"]
 CAPS = ["default", "avx2", "avx512"]
 
 

@@ -267,3 +267,134 @@ def test_from_pretrained_wants_an_exported_folder(runs):
     assert "flowmaps export" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="not found"):
         fm.FlowMap.from_pretrained(runs.root / "nowhere")
+
+
+# --- every command takes the three kinds of model path (issue 17 part 4) ---------------------------
+
+KINDS = {"run": lambda r: r.lmd, "checkpoint": lambda r: r.lmd / "checkpoints" / "final.json",
+         "export": lambda r: r.lmd_export}
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sample_takes_a_run_a_checkpoint_or_an_export(runs, tmp_path, kind):
+    """The same samples (the EMA weights, in data units) from each kind of path; without --out an
+    export's samples go in its folder."""
+    out = tmp_path / kind
+    assert main(["sample", str(KINDS[kind](runs)), "--n", "300", "--steps", "1,2", "--out", str(out)]) == 0
+    ref = tmp_path / "ref"
+    if not ref.exists():
+        assert main(["sample", str(runs.lmd), "--n", "300", "--steps", "1,2", "--out", str(ref)]) == 0
+    for k in (1, 2):
+        assert np.array_equal(np.load(out / f"samples_steps{k}.npy"), np.load(ref / f"samples_steps{k}.npy"))
+
+
+def test_sample_export_dir_writes_into_the_export_and_never_replaces(runs, tmp_path, capsys):
+    folder = tmp_path / "exp"
+    shutil.copytree(runs.vel3_export, folder)
+    assert main(["sample", str(folder), "--n", "50", "--steps", "2"]) == 0  # a velocity export: RK4
+    x = np.load(folder / "samples" / "samples_rk42.npy")
+    reference = ex.load_model(runs.vel3)
+    x0 = reference.interpolant.sample_base(torch.empty(50, 3), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.to_data_units(fm.solve_ode(reference.model.velocity, x0, "rk4", steps=2).x)
+    assert np.array_equal(x, expected.numpy())
+    before = _files(folder)
+    capsys.readouterr()
+    assert main(["sample", str(folder), "--n", "50", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+    assert _files(folder) == before
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_evaluate_takes_a_run_a_checkpoint_or_an_export(runs, tmp_path, kind):
+    """The same table rows (the map's, and the exact teacher's the export records) from each kind."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(KINDS[kind](runs)), "--out", str(out), "--steps", "1,2", "--n", "400",
+                 "--no-dopri5"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    ref = ex.load_model(runs.lmd)
+    x0 = ref.interpolant.sample_base(torch.empty(400, 2), torch.Generator().manual_seed(ref.config.eval.seed))
+    from flowmaps.exact import GaussianMixture
+
+    spec = ref.config.data.gmm
+    gmm = GaussianMixture(spec.means, covs=spec.covs, weights=spec.weights, interpolant=ref.interpolant)
+    with torch.no_grad():
+        expected = float((ref.model.sample(x0, steps=1).double() - gmm.flow(x0.double(), 0.0, 1.0))
+                         .norm(dim=1).mean())
+    one = [r for r in rows if r["sampler"] == "flow map" and r["steps"] == 1]
+    assert len(one) == 1 and one[0]["map_error"] == pytest.approx(expected, rel=1e-5)
+    assert any(r["method"] == "exact velocity" for r in rows)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_tune_grid_takes_a_run_a_checkpoint_or_an_export(runs, tmp_path, kind):
+    """The same tuned grid from each kind, stored in the run (run, checkpoint) or the export's folder;
+    `sample --grid tuned` reads it back from there."""
+    root = tmp_path / "copy"
+    shutil.copytree(runs.root / "lmd", root / "lmd")
+    shutil.copytree(runs.lmd_export, root / "lmd-export")
+    copy = SimpleNamespace(lmd=root / "lmd", lmd_export=root / "lmd-export")
+    path = KINDS[kind](copy)
+    assert main(["tune-grid", str(path), "--steps", "2", "--n", "128", "--iters", "10", "--quiet"]) == 0
+    home = copy.lmd_export if kind == "export" else copy.lmd
+    grids = json.loads((home / "tuned_grids.json").read_text())
+    assert grids["reference"] == "exact flow map"
+    other = tmp_path / "other"
+    shutil.copytree(runs.lmd_export if kind != "export" else runs.root / "lmd", other)
+    assert main(["tune-grid", str(other), "--steps", "2", "--n", "128", "--iters", "10", "--quiet"]) == 0
+    assert json.loads((other / "tuned_grids.json").read_text())["grids"] == grids["grids"]
+    assert main(["sample", str(path), "--grid", "tuned", "--steps", "2", "--n", "20", "--out",
+                 str(tmp_path / "s")]) == 0
+
+
+@pytest.mark.parametrize("command", [["sample"], ["evaluate"], ["tune-grid"]])
+@pytest.mark.parametrize("bad, message", [("nowhere", "checkpoint not found"),
+                                          ("notes.txt", "not a flowmaps checkpoint"),
+                                          ("empty", "neither a run directory"),
+                                          ("half", "config.json not found")])
+def test_each_bad_model_path_is_one_line(runs, tmp_path, capsys, command, bad, message):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    shutil.copy(runs.lmd_export / "model.safetensors", tmp_path / "half")
+    before = _files(tmp_path)
+    out = ["--out", str(tmp_path / "out")] if command[0] != "tune-grid" else []
+    assert main([*command, str(tmp_path / bad), *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flowmaps: error:") and message in err[0], err
+    assert _files(tmp_path) == before
+
+
+def test_exports_without_a_recorded_run_config(runs, tmp_path, capsys):
+    """An export written before the run config was recorded is read through its preset; one made by
+    FlowMap.save_pretrained records nothing: sample works, evaluate names what is missing in one line
+    and works once the data is given as overrides."""
+    old = tmp_path / "old"
+    shutil.copytree(runs.lmd_export, old)
+    config = json.loads((old / "config.json").read_text())
+    config.pop("run_config")
+    (old / "config.json").write_text(json.dumps(config))
+    assert ex.load_model(old).config_source == "preset"
+    assert main(["evaluate", str(old), "--out", str(tmp_path / "e1"), "--steps", "1", "--n", "200",
+                 "--no-dopri5"]) == 0
+    bare = tmp_path / "bare"
+    fm.load(runs.lmd_export).save_pretrained(bare)
+    assert ex.load_model(bare).config_source is None
+    assert main(["sample", str(bare), "--n", "20", "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(bare), "--out", str(tmp_path / "e2"), "--steps", "1", "--n", "200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no training config" in err[0] and "data.name" in err[0]
+    assert not (tmp_path / "e2").exists()
+    assert main(["evaluate", str(bare), "--out", str(tmp_path / "e2"), "--steps", "1", "--n", "200",
+                 "--no-dopri5", "--teacher", "exact", "data.name=gmm"]) == 0
+    rows = json.loads((tmp_path / "e2" / "results.json").read_text())["rows"]
+    assert any(r["method"] == "exact velocity" for r in rows)
+    capsys.readouterr()
+    assert main(["evaluate", str(runs.lmd), "--out", str(tmp_path / "e3"), "data.name=gmm"]) == 2
+    assert "apply to exported models" in capsys.readouterr().err

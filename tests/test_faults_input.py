@@ -520,7 +520,7 @@ def test_bad_checkpoint_is_refused(refused, runs, tmp_path, command, corruption)
 def test_missing_checkpoint(refused, tmp_path):
     refused(["sample", tmp_path / "nowhere" / "final", "--n", "10"], "checkpoint not found", "final")
     (tmp_path / "empty_run").mkdir()
-    refused(["sample", tmp_path / "empty_run"], "empty_run", "without checkpoints/final.json")
+    refused(["sample", tmp_path / "empty_run"], "empty_run", "no checkpoints/final.json", "exported model")
     refused(["evaluate", tmp_path / "nowhere"], "checkpoint not found", "nowhere")
     refused(["distill", "--teacher", tmp_path / "nowhere", *TINY], "checkpoint not found", "nowhere")
 

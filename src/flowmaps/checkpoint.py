@@ -104,7 +104,8 @@ def checkpoint_stem(path: str | Path) -> Path:
         final = path / "checkpoints" / "final"
         if checkpoint_files(final)[0].exists():
             return final
-        raise CheckpointError(f"{path}: a directory without checkpoints/final.json")
+        raise CheckpointError(f"{path}: neither a run directory (no checkpoints/final.json) nor an "
+                              f"exported model (no {MODEL_CONFIG}, see `flowmaps export`)")
     if path.suffix in (".json", ".safetensors"):
         return path.with_suffix("")
     if path.is_file() and not checkpoint_files(path)[0].exists():
@@ -240,7 +241,7 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
     meta_path, weights_path = checkpoint_files(stem)
     if not meta_path.is_file() and not weights_path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (expected {meta_path.name} and "
-                              f"{weights_path.name}, or a run directory)")
+                              f"{weights_path.name}, a run directory or an exported model folder)")
     if not meta_path.is_file():
         kind = _sniff(*_head_tail(weights_path))
         if kind is not None:

@@ -229,7 +229,8 @@ def _add_sample(sub, fmt) -> None:
                        description="Draw --n samples at each step count; writes samples_<label>.npy "
                                    "(data units) and samples.png. Flow maps jump along a uniform grid "
                                    "(or --grid); velocity checkpoints use an ODE solver (--solver).")
-    p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json) or a run directory")
+    p.add_argument("checkpoint", help="checkpoint path (STEM, STEM.json), a run directory or an "
+                   "exported model folder (`flowmaps export`); samples go in the run or the folder")
     p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=10000,
                    help="number of samples (default 10000; under torchrun write --num-samples: "
                    "torchrun reads --n as an abbreviation of its own options)")
@@ -287,9 +288,11 @@ def _add_evaluate(sub, fmt) -> None:
                                    "DPM-Solver++(2M) at the same NFE, and a diffusers teacher's own "
                                    "scheduler. Writes table.md, results.json and plots.",
                        epilog=EVALUATE_SAMPLERS)
-    p.add_argument("checkpoints", nargs="+", help="flow-map checkpoints (and optionally a velocity "
-                   "checkpoint, used as the teacher), and eval.* overrides as key=value (e.g. "
-                   "eval.fid_stats=DIR made by `flowmaps fid-stats`, eval.n_samples=5000)")
+    p.add_argument("checkpoints", nargs="+", help="flow-map checkpoints, run directories or exported "
+                   "model folders (and optionally a velocity one, used as the teacher), and eval.* "
+                   "overrides as key=value (e.g. eval.fid_stats=DIR made by `flowmaps fid-stats`, "
+                   "eval.n_samples=5000); an export also takes data.* and teacher.* (its data and "
+                   "teacher when it records none, or when they are elsewhere here)")
     p.add_argument("--teacher", metavar="CKPT|exact", help="teacher velocity (default: the one the "
                    "first checkpoint was distilled from)")
     p.add_argument("--steps", type=_steps_list, help="step counts (default: the config's eval.steps)")
@@ -321,7 +324,8 @@ def _add_tune_grid(sub, fmt) -> None:
                                    "RUN/tuned_grids.json (grids of other k kept); `flowmaps sample RUN "
                                    "--grid tuned --steps 2,4` and `flowmaps evaluate RUN --grid tuned` "
                                    "use them.")
-    p.add_argument("run", help="run directory or checkpoint of a flow map")
+    p.add_argument("run", help="run directory, checkpoint or exported model folder of a flow map (the "
+                   "grids are stored in the run or the folder)")
     p.add_argument("--steps", type=_steps_list, default=[2, 4, 8], help="step counts (default 2,4,8)")
     p.add_argument("--n", type=_positive_int, default=2048, help="base points to tune on (default 2048)")
     p.add_argument("--seed", type=int, default=7, help="seed of the base points (default 7)")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import checkpoint_stem
 from ..data.grids import save_labeled_grids
 from ..data.points import load_array
 from ..nets.guidance import guidance_condition
@@ -23,7 +22,7 @@ from ..runs.config import ConfigError
 from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
 from ..runs import extras
 from ..runs.devices import open_device
-from ..runs.grid_tuning import load_tuned_grids
+from ..runs.grid_tuning import load_tuned_grids, run_directory
 from ..runs.rundir import RunDirError, check_parents
 from ..solvers import solve_ode
 from ..train import distributed
@@ -45,8 +44,8 @@ def cmd_sample(args) -> int:
         loaded.decoder = latent_codec(loaded.config, loaded.scales, device, vae=args.vae)
     elif getattr(args, "vae", None):
         raise ConfigError("--vae: applies to models trained on latents (data.name=latents)")
-    stem = checkpoint_stem(args.checkpoint)
-    out = Path(args.out) if args.out else stem.parent.parent / "samples"
+    # a run's samples go in the run, an exported model's in its folder
+    out = Path(args.out) if args.out else run_directory(args.checkpoint) / "samples"
     jobs = _jobs(args, loaded)
     image = len(sample_shape(loaded.scales)) == 3
     data = _data_to_plot(args, loaded, image)
@@ -67,7 +66,7 @@ def cmd_sample(args) -> int:
         from ..runs.plotting import plot_samples
 
         png = plot_samples(shown, shown[next(iter(shown))] if data is None else data,
-                           out / "samples.png", title=str(stem))
+                           out / "samples.png", title=str(args.checkpoint))
     print(f"wrote {png}")
     return 0
 

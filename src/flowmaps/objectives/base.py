@@ -106,6 +106,14 @@ class Objective:
         """The logged value of each term: its batch mean, a detached 0-dim tensor (no host read)."""
         return {k: v.detach().mean() for k, v in terms.items()}
 
+    points = None  # where the points at time s come from without data (SelfDistillation.data_free)
+
+    def data_free(self, shape, device="cpu", dtype=torch.float32, seed: int = 0, **options):
+        """Prepare to train without data and return the source of points (spec E.8); objectives that
+        learn from data refuse with a one-line ValueError (a teacher's distillations accept)."""
+        raise ValueError(f"{self.name} learns from data; training without data (data=None, "
+                         "data.name=none) needs a teacher distillation such as LMD or EMD")
+
     def begin_step(self, model, step: int) -> None:
         """Called by the trainer before each optimisation step (stateful objectives override it)."""
 

@@ -92,7 +92,7 @@ class SelfDistillation(Objective):
                     adaptive_eps=1e-3, tangent_c=0.1, tangent_warmup=0, weight_channels=128,
                     guidance=1.0, null_label=None, guidance_kappa=0.0, guidance_interval=(0.0, 1.0),
                     diagonal_times="own", offdiag_dropout=False, ema_warmup=True, times=None,
-                    weight=None)
+                    weight=None, points=None)
         unknown = set(options) - set(opts)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}")
@@ -113,6 +113,9 @@ class SelfDistillation(Objective):
                                      kappa=opts["guidance_kappa"], interval=opts["guidance_interval"],
                                      ema_warmup=opts["ema_warmup"])
         self.offdiag_dropout = bool(opts["offdiag_dropout"])
+        self.points = None
+        if opts["points"] is not None:
+            self.use_points(opts["points"])
         self.learned = LearnedWeight(opts["weight_channels"]) if self.weighting == "learned" else None
         self.adaptive = (AdaptiveWeight(opts["adaptive_p"], opts["adaptive_eps"])
                          if self.weighting == "adaptive" else None)
@@ -187,6 +190,55 @@ class SelfDistillation(Objective):
         if o["weight"] is not None and o["weighting"] != "none":
             raise ValueError("give either a weight function or a weighting, not both")
 
+    # --- distillation without data (spec E.8) ---------------------------------------------------
+    def data_free_refusal(self) -> str | None:
+        """Why this objective cannot train without data, or ``None`` when it can: the points at time
+        ``s`` then come from the teacher's paths, so the velocity source must be the teacher, no term
+        may need the interpolant's conditional velocity ``İ`` (flow matching on the diagonal,
+        ``source="conditional"``), and the residual must not compose the model's own jumps."""
+        kind = self.source.kind
+        if any(getattr(type(self), m) is not getattr(SelfDistillation, m)
+               for m in ("terms", "_residual", "_diagonal")):
+            return (f"{self.name}: its own step reads the data's interpolant; distillation without data "
+                    "is for LMD, EMD and the self-distillation step with objective.source=teacher")
+        if kind != "teacher":
+            what = "its own diagonal" if kind in ("self", "ema") else "the data's conditional velocity"
+            return (f"{self.name} learns from {what} (source={kind}); without data it needs a teacher "
+                    "(objective.source=teacher with eta=0 or diagonal=teacher)")
+        if self.residual == "progressive":
+            return f"{self.name}: a progressive residual composes the model's own jumps; it needs data"
+        if (self.times.eta > 0 or self.times.annealing) and self.diagonal != "teacher":
+            return (f"{self.name}: its diagonal term is flow matching on the data (eta > 0, "
+                    "diagonal=conditional); without data use eta=0 or diagonal=teacher")
+        return None
+
+    def use_points(self, points) -> None:
+        """Draw the points at time ``s`` from ``points`` (a :class:`~flowmaps.objectives.trajectories.TeacherPaths`)
+        instead of the interpolant of the data; refused (ValueError) when the objective needs data."""
+        why = self.data_free_refusal()
+        if why is not None:
+            raise ValueError(why)
+        self.points = points
+
+    def data_free(self, shape, device="cpu", dtype=torch.float32, seed: int = 0, **options):
+        """Prepare to train without data: the teacher's paths (``options`` go to
+        :class:`~flowmaps.objectives.trajectories.TeacherPaths`) unless points were given; returns them."""
+        from .trajectories import TeacherPaths
+
+        if self.points is None:
+            why = self.data_free_refusal()
+            if why is not None:
+                raise ValueError(why)
+            self.use_points(TeacherPaths(self.source.teacher, self.interpolant, shape, seed=seed,
+                                         device=device, dtype=dtype, **options))
+        return self.points
+
+    def _start(self, x0: Tensor, x1: Tensor, s: Tensor) -> Tensor:
+        """The points at times ``s``: ``I_s`` of the data, or on the teacher's paths without data."""
+        if self.points is None:
+            return self.interpolant.interpolate(x0, x1, s)
+        return self.points.at(s, self.generator)
+
     @property
     def teacher(self):
         """The external teacher velocity (source ``"teacher"``), else ``None``."""
@@ -201,6 +253,8 @@ class SelfDistillation(Objective):
         self.step = int(step)
         self.times.begin_step(step)
         self.source.begin_step(model, step)
+        if self.points is not None:
+            self.points.begin_step(step)
 
     def trainable_modules(self):
         return [self.learned] if self.learned is not None else []
@@ -246,7 +300,8 @@ class SelfDistillation(Objective):
     fuse_passes = True
 
     def _fusable(self, model) -> bool:
-        if not (self.fuse_passes and self.residual == "lagrangian" and self.form == "map"
+        if not (self.fuse_passes and self.points is None and self.residual == "lagrangian"
+                and self.form == "map"
                 and self.stopgrad == "target" and self.diagonal == "conditional"
                 and hasattr(model, "v_jvps") and model._fused("forward_and_jvps")):
             return False
@@ -282,7 +337,7 @@ class SelfDistillation(Objective):
         conditional source under guidance (MeanFlow) the target is the guided ``b^g_t(I_t)``, as the
         official loss regresses every sample, ``r = t`` included, on it."""
         if self.diagonal == "teacher":
-            i_t = self.interpolant.interpolate(x0, x1, t)
+            i_t = self._start(x0, x1, t)
             target = self.source.at(model, i_t, t, cond, grad="none")  # under no_grad
         else:
             i_t, target = self.interpolant(x0, x1, t)
@@ -298,14 +353,14 @@ class SelfDistillation(Objective):
                 else model
             return progressive(model, i_s, s, t, cond, teacher, self._draw_gamma(s))
         if self.residual == "lagrangian":
-            i_s = self.interpolant.interpolate(x0, x1, s)
+            i_s = self._start(x0, x1, s)
             return lagrangian(model, i_s, s, t, cond, self.source, self.stopgrad, self.form, warmup,
                               self.record)
         if self.source.kind == "conditional":
             i_s, di_s = self.interpolant(x0, x1, s)
             b = self.source.conditional(model, i_s, di_s, s, cond)
         else:
-            i_s = self.interpolant.interpolate(x0, x1, s)
+            i_s = self._start(x0, x1, s)
             b = self.source.at(model, i_s, s, cond, grad="all" if self.stopgrad == "none" else "none")
         return eulerian(model, i_s, b, s, t, cond, self.stopgrad, self.form, warmup, self.record)
 

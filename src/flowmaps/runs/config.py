@@ -57,6 +57,10 @@ class DataConfig:
     image_size: int | None = None
     hflip: bool = False
     limit: int | None = None
+    teacher_paths: int = 4096
+    teacher_steps: int = 32
+    refresh_every: int = 100
+    refresh_paths: int = 256
     gmm: GMMSpec = field(default_factory=GMMSpec)
 
 
@@ -333,7 +337,8 @@ SELF_DISTILLATION = ("lsd", "esd", "psd", "meanflow", "shortcut", "ct", "imf", "
 
 CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
-                  "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder", "latents"),
+                  "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder", "latents",
+                  "none"),
     "model.name": ("mlp", "unet", "dit"),
     "model.dit_size": ("S", "B", "L", "XL"),
     "model.qk_norm": ("rms", "layer", "none"),
@@ -373,7 +378,8 @@ POSITIVE = ("data.n_train", "data.n_eval", "model.width", "model.depth",
             "eval.batch_size", "eval.classifier_steps", "objective.time_std", "objective.adaptive_eps",
             "objective.tangent_c", "objective.dyadic_levels", "objective.alpha_gamma",
             "objective.target_clamp", "decode.batch_size", "model.patch", "model.dit_width",
-            "model.dit_depth", "model.heads", "model.fd_eps")
+            "model.dit_depth", "model.heads", "model.fd_eps", "data.teacher_paths", "data.teacher_steps",
+            "data.refresh_paths")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -394,7 +400,7 @@ def _validate(cfg: Config) -> None:
     if not _DEVICE.match(cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use cpu, cuda, cuda:N "
                           "or mps")
-    for key in ("model.n_frequencies", "train.warmup_steps"):
+    for key in ("model.n_frequencies", "train.warmup_steps", "data.refresh_every"):
         if flat[key] is not None and flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
     if not 0 <= cfg.train.lr_final <= 1:
@@ -467,6 +473,8 @@ def _validate(cfg: Config) -> None:
     if cfg.data.name == "latents" and not cfg.data.path:
         raise ConfigError("data.path: required when data.name is 'latents' (a folder made by "
                           "`flowmaps encode`)")
+    if cfg.data.name == "none":
+        _validate_data_free(cfg)
     _validate_teacher(cfg.teacher)
 
 
@@ -504,6 +512,24 @@ def _validate_fast_samplers(e: EvalConfig) -> None:
     if not isinstance(e.schedulers, list) or any(
             not isinstance(v, str) or not re.match(r"[A-Za-z_]\w*\Z", v) for v in e.schedulers):
         raise ConfigError(f"eval.schedulers: 'own' or diffusers scheduler class names, got {e.schedulers}")
+
+
+def _validate_data_free(cfg: Config) -> None:
+    """``data.name=none`` (spec E.8): what training without a dataset cannot do, one line each."""
+    o, t = cfg.objective, cfg.teacher
+    if o.name in ("velocity", "fmm") or (o.name in SELF_DISTILLATION and o.source != "teacher"):
+        raise ConfigError(f"data.name: none trains from a teacher's ODE paths, but {o.name} learns from "
+                          "data (use `flowmaps distill` with lmd or emd, or objective.source=teacher)")
+    if o.name == "pfmm":
+        raise ConfigError("data.name: none: pfmm trains at the data's interpolant points; use lmd or emd")
+    if t.factory is not None:
+        raise ConfigError("data.name: none needs the sample shape from the teacher: use teacher.checkpoint "
+                          "or teacher.exact (a teacher.factory model brings no shape)")
+    if cfg.data.standardize:
+        raise ConfigError("data.standardize: without data the model space is the teacher's (its "
+                          "standardiser, if any, is kept); drop data.standardize")
+    if cfg.model.class_conditional:
+        raise ConfigError("model.class_conditional: training without data draws no class labels")
 
 
 def _validate_teacher(t: TeacherConfig) -> None:

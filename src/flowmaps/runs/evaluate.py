@@ -42,7 +42,8 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     progress = progress and dist.is_main
     loaded = [ex.load_model(c, device=device) for c in checkpoints]
     first = loaded[0]
-    cfg = _with_eval_overrides(first.config, overrides)
+    cfg = _with_eval_overrides(first.config, overrides, exported=first.config_source != "checkpoint")
+    _check_recorded(first, cfg, overrides or [], teacher)
     bundle = _shared_data(cfg, loaded, checkpoints)
     if bundle.latents is not None:  # samples (and sheets) decoded to images on the device
         from .latents import latent_codec
@@ -111,16 +112,30 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
 
 # --- what is evaluated -----------------------------------------------------------------------------
 
-def _with_eval_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """The first checkpoint's config with ``eval.*`` and ``decode.*`` overrides applied (any other key
-    is refused)."""
+def _with_eval_overrides(cfg: Config, overrides: list[str] | None, exported: bool = False) -> Config:
+    """The first checkpoint's config with ``eval.*`` and ``decode.*`` overrides applied (any other key is
+    refused). An exported model (first path) also takes ``data.*`` and ``teacher.*``: an export may not
+    record its data or teacher, or record paths that are elsewhere on this machine."""
     if not overrides:
         return cfg
-    bad = [o for o in overrides if not o.startswith(("eval.", "decode."))]
+    allowed = ("eval.", "decode.", "data.", "teacher.") if exported else ("eval.", "decode.")
+    bad = [o for o in overrides if not o.startswith(allowed)]
     if bad:
-        raise ConfigError(f"override {bad[0]!r}: evaluate takes eval.* and decode.* overrides only (the "
-                          "rest comes from the checkpoints)")
+        what = ("eval.*, decode.*, data.* and teacher.* overrides only (the rest comes from the export)"
+                if exported else "eval.* and decode.* overrides only (the rest comes from the checkpoints; "
+                "data.* and teacher.* apply to exported models)")
+        raise ConfigError(f"override {bad[0]!r}: evaluate takes {what}")
     return build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
+
+
+def _check_recorded(first: ex.Loaded, cfg: Config, overrides: list[str], teacher: str | None) -> None:
+    """An export that records no run config (``FlowMap.save_pretrained``) is evaluated only on data
+    given as ``data.*`` overrides: one line naming what is missing (its teacher is optional: without
+    one the table has the maps' rows only). The map's own standardiser and interpolant are the export's."""
+    if first.config_source is None and not any(o.startswith("data.") for o in overrides):
+        raise ConfigError(f"{first.path}: the export records no training config (saved by "
+                          "FlowMap.save_pretrained); name its data as overrides, e.g. data.name=gmm "
+                          "(and a teacher: --teacher CKPT|exact or teacher.*)")
 
 
 def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -> ex.DataBundle:
@@ -135,6 +150,8 @@ def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -
     if bundle.dim != dim:
         raise ConfigError(f"{cfg.data.path or cfg.data.name}: data has dimension {bundle.dim}, "
                           f"{checkpoints[0]} was trained on dimension {dim}")
+    if first.config_source != "checkpoint":  # an export: samples in data units by its own standardiser
+        bundle.standardizer = first.standardizer
     ex.attach_reference(cfg, bundle, first.interpolant)
     return bundle
 

@@ -16,17 +16,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, check_model_metadata, load_checkpoint, save_checkpoint
+from ..checkpoint import (CheckpointError, check_model_metadata, load_checkpoint, model_folder,
+                          save_checkpoint)
 from ..data.images import ByteImages
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
 from ..flowmap import FlowMap
 from ..interpolants import Interpolant, make_interpolant
 from ..nets.mlp import MLP
+from ..solvers import solve_ode
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
-from .config import SELF_DISTILLATION, Config, ConfigError, to_dict
+from .config import SELF_DISTILLATION, Config, ConfigError, list_presets, load_config, to_dict
 from .typed import build
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
@@ -57,6 +59,8 @@ class DataBundle:
     image: bool = False
     latents: dict | None = None  # the index of a latents folder (data.name: latents)
     decoder: Callable[[Tensor], Tensor] | None = None  # latents -> images (set where images are shown)
+    data_free: bool = False  # data.name=none: train and held_out are the teacher's samples (spec E.8)
+    teacher_scales: dict | None = None  # data.name=none with a checkpoint teacher: its scales
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -85,6 +89,8 @@ def build_data(cfg: Config) -> DataBundle:
     """Generate or load the dataset; split off ``n_eval`` held-out samples."""
     g = torch.Generator().manual_seed(cfg.data.seed)
     d = cfg.data
+    if d.name == "none":
+        return _build_data_free(cfg)
     if d.name in IMAGE_DATASETS:
         return _build_images(cfg)
     if d.name == "latents":
@@ -110,6 +116,35 @@ def build_data(cfg: Config) -> DataBundle:
         from ..metrics.points import checkerboard_kl
         kl = checkerboard_kl
     return DataBundle(train=train, held_out=held_out, standardizer=standardizer, kl=kl)
+
+
+def _build_data_free(cfg: Config) -> DataBundle:
+    """``data.name=none`` (spec E.8): no dataset. What a run still needs from data comes from the
+    teacher's samples: the scales (``"data"`` scales resolved on them), the validation batch and the
+    held-out set of the plots and of ``evaluate``. With ``teacher.exact`` those are samples of the
+    mixture ``data.gmm`` (the exact flow's law at ``t = 1``); with ``teacher.checkpoint`` the teacher's
+    RK4 samples (``data.teacher_steps`` intervals) from ``min(n_eval, 2048)`` base points of
+    ``data.seed``, in the teacher's model space (its standardiser kept). Training never reads them: its
+    points lie on the teacher's paths (:class:`~flowmaps.objectives.trajectories.TeacherPaths`)."""
+    d, t = cfg.data, cfg.teacher
+    g = torch.Generator().manual_seed(d.seed)
+    if t.exact:
+        ref = _gmm_reference(cfg)
+        train, held_out = ref.sample(min(d.n_eval, 2048), generator=g), ref.sample(d.n_eval, generator=g)
+        return DataBundle(train=train, held_out=held_out, standardizer=None, data_free=True)
+    if not t.checkpoint:
+        raise ConfigError("data.name: none needs teacher.checkpoint or teacher.exact")
+    teacher = load_model(t.checkpoint)
+    if teacher.scales.get("num_classes", 0):
+        raise ConfigError(f"teacher.checkpoint: {t.checkpoint} is class-conditional; training without "
+                          "data draws no class labels")
+    shape = sample_shape(teacher.scales)
+    n = min(d.n_eval, 2048)
+    x0 = teacher.interpolant.sample_base(torch.empty(n, *shape), g)
+    with torch.no_grad():
+        x1 = solve_ode(teacher.model.velocity, x0, "rk4", steps=d.teacher_steps).x
+    return DataBundle(train=x1, held_out=teacher.to_data_units(x1), standardizer=teacher.standardizer,
+                      image=len(shape) == 3, data_free=True, teacher_scales=teacher.scales)
 
 
 def _build_images(cfg: Config) -> DataBundle:
@@ -173,6 +208,10 @@ def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
         raise ConfigError(f"model.name: {m.name} needs image data; {cfg.data.name} is vector data (use mlp)")
     if m.class_conditional and not bundle.num_classes:
         raise ConfigError(f"model.class_conditional: {cfg.data.name} has no class labels")
+    if bundle.teacher_scales is not None:  # without data: the teacher's base scale, σ_data "data" from its samples
+        return {"sigma0": bundle.teacher_scales["sigma0"],
+                "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
+                "shape": list(bundle.sample_shape), "num_classes": 0}
     scales = {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
               "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
               "shape": list(bundle.sample_shape),
@@ -192,7 +231,8 @@ def build_interpolant(cfg: Config, scales: dict) -> Interpolant:
 
 def attach_reference(cfg: Config, bundle: DataBundle, interpolant: Interpolant) -> None:
     """For gmm data, the exact reference (velocity, flow map, density) under this interpolant."""
-    if cfg.data.name == "gmm" and bundle.standardizer is None:
+    exact_teacher = cfg.data.name == "none" and cfg.teacher.exact  # the mixture defines the teacher
+    if (cfg.data.name == "gmm" or exact_teacher) and bundle.standardizer is None:
         bundle.reference = _gmm_reference(cfg, interpolant)
         from ..metrics.points import histogram_kl
         ref = bundle.reference
@@ -429,6 +469,11 @@ class Loaded:
     metadata: dict
     weights: str = "model"  # which weights: model (raw), ema (classic), or a power profile's name
     decoder: Callable[[Tensor], Tensor] | None = None  # latents -> images (runs.latents.latent_codec)
+    # Where ``config`` comes from: "checkpoint" (a run's checkpoint), "export" (an export's recorded run
+    # config), "preset" (an older export: rebuilt from its preset, objective and data name), or None
+    # (an export made by FlowMap.save_pretrained: nothing recorded; ``config`` is a placeholder).
+    config_source: str | None = "checkpoint"
+    path: str = ""
 
     def to_data_units(self, x: Tensor) -> Tensor:
         """Model space to data units: un-standardised, and decoded when a decoder is set."""
@@ -523,6 +568,9 @@ def load_model(path: str | Path, use_ema: bool | str = True, device="cpu") -> Lo
     with its config, scales and standardiser; ``.model`` carries its interpolant, sample shape,
     number of classes and standardiser (``.model.to_data_units``), as :func:`flowmaps.load` returns
     it. ``.weights`` names the weights loaded (``model``, ``ema``, ``std0.050``…)."""
+    folder = model_folder(path)
+    if folder is not None:
+        return _load_export(folder, use_ema, device)
     groups, meta = load_checkpoint(path, check=check_model_checkpoint)
     try:
         cfg = build(Config, meta["config"])
@@ -544,4 +592,49 @@ def load_model(path: str | Path, use_ema: bool | str = True, device="cpu") -> Lo
     # what sampling needs travels with the map (as FlowMap.from_pretrained sets it)
     model.interpolant, model.standardizer = interpolant, std
     model.sample_shape, model.num_classes = sample_shape(scales), scales.get("num_classes", 0)
-    return Loaded(model, interpolant, cfg, scales, std, meta, weights)
+    return Loaded(model, interpolant, cfg, scales, std, meta, weights, path=str(path))
+
+
+def _load_export(folder: Path, use_ema: bool | str, device) -> Loaded:
+    """An exported folder (``flowmaps export`` / :meth:`FlowMap.save_pretrained`) as a :class:`Loaded`,
+    so every command takes it where it takes a run. The map, interpolant, scales and standardiser are the
+    export's own. The config: the run's, recorded by ``flowmaps export`` (``run_config``); for an older
+    export the preset, objective and data name it records (``trained``); for a bare
+    ``save_pretrained`` folder a placeholder (``config_source=None``: what needs the data or the teacher
+    says so in one line). One set of weights is exported: ``use_ema=False`` is refused for an export of
+    the EMA weights."""
+    import json
+
+    model = FlowMap.from_pretrained(folder, device=device)
+    where = folder / "config.json"
+    meta = json.loads(where.read_text(encoding="utf-8"))
+    if use_ema is False and meta.get("weights") == "ema":
+        raise CheckpointError(f"{folder}: holds the EMA weights only (exported without --raw-weights); "
+                              "--raw-weights needs the run or a raw-weights export")
+    trained = meta.get("trained") if isinstance(meta.get("trained"), dict) else {}
+    cfg, source = None, None
+    if isinstance(meta.get("run_config"), dict):
+        try:
+            cfg, source = build(Config, meta["run_config"]).validate(), "export"
+        except ConfigError as err:
+            raise CheckpointError(f"{where}: invalid run_config ({err})") from None
+    elif trained.get("preset") in list_presets():
+        over = [f"objective.name={trained.get('objective') or 'lmd'}"]
+        if trained.get("data") and trained["data"] != "none":
+            over.append(f"data.name={trained['data']}")
+        try:
+            cfg, source = load_config(trained["preset"], None, over), "preset"
+        except ConfigError:
+            cfg = None
+    if cfg is None:  # nothing recorded: a flow map of the export's shape; data and teacher unknown
+        cfg = Config()
+        cfg.objective.name = trained.get("objective") or "lmd"
+        cfg.preset = "export"
+    spec = meta["interpolant"]
+    cfg.interpolant.name = spec["name"]
+    scales = dict(meta["scales"])
+    step = trained.get("step", 0) if isinstance(trained.get("step", 0), int) else 0
+    metadata = {"step": step, "groups": [meta.get("weights", "model")], "domain": model.domain,
+                "objective": cfg.objective.name, "export": str(folder)}
+    return Loaded(model, model.interpolant, cfg, scales, model.standardizer, metadata,
+                  weights=meta.get("weights", "model"), config_source=source, path=str(folder))

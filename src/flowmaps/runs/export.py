@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import model_folder
+from ..checkpoint import CheckpointError, model_folder
 from ..flowmap import FlowMap
+from .config import to_dict
 from .experiment import load_model
 
 __all__ = ["load", "export_model"]
@@ -35,12 +36,17 @@ def export_model(source: str | Path, directory: str | Path, use_ema: bool | str 
     written (``{"directory", "weights", "step", "objective"}``; ``weights``: ``model``, ``ema`` or a
     power-function profile's name, chosen by ``use_ema`` as in :func:`load`). The source is read and
     checked before anything is written; a folder holding files is refused unless ``overwrite``."""
+    if model_folder(source) is not None:
+        raise CheckpointError(f"{source}: is already an exported model; copy the folder instead")
     loaded = load_model(source, use_ema=use_ema)
     weights = loaded.weights
     cfg = loaded.config
     trained = {"objective": cfg.objective.name, "step": loaded.metadata.get("step", 0),
                "data": cfg.data.name, "preset": cfg.preset, "interpolant": cfg.interpolant.name}
+    # the run's resolved config travels with the map, so `sample`, `evaluate` and `tune-grid` find the
+    # data, the teacher and the evaluation settings of an export as they find a run's
     loaded.model.save_pretrained(directory, overwrite=overwrite,
-                                 extra={"weights": weights, "trained": trained})
+                                 extra={"weights": weights, "trained": trained,
+                                        "run_config": to_dict(cfg)})
     return {"directory": Path(directory), "weights": weights, "step": trained["step"],
             "objective": trained["objective"]}

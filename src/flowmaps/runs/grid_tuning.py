@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import _atomic_write, checkpoint_stem
+from ..checkpoint import _atomic_write, checkpoint_stem, model_folder
 from ..solvers import solve_ode, uniform_grid
 from ..tuning import composition_error, self_reference, tune_grid
 from . import experiment as ex
@@ -28,8 +28,12 @@ GRIDS_FILE = "tuned_grids.json"
 
 
 def run_directory(checkpoint: str | Path) -> Path:
-    """The run directory of a checkpoint (``RUN/checkpoints/STEM``) or of a run directory."""
+    """The folder a model's products go in: the run directory of a checkpoint (``RUN/checkpoints/STEM``)
+    or of a run directory, or an exported model's folder (its tuned grids, its samples)."""
     path = Path(checkpoint)
+    folder = model_folder(path)
+    if folder is not None:
+        return folder
     if path.is_dir():
         return path
     return checkpoint_stem(path).parent.parent

@@ -151,6 +151,11 @@ def _assemble(cfg: Config, distill: bool, device: torch.device) -> _Parts:
     torch.manual_seed(cfg.train.seed)
     model = ex.build_model(cfg, scales).to(device)
     objective = ex.build_objective(cfg, interpolant, teacher, num_classes=scales["num_classes"])
+    if bundle.data_free:  # data.name=none: the objective must train on the teacher's paths alone
+        refusal = getattr(objective, "data_free_refusal", None)
+        why = refusal() if refusal is not None else f"{cfg.objective.name} trains at the data's points"
+        if why is not None:
+            raise ConfigError(f"data.name: none: {why}")
     return _Parts(bundle, scales, interpolant, model, objective)
 
 
@@ -194,7 +199,14 @@ class TrainingRun:
                 raise ConfigError("data.hflip: horizontal flips apply to image datasets only")
             augment = random_hflip
         conditional = self.conditional
-        return Trainer(self.parts.model, self.parts.objective, bundle.train.to(self.device),
+        d = self.cfg.data
+        paths = None
+        if bundle.data_free:  # the teacher's ODE paths, solved and refreshed by the objective (spec E.8)
+            paths = dict(paths=d.teacher_paths, steps=d.teacher_steps, refresh_every=d.refresh_every,
+                         refresh_paths=d.refresh_paths)
+        return Trainer(self.parts.model, self.parts.objective,
+                       None if bundle.data_free else bundle.train.to(self.device),
+                       teacher_paths=paths, sample_shape=bundle.sample_shape if paths else None,
                        batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
                        weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                        lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay, seed=t.seed,
@@ -222,6 +234,8 @@ class TrainingRun:
     def train(self, progress: bool, resumed: bool = False) -> Path:
         """Train to ``train.steps``, write the final checkpoint and the plots; returns the run directory."""
         cfg, t, name = self.cfg, self.cfg.train, self.cfg.objective.name
+        if self.parts.objective.points is not None:  # the bar of the first solve of the teacher's paths
+            self.parts.objective.points.progress = progress and self.main
         self._set_validation_batch()
         self.start = time.perf_counter()
         if progress and self.main:
@@ -248,6 +262,12 @@ class TrainingRun:
             final_loss = history[-1] if history else float("nan")
             print(f"[{self.label}] done in {time.perf_counter() - self.start:.0f}s, final loss "
                   f"{final_loss:.4g}; checkpoint {self.run.checkpoints / 'final'}", file=sys.stderr)
+            points = self.parts.objective.points
+            if points is not None:
+                cost = points.cost()
+                print(f"[{self.label}] teacher's ODE paths: {cost['teacher_paths_solved']} solved, "
+                      f"{cost['teacher_nfe']} point evaluations, {cost['teacher_seconds']:.1f}s CPU",
+                      file=sys.stderr)
         return self.run.path
 
     def _set_validation_batch(self) -> None:
@@ -287,7 +307,9 @@ class TrainingRun:
             print(f"flowmaps: warning: step {step}: non-finite {out.skipped}, update skipped "
                   f"(terms {terms})", file=sys.stderr)
         if self.main and (step % t.log_every == 0 or step == t.steps):
-            self.log({"step": step, **out.logged(), "lr": trainer.scheduler.get_last_lr()[0],
+            points = self.parts.objective.points  # without data: the teacher's ODE cost so far
+            self.log({"step": step, **out.logged(), **(points.cost() if points is not None else {}),
+                      "lr": trainer.scheduler.get_last_lr()[0],
                           "grad_norm": float(out.grad_norm),
                           "seconds": round(time.perf_counter() - self.start, 3)})
         if t.ema_snapshot_every and (step % t.ema_snapshot_every == 0 or step == t.steps):

@@ -78,7 +78,11 @@ class Trainer:
             codes' device) — or a callable ``data(n[, generator=g])``, or a source that draws its own
             labeled batches, ``data.draw_labeled(n, g) -> (x, labels | None)`` (labels when its
             ``yields_labels``; :class:`~flowmaps.data.latents.LatentShards`), whose ``state_dict()``
-            (its position, every rank's) is part of :meth:`state_dict`.
+            (its position, every rank's) is part of :meth:`state_dict`;
+            or ``None``: distillation without data (spec E.8), the points at time ``s`` on the teacher's
+            ODE paths from the base (:class:`~flowmaps.objectives.trajectories.TeacherPaths`, options
+            ``teacher_paths``; its cache is rebuilt exactly on resume, its CPU time counted in
+            ``objective.points.cost()``).
         batch_size: samples per optimisation step *per process* (split into ``grad_accum`` micro-batches).
         lr: base learning rate.
         optimizer: ``"adam"`` (default), ``"adamw"`` or ``"radam"`` (the papers' choice).
@@ -118,6 +122,11 @@ class Trainer:
             ``label_dropout`` a label is replaced by ``null_label`` (the unconditional label, for
             classifier-free guidance).
         augment: ``augment(x, generator) -> x`` applied to every drawn batch (e.g. horizontal flips).
+        teacher_paths: options of :class:`~flowmaps.objectives.trajectories.TeacherPaths` when
+            ``data`` is ``None`` (``paths``, ``steps``, ``refresh_every``, ``refresh_paths``); under
+            torchrun every rank holds the same cache (same seed), solved on each rank.
+        sample_shape: the shape of one sample when ``data`` is ``None`` (default: from the model).
+        progress: a progress bar while the teacher's paths are first solved (``data=None``).
         fused: the fused optimiser kernel with the device guard (module docstring); ``None``
             (default): on CUDA for ``adam``/``adamw``, else the multi-tensor (foreach) optimiser.
 
@@ -140,7 +149,8 @@ class Trainer:
                  fused: bool | None = None, lr_schedule: str = "inverse_sqrt",
                  warmup_steps: int = 0, total_steps: int | None = None, lr_final: float = 0.0,
                  ema_warmup: bool = True, ema_std: Sequence[float] | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999)):
+                 betas: tuple[float, float] = (0.9, 0.999), teacher_paths: dict | None = None,
+                 sample_shape=None, progress: bool = False):
         from . import distributed as dist_
 
         if batch_size < 1:
@@ -195,6 +205,15 @@ class Trainer:
                                  "label used by label dropout and guidance)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
+        if data is None:  # without data: the objective's points on the teacher's paths (spec E.8)
+            if labels is not None:
+                raise ValueError("labels: class-conditional training needs data (data=None has none)")
+            shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+            points = objective.data_free(shape, device=self.device, dtype=params[0].dtype, seed=seed,
+                                         progress=progress, **(teacher_paths or {}))
+            data = points.placeholder
+        elif teacher_paths is not None:
+            raise ValueError("teacher_paths: applies to training without data (data=None)")
         # A source that draws its own labeled batches (LatentShards: one shard at a time), with a
         # position of its own kept in the resumable state.
         self.source = data if callable(getattr(data, "draw_labeled", None)) else None
@@ -625,6 +644,20 @@ class Trainer:
         return history
 
 
+def _sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one sample of ``model``: its ``sample_shape``, a U-Net's image shape, an MLP's
+    dimension; else a one-line ValueError asking for ``sample_shape``."""
+    if getattr(model, "sample_shape", None):
+        return tuple(model.sample_shape)
+    net = getattr(model, "net", model)
+    options = getattr(net, "network_options", None) or {}
+    if options.get("image_shape"):
+        return tuple(options["image_shape"])
+    if isinstance(options.get("dim"), int):
+        return (options["dim"],)
+    raise ValueError("data=None: give sample_shape (the shape of one sample) for this model")
+
+
 class FitResult(list):
     """What :func:`fit` returns: the per-step losses (it is that list) and the trained models.
 
@@ -646,7 +679,7 @@ class FitResult(list):
         return self.ema if self.ema is not None else self.model
 
 
-def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
+def fit(model: nn.Module, objective: Objective, data: DataSource | None, *, steps: int,
         batch_size: int = 256, lr: float = 1e-3, seed: int = 0, progress: bool = False,
         ema_decay: float | None = 0.999, **options) -> FitResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
@@ -656,7 +689,10 @@ def fit(model: nn.Module, objective: Objective, data: DataSource, *, steps: int,
     first becomes ``.ema`` and all are in ``.averages``.
 
     ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
-    drawing a batch (``data(n)`` or ``data(n, generator=g)``). Further ``options`` go to
+    drawing a batch (``data(n)`` or ``data(n, generator=g)``), or ``None`` with a teacher distillation
+    (LMD, EMD): no dataset, the points at time ``s`` on the teacher's ODE paths from the base, solved
+    and refreshed by :class:`~flowmaps.objectives.trajectories.TeacherPaths` (``teacher_paths={"paths":
+    4096, "steps": 32, "refresh_every": 100, "refresh_paths": 256}``; spec E.8). Further ``options`` go to
     :class:`Trainer` (optimizer, grad_clip, lr_decay_start, weight_decay, max_bad_steps, grad_accum,
     precision, compile). The EMA does not change the training of ``model``: with or without it the raw
     weights are the same.
