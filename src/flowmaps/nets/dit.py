@@ -68,6 +68,8 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
 }
+"""DiT's sizes by name (Peebles & Xie, Table 1): ``(width, depth, heads)`` of DiT-S, -B, -L and -XL;
+the patch (2, 4 or 8) is chosen separately, as in ``"B/2"``."""
 QK_NORMS = ("rms", "layer", "none")
 ATTENTION_MODES = ("auto", "math", "sdpa")
 JVP_MODES = ("exact", "fd")
