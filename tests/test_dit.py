@@ -552,7 +552,9 @@ def test_imagenet256_presets_build_and_step_at_reduced_width(preset, objective):
 
 
 def test_imagenet256_without_its_latents_folder_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="data.path") as err:
+    from flowmaps.data.latents import LatentDataError
+
+    with pytest.raises(LatentDataError, match="data.path imagenet256-latents: no such folder") as err:
         ex.build_data(load_config("imagenet256"))
     assert "\n" not in str(err.value)
 
