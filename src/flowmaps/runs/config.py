@@ -79,7 +79,12 @@ class ModelConfig:
     ``sigma_data``: a number or ``"data"`` (the data std). ``class_conditional``: condition on the
     dataset's labels (with a null label for classifier-free guidance). ``guidance_conditioning``
     (unet, class-conditional): the network also takes the guidance scale and interval
-    (:mod:`flowmaps.nets.guidance`; improved MeanFlow with ``objective.guidance_max``)."""
+    (:mod:`flowmaps.nets.guidance`; improved MeanFlow with ``objective.guidance_max``).
+    ``init``: ``scratch`` (default: a new network, zero output layer) or ``teacher`` (``flowmaps distill``
+    only): the student is the teacher's own network made two-time (:func:`flowmaps.two_time`), exactly
+    the teacher at initialisation, ``v_{s,t} = b_s``. With ``teacher.checkpoint`` the model section is
+    replaced by the teacher's (its architecture); with ``teacher.factory`` the student is the user's
+    network converted by ``teacher.adapter`` plus a zero-initialised embedding of ``t − s``."""
 
     name: str = "mlp"
     width: int = 256
@@ -96,6 +101,7 @@ class ModelConfig:
     dropout: float = 0.0
     class_conditional: bool = False
     guidance_conditioning: bool = False
+    init: str = "scratch"
 
 
 @dataclass
@@ -284,6 +290,7 @@ CHOICES = {
     "data.name": ("checkerboard", "eight_gaussians", "moons", "spirals", "gmm", "file", "digits",
                   "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder"),
     "model.name": ("mlp", "unet"),
+    "model.init": ("scratch", "teacher"),
     "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
     "model.activation": ("gelu", "silu", "tanh", "softplus"),
@@ -368,6 +375,15 @@ def _validate(cfg: Config) -> None:
     if o.guidance_max > 0 and not (cfg.model.guidance_conditioning and cfg.model.class_conditional):
         raise ConfigError("objective.guidance_max: the sampled guidance scale is fed to the network; "
                           "set model.class_conditional=true and model.guidance_conditioning=true")
+    if cfg.model.init == "teacher":
+        t = cfg.teacher
+        if t.exact or not (t.checkpoint or t.factory):
+            raise ConfigError("model.init: teacher copies the teacher's network; it needs "
+                              "teacher.checkpoint=RUN or teacher.factory=package.module:function "
+                              "(flowmaps distill)" + (", not teacher.exact (no network)" if t.exact else ""))
+        if t.guidance != 1.0:
+            raise ConfigError("model.init: teacher copies the unguided network, so it cannot equal a guided "
+                              "teacher (teacher.guidance != 1); use model.init=scratch")
     if cfg.model.guidance_conditioning and not (cfg.model.name == "unet" and cfg.model.class_conditional):
         raise ConfigError("model.guidance_conditioning: needs model.name=unet and "
                           "model.class_conditional=true")

@@ -17,11 +17,14 @@ Layer: after ``nets`` and before ``objectives``; it imports only from the mathem
   the continuous-time DDPM schedule.
 * :mod:`~flowmaps.teachers.adapters` — the four adapters and :class:`TeacherVelocity`.
 * :mod:`~flowmaps.teachers.factory` — ``module:function`` + safetensors weights + kwargs (+ adapter).
+* :mod:`~flowmaps.teachers.warm_start` — :func:`two_time`: a two-time student made from the teacher's own
+  network, exactly the teacher at initialisation (``v_{s,t} = b_s``).
 """
 
 from .adapters import ADAPTERS, TeacherVelocity, diffusers_flow, diffusers_vp, flow_matching, torchcfm
 from .conversion import VPSchedule
 from .factory import TeacherError, check_teacher, from_factory
+from .warm_start import WarmStartError, two_time
 
 __all__ = ["torchcfm", "flow_matching", "diffusers_flow", "diffusers_vp", "ADAPTERS", "TeacherVelocity",
-           "VPSchedule", "from_factory", "check_teacher", "TeacherError"]
+           "VPSchedule", "from_factory", "check_teacher", "TeacherError", "two_time", "WarmStartError"]
