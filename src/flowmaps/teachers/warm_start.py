@@ -79,6 +79,22 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def _contiguous_input(module, args):
+    """Forward pre-hook: a contiguous first input. ``F.group_norm``'s forward-mode rule views its input
+    and fails on the non-contiguous activations diffusers' attention blocks return (``AttnDownBlock2D``
+    then a ResNet block), so the students' ``GroupNorm`` layers get contiguous inputs (same values)."""
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(),) + tuple(args[1:])
+    return None
+
+
+def _forward_mode_ready(module) -> None:
+    if isinstance(module, nn.Module):
+        for m in module.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.register_forward_pre_hook(_contiguous_input)
+
+
 # --- flowmaps' own networks: zero the weights that read t − s, fold their constant into a bias --------
 
 @torch.no_grad()
@@ -157,18 +173,28 @@ def find_time_embeddings(model: nn.Module, names: Sequence[str] | None = None) -
             raise WarmStartError(f"two_time: {type(model).__name__} has no module {missing[0]!r} "
                                  "(embedding=... names a module path inside the network)")
         return [(n, named[n]) for n in names]
-    for attr in EMBEDDINGS["attributes"]:
-        module = getattr(model, attr, None)
-        if isinstance(module, nn.Module) and _out_features(module):
-            return [(attr, module)]
+    # The shallowest module of a known name (a user's wrapper around a diffusers model is searched too).
+    by_depth = sorted(named.items(), key=lambda item: item[0].count("."))
+    for name, module in by_depth:
+        if name and name.rsplit(".", 1)[-1] in EMBEDDINGS["attributes"] and _out_features(module):
+            return [(name, module)]
     found = [(n, m) for n, m in named.items() if type(m).__name__ in EMBEDDINGS["classes"]]
     if found:
         return found
-    if (type(model).__module__.startswith("torchcfm") and type(model).__name__ == "MLP"
-            and isinstance(getattr(model, "net", None), nn.Sequential)
-            and isinstance(model.net[0], nn.Linear) and getattr(model, "time_varying", False)):
-        return [("net.0", model.net[0])]
+    for name, module in by_depth:   # torchcfm's MLP reads [x, t] in its first layer
+        if (type(module).__module__.startswith("torchcfm") and type(module).__name__ == "MLP"
+                and isinstance(getattr(module, "net", None), nn.Sequential)
+                and isinstance(module.net[0], nn.Linear) and getattr(module, "time_varying", False)):
+            return [(f"{name}.net.0" if name else "net.0", module.net[0])]
     return []
+
+
+def _dtype(module) -> torch.dtype:
+    """The floating dtype of a module's parameters (float32 when it has none)."""
+    for p in (module.parameters() if isinstance(module, nn.Module) else ()):
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 class HookedStudent(nn.Module):
@@ -190,9 +216,10 @@ class HookedStudent(nn.Module):
             raise WarmStartError(f"two_time: the time embeddings {list(embeddings)} of "
                                  f"{type(inner).__name__} have no single output width ({sorted(map(str, widths))})")
         self.embedding_paths = list(embeddings)
-        self.gap_embedding = GapEmbedding(widths.pop(), hidden)
+        self.gap_embedding = GapEmbedding(widths.pop(), hidden).to(_dtype(found[0][1]))
         self._gap: Tensor | None = None
         self._hits = 0
+        _forward_mode_ready(teacher)
         for _, module in found:
             module.register_forward_hook(self._add_gap)
 
@@ -231,7 +258,8 @@ class CorrectedStudent(nn.Module):
             raise WarmStartError(f"two_time: the teacher must be callable, got {type(teacher).__name__}")
         self.teacher = teacher
         self.sample_shape = tuple(int(n) for n in sample_shape)
-        self.correction = MLP(math.prod(self.sample_shape), width=width, depth=depth)
+        self.correction = MLP(math.prod(self.sample_shape), width=width, depth=depth).to(_dtype(teacher))
+        _forward_mode_ready(teacher)
 
     def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         with math_attention():
