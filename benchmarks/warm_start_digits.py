@@ -81,11 +81,19 @@ def checkpoints(run: Path) -> dict[int, Path]:
 
 
 def cpu_at(cpu_log: Path, name: str, when: float) -> float | None:
-    """CPU seconds of run ``name`` at wall time ``when`` (linear between the samples around it)."""
+    """CPU seconds of run ``name`` at wall time ``when`` (linear between the samples around it), summed
+    over the processes of a run that was stopped and resumed (the CPU between a process's last sample
+    and its end, at most one sampling interval, is not counted)."""
     if not cpu_log.is_file():
         return None
-    samples = [(float(a), float(c)) for a, n, c in (line.split() for line in cpu_log.read_text().splitlines())
-               if n == name]
+    raw = sorted((float(a), float(c)) for a, n, c in (line.split() for line in cpu_log.read_text().splitlines())
+                 if n == name)
+    samples, offset, last = [], 0.0, 0.0
+    for when_, cpu in raw:   # a resumed run is a new process: its CPU counter restarts from 0
+        if cpu < last:
+            offset += last
+        samples.append((when_, offset + cpu))
+        last = cpu
     before = [s for s in samples if s[0] <= when]
     after = [s for s in samples if s[0] >= when]
     if not before or not after:
@@ -168,6 +176,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=2000, help="samples per FD")
     parser.add_argument("--cpu-log", type=Path, help="CPU samples 'epoch run cpu_seconds' (default: RUNS/cpu.log)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the runs already in --runs")
+    parser.add_argument("--results", type=Path, default=ROOT, help="where summary.json and table.md go")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
     cpu_log = args.cpu_log or args.runs / "cpu.log"
@@ -185,14 +194,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = evaluate(args.runs, teacher, args.n, cpu_log, ROOT)
+    summary = evaluate(args.runs, teacher, args.n, cpu_log, args.results)
     summary["meta"] = {"command": " ".join(["warm_start_digits.py"] + sys.argv[1:]), "teacher": str(teacher),
                        "recipe": recipe(args.steps, args.threads), "seconds": round(time.time() - start),
                        "load_average_end": os.getloadavg()}
-    ROOT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "summary.json").write_text(json.dumps(summary, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=2))
     text = table(summary)
-    (ROOT / "table.md").write_text(text + "\n")
+    (args.results / "table.md").write_text(text + "\n")
     print(text)
     return 0
 
