@@ -8,7 +8,7 @@ does not depend on ``train.steps``, so a run stopped early is the same run): FD 
 classifier features, 2000 samples, ``flowmaps evaluate``) of the map at 1 and 4 steps; the warm start's
 step 0 is the teacher's Euler at 1 and 4 NFE. And the CPU time (user + system of the training process,
 single thread) each run needs to reach the scratch run's final 1-step FD (warm start: the first
-checkpoint, every 1000 steps, at or below it).
+checkpoint, every 250 steps, at or below it).
 
 The teacher is a digits velocity U-Net trained 6000 steps (``--teacher`` reuses one).
 
@@ -40,7 +40,7 @@ def flowmaps_cmd(*args) -> list[str]:
 
 def recipe(steps: int, threads: int) -> list[str]:
     return ["objective.name=lmd", "train.lr=1e-3", f"train.steps={steps}", "train.lr_decay_start=2500",
-            "train.checkpoint_every=1000", f"train.keep_checkpoints={steps // 1000 + 2}", "train.log_every=100",
+            "train.checkpoint_every=250", f"train.keep_checkpoints={steps // 250 + 2}", "train.log_every=100",
             f"train.threads={threads}"]
 
 
@@ -76,7 +76,9 @@ def train(runs: Path, teacher: Path, steps: int, threads: int, cpu_log: Path) ->
 def checkpoints(run: Path) -> dict[int, Path]:
     found = {}
     for meta in sorted((run / "checkpoints").glob("step-*.json")):
-        found[int(json.loads(meta.read_text())["step"])] = meta.with_suffix("")
+        step = int(json.loads(meta.read_text())["step"])
+        if step % 250 == 0:   # the schedule's checkpoints (not one written by a stop signal)
+            found[step] = meta.with_suffix("")
     return found
 
 
@@ -115,7 +117,7 @@ def evaluate(runs: Path, teacher: Path, n: int, cpu_log: Path, out: Path) -> dic
     paths, names = [], []
     for name, ckpts in found.items():
         for step, path in sorted(ckpts.items()):
-            if name == "warm" or step in REPORT or step == max(ckpts):
+            if name == "warm" or step in (250, 500, *REPORT) or step == max(ckpts):
                 paths.append(str(path))
                 names.append(f"{name}@{step}")
     result = evaluate_runs(paths, str(teacher), out / "eval", True, [1, 4], n, False, names=names,
@@ -144,7 +146,7 @@ def evaluate(runs: Path, teacher: Path, n: int, cpu_log: Path, out: Path) -> dic
 
 def table(summary: dict) -> str:
     fd, cpu = summary["fd"], summary["cpu_seconds"]
-    steps = sorted({s for s in list(fd["scratch"]) + list(fd["warm"]) if s in (0, *REPORT)
+    steps = sorted({s for s in list(fd["scratch"]) + list(fd["warm"]) if s in (0, 250, 500, *REPORT)
                     or s == summary["target"]["scratch_step"]})
     lines = ["| LMD steps | scratch FD 1 step | scratch FD 4 steps | warm FD 1 step | warm FD 4 steps | "
              "scratch CPU s | warm CPU s |", "|---|---|---|---|---|---|---|"]
