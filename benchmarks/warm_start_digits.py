@@ -75,7 +75,9 @@ def train(runs: Path, teacher: Path, steps: int, threads: int, cpu_log: Path) ->
 
 def checkpoints(run: Path) -> dict[int, Path]:
     found = {}
-    for meta in sorted((run / "checkpoints").glob("step-*.json")):
+    for meta in [*sorted((run / "checkpoints").glob("step-*.json")), run / "checkpoints" / "final.json"]:
+        if not meta.is_file():
+            continue
         step = int(json.loads(meta.read_text())["step"])
         if step % 250 == 0:   # the schedule's checkpoints (not one written by a stop signal)
             found[step] = meta.with_suffix("")
@@ -117,7 +119,7 @@ def evaluate(runs: Path, teacher: Path, n: int, cpu_log: Path, out: Path) -> dic
     paths, names = [], []
     for name, ckpts in found.items():
         for step, path in sorted(ckpts.items()):
-            if name == "warm" or step in (250, 500, *REPORT) or step == max(ckpts):
+            if name == "warm" or step <= 1000 or step in REPORT or step == max(ckpts):
                 paths.append(str(path))
                 names.append(f"{name}@{step}")
     result = evaluate_runs(paths, str(teacher), out / "eval", True, [1, 4], n, False, names=names,
@@ -146,7 +148,7 @@ def evaluate(runs: Path, teacher: Path, n: int, cpu_log: Path, out: Path) -> dic
 
 def table(summary: dict) -> str:
     fd, cpu = summary["fd"], summary["cpu_seconds"]
-    steps = sorted({s for s in list(fd["scratch"]) + list(fd["warm"]) if s in (0, 250, 500, *REPORT)
+    steps = sorted({s for s in list(fd["scratch"]) + list(fd["warm"]) if s <= 1000 or s in REPORT
                     or s == summary["target"]["scratch_step"]})
     lines = ["| LMD steps | scratch FD 1 step | scratch FD 4 steps | warm FD 1 step | warm FD 4 steps | "
              "scratch CPU s | warm CPU s |", "|---|---|---|---|---|---|---|"]
