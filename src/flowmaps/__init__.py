@@ -28,10 +28,12 @@ from .objectives import GuidedVelocity
 from .runs.experiment import load_model
 from .runs.export import load
 from .solvers import ODESolution, solve_ode
+from .teachers.warm_start import two_time
 from .train import Trainer, fit
 from .tuning import tune_grid
 
 __all__ = ["FlowMap", "MLP", "UNet", "DiT", "fit", "Trainer", "Interpolant", "Linear", "Trigonometric",
-           "Custom", "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "exact",
+           "Custom", "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "two_time",
+           "exact",
            "objectives",
            "teachers", "__version__"]

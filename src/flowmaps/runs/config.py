@@ -103,7 +103,13 @@ class ModelConfig:
     XL (DiT's width, depth, heads), ``patch`` (2, 4, 8), ``dit_width``/``dit_depth``/``heads`` overriding the
     size's numbers (CPU-sized tests), ``qk_norm`` rms | layer | none, ``attention`` auto (fused SDPA unless a
     forward-mode derivative is taken) | math | sdpa, ``jvp`` exact | fd (central finite-difference JVP of
-    step ``fd_eps``). ``class_conditional`` and ``guidance_conditioning`` as for the U-Net."""
+    step ``fd_eps``). ``class_conditional`` and ``guidance_conditioning`` as for the U-Net.
+
+    ``init``: ``scratch`` (default: a new network, zero output layer) or ``teacher`` (``flowmaps distill``
+    only): the student is the teacher's own network made two-time (:func:`flowmaps.two_time`), exactly
+    the teacher at initialisation, ``v_{s,t} = b_s``. With ``teacher.checkpoint`` the model section is
+    replaced by the teacher's (its architecture); with ``teacher.factory`` the student is the user's
+    network converted by ``teacher.adapter`` plus a zero-initialised embedding of ``t − s``."""
 
     name: str = "mlp"
     width: int = 256
@@ -129,6 +135,7 @@ class ModelConfig:
     attention: str = "auto"
     jvp: str = "exact"
     fd_eps: float = 3e-3
+    init: str = "scratch"
 
 
 @dataclass
@@ -344,6 +351,7 @@ CHOICES = {
     "model.qk_norm": ("rms", "layer", "none"),
     "model.attention": ("auto", "math", "sdpa"),
     "model.jvp": ("exact", "fd"),
+    "model.init": ("scratch", "teacher"),
     "eval.features": ("classifier", "inception"),
     "interpolant.name": ("linear", "trigonometric"),
     "model.activation": ("gelu", "silu", "tanh", "softplus"),
@@ -432,6 +440,15 @@ def _validate(cfg: Config) -> None:
     if o.guidance_max > 0 and not (cfg.model.guidance_conditioning and cfg.model.class_conditional):
         raise ConfigError("objective.guidance_max: the sampled guidance scale is fed to the network; "
                           "set model.class_conditional=true and model.guidance_conditioning=true")
+    if cfg.model.init == "teacher":
+        t = cfg.teacher
+        if t.exact or not (t.checkpoint or t.factory):
+            raise ConfigError("model.init: teacher copies the teacher's network; it needs "
+                              "teacher.checkpoint=RUN or teacher.factory=package.module:function "
+                              "(flowmaps distill)" + (", not teacher.exact (no network)" if t.exact else ""))
+        if t.guidance != 1.0:
+            raise ConfigError("model.init: teacher copies the unguided network, so it cannot equal a guided "
+                              "teacher (teacher.guidance != 1); use model.init=scratch")
     if cfg.model.guidance_conditioning and not (cfg.model.name in ("unet", "dit")
                                                 and cfg.model.class_conditional):
         raise ConfigError("model.guidance_conditioning: needs model.name=unet or dit and "

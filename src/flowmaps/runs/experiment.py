@@ -9,6 +9,7 @@ model without the data. Time convention: ``t = 0`` base, ``t = 1`` data.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,8 @@ from .typed import build
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "sample_shape", "class_labels", "build_data", "build_interpolant",
            "build_model", "build_objective", "build_teacher", "factory_teacher", "Loaded", "load_model",
-           "save_model", "check_model_checkpoint", "model_metadata", "select_weights"]
+           "save_model", "check_model_checkpoint", "model_metadata", "select_weights",
+           "resolve_warm_start"]
 
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagenet32", "image_folder")
@@ -259,7 +261,71 @@ def time_frequencies(cfg: Config) -> int:
     return 0 if cfg.objective.name == "lmd" else 8
 
 
-def build_model(cfg: Config, scales: dict) -> FlowMap:
+def resolve_warm_start(cfg: Config) -> Config:
+    """``model.init=teacher`` with ``teacher.checkpoint``: the run's model section becomes the teacher's
+    (its architecture, with ``n_frequencies`` and a numeric ``sigma_data`` as the teacher resolved them,
+    and ``init: teacher``), so the student's checkpoints rebuild without the teacher. Idempotent; other
+    configs are returned unchanged."""
+    if cfg.model.init != "teacher" or not cfg.teacher.checkpoint:
+        return cfg
+    try:
+        _, meta = load_checkpoint(cfg.teacher.checkpoint, check=check_model_checkpoint)
+        teacher_cfg = build(Config, meta["config"])
+    except (CheckpointError, KeyError, ConfigError) as err:
+        raise ConfigError(f"teacher.checkpoint: {' '.join(str(err).split())}") from None
+    model = copy.deepcopy(teacher_cfg.model)
+    model.init = "teacher"
+    model.n_frequencies = time_frequencies(teacher_cfg)
+    sigma_data = meta.get("scales", {}).get("sigma_data")
+    if isinstance(sigma_data, (int, float)):
+        model.sigma_data = float(sigma_data)
+    out = copy.deepcopy(cfg)
+    out.model = model
+    return out
+
+
+def build_model(cfg: Config, scales: dict, teacher=None) -> FlowMap:
+    """The network ``cfg.model`` describes, in a :class:`FlowMap`. With ``model.init=teacher`` the
+    student made from the teacher's network (:func:`~flowmaps.teachers.two_time`); ``teacher`` is the
+    teacher built by :func:`build_teacher` (the weights to copy), ``None`` when a checkpoint's weights
+    are loaded next (then a factory student is rebuilt from ``teacher.factory`` without its weights)."""
+    m = cfg.model
+    if m.init == "teacher":
+        return _warm_student(cfg, scales, teacher)
+    return _fresh_model(cfg, scales)
+
+
+def _warm_student(cfg: Config, scales: dict, teacher) -> FlowMap:
+    from ..teachers.warm_start import FactoryStudent, WarmStartError, two_time
+
+    t = cfg.teacher
+    if t.factory:
+        sigma0 = torch.as_tensor(scales["sigma0"], dtype=torch.float64).reshape(-1)
+        try:
+            net = FactoryStudent(t.factory, kwargs=dict(t.kwargs), adapter=t.adapter, sigma0=float(sigma0[0]),
+                                 sample_shape=list(sample_shape(scales)))
+            if teacher is not None:
+                net.copy_teacher(teacher)
+        except TeacherError as err:
+            raise ConfigError(f"teacher.{err.key}: {err}") from None
+        except WarmStartError as err:
+            raise ConfigError(f"model.init: {err}") from None
+        return FlowMap(net, jvp_fp32=cfg.train.jvp_fp32)
+    model = _fresh_model(cfg, scales)
+    if teacher is not None:
+        if not isinstance(teacher, FlowMap):
+            raise ConfigError("model.init: teacher needs the teacher's network; this teacher is "
+                              f"{type(teacher).__name__}")
+        warm = two_time(teacher)
+        try:
+            model.net.load_state_dict(warm.state_dict())
+        except RuntimeError:
+            raise ConfigError("model.init: teacher: the teacher's network does not match the model section "
+                              "resolved from its checkpoint") from None
+    return model
+
+
+def _fresh_model(cfg: Config, scales: dict) -> FlowMap:
     m = cfg.model
     if m.name == "unet":
         from ..nets.unet import UNet

@@ -64,6 +64,9 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         cfg = _resume_config(Path(out), cfg)
     _check_objective(cfg, distill)
+    if cfg.model.init == "teacher" and not distill:
+        raise ConfigError("model.init: teacher copies the teacher's network; use `flowmaps distill`")
+    cfg = ex.resolve_warm_start(cfg)
     tracking.check_logger(cfg.train.logger)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -149,7 +152,7 @@ def _assemble(cfg: Config, distill: bool, device: torch.device) -> _Parts:
     ex.attach_reference(cfg, bundle, interpolant)
     teacher = ex.build_teacher(cfg, bundle, scales, device) if distill else None
     torch.manual_seed(cfg.train.seed)
-    model = ex.build_model(cfg, scales).to(device)
+    model = ex.build_model(cfg, scales, teacher).to(device)
     objective = ex.build_objective(cfg, interpolant, teacher, num_classes=scales["num_classes"])
     if bundle.data_free:  # data.name=none: the objective must train on the teacher's paths alone
         refusal = getattr(objective, "data_free_refusal", None)

@@ -19,12 +19,16 @@ Layer: after ``nets`` and before ``objectives``; it imports only from the mathem
 * :mod:`~flowmaps.teachers.factory` — ``module:function`` + safetensors weights + kwargs (+ adapter).
 * :mod:`~flowmaps.teachers.samplers` — DDIM and DPM-Solver++(2M) of any teacher in our convention, on
   diffusers' spacings, and a diffusers teacher's own scheduler as a sampler.
+* :mod:`~flowmaps.teachers.warm_start` — :func:`two_time`: a two-time student made from the teacher's own
+  network, exactly the teacher at initialisation (``v_{s,t} = b_s``).
 """
 
 from . import samplers
 from .adapters import ADAPTERS, TeacherVelocity, diffusers_flow, diffusers_vp, flow_matching, torchcfm
 from .conversion import VPSchedule
 from .factory import TeacherError, check_teacher, from_factory
+from .warm_start import WarmStartError, two_time
 
 __all__ = ["torchcfm", "flow_matching", "diffusers_flow", "diffusers_vp", "ADAPTERS", "TeacherVelocity",
-           "VPSchedule", "from_factory", "check_teacher", "TeacherError", "samplers"]
+           "VPSchedule", "from_factory", "check_teacher", "TeacherError", "samplers", "two_time",
+           "WarmStartError"]
