@@ -37,3 +37,24 @@ def sq_norm(r: Tensor) -> Tensor:
 def per_sample_norm(r: Tensor) -> Tensor:
     """Per-sample Euclidean norm over every non-batch dimension."""
     return sq_norm(r).sqrt()
+
+
+def jvp_of_inputs(fn, x: Tensor, s: Tensor, t: Tensor, dx: Tensor | None, ds: Tensor | None,
+                  dt: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(fn(x, s, t), ∂fn·(dx, ds, dt))`` by one ``torch.func.jvp`` over the inputs whose tangent is
+    given (``None``: zero tangent, that input held fixed); at least one tangent must be given."""
+    from torch.func import jvp
+
+    names, primals, tangents = [], [], []
+    for name, primal, tangent in (("x", x, dx), ("s", s, ds), ("t", t, dt)):
+        if tangent is not None:
+            names.append(name)
+            primals.append(primal)
+            tangents.append(tangent)
+    fixed = {"x": x, "s": s, "t": t}
+
+    def of(*args: Tensor) -> Tensor:
+        inputs = dict(fixed, **dict(zip(names, args)))
+        return fn(inputs["x"], inputs["s"], inputs["t"])
+
+    return jvp(of, tuple(primals), tuple(tangents))

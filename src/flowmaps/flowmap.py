@@ -39,9 +39,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp as _func_jvp
 
-from ._tensor import batch_times, expand_as_data
+from ._tensor import batch_times, expand_as_data, jvp_of_inputs
 from .checkpoint import (CheckpointError, check_scales, check_standardizer, load_model_folder,
                          save_model_folder)
 from .interpolants import Interpolant, make_interpolant
@@ -190,19 +189,7 @@ class FlowMap(nn.Module):
             return value, torch.zeros_like(value)
         if self._fused():
             return self.net.forward_and_jvp(x, s, t, dx, ds, dt, cond)
-        names, primals, tangents = [], [], []
-        for name, primal, tangent in (("x", x, dx), ("s", s, ds), ("t", t, dt)):
-            if tangent is not None:
-                names.append(name)
-                primals.append(primal)
-                tangents.append(tangent)
-        fixed = {"x": x, "s": s, "t": t}
-
-        def net_of(*args: Tensor) -> Tensor:
-            inputs = dict(fixed, **dict(zip(names, args)))
-            return self._net(inputs["x"], inputs["s"], inputs["t"], cond)
-
-        return _func_jvp(net_of, tuple(primals), tuple(tangents))
+        return jvp_of_inputs(lambda x_, s_, t_: self._net(x_, s_, t_, cond), x, s, t, dx, ds, dt)
 
     def v_jvps(self, x: Tensor, s: float | Tensor, t: float | Tensor,
                tangents: Sequence[tuple[Any, Any, Any]], cond: Tensor | None = None,

@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.func import jvp as _func_jvp
 
+from .._tensor import jvp_of_inputs
 from ..flowmap import register_network
-from .guidance import is_guidance_condition, split_guidance_condition
+from .guidance import check_image_inputs, class_labels, is_guidance_condition, split_guidance_condition
 from .unet import PositionalEmbedding
 
 __all__ = ["DiT", "DIT_SIZES", "parse_dit_size", "forward_mode_active"]
@@ -330,27 +330,12 @@ class DiT(nn.Module):
             return emb
 
     def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if cond is None:
-            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
-        if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.is_complex():
-            if self.emb_guidance is None and is_guidance_condition(cond):
-                raise ValueError("a guidance condition [label, scale, lo, hi] needs a network built "
-                                 "with guidance_conditioning=True")
-            raise ValueError("cond must be an integer tensor of class labels in [0, num_classes]")
-        if cond.shape != (batch,):
-            raise ValueError(f"cond must have shape ({batch},), got {tuple(cond.shape)}")
-        return cond.long()
+        return class_labels(cond, batch, device, self.null_label, self.emb_guidance is not None)
 
     # --- forward --------------------------------------------------------------------------------------
     def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """``σ_data · DiT(x / σ_data; s, t − s)`` for ``x`` of shape ``(B, C, H, W)``, times ``(B,)``."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if s.shape != (batch,) or t.shape != (batch,):
-            raise ValueError(f"times s and t must have shape ({batch},), got {tuple(s.shape)} and "
-                             f"{tuple(t.shape)}")
+        check_image_inputs("DiT", x, s, t, self.image_shape)
         c = F.silu(self.embedding(s, t, cond))
         h = self.patch_embed(x / self.sigma_data).flatten(2).transpose(1, 2)
         h = h + self.positions.to(h.dtype)
@@ -381,22 +366,10 @@ class DiT(nn.Module):
         return self._fd_jvp(x, s, t, dx, ds, dt, cond)
 
     def _exact_jvp(self, x, s, t, dx, ds, dt, cond):
-        names, primals, tangents = [], [], []
-        for name, primal, tangent in (("x", x, dx), ("s", s, ds), ("t", t, dt)):
-            if tangent is not None:
-                names.append(name)
-                primals.append(primal)
-                tangents.append(tangent)
-        if not names:
+        if dx is None and ds is None and dt is None:
             value = self(x, s, t, cond)
             return value, torch.zeros_like(value)
-        fixed = {"x": x, "s": s, "t": t}
-
-        def of(*args: Tensor) -> Tensor:
-            inputs = dict(fixed, **dict(zip(names, args)))
-            return self(inputs["x"], inputs["s"], inputs["t"], cond)
-
-        return _func_jvp(of, tuple(primals), tuple(tangents))
+        return jvp_of_inputs(lambda x_, s_, t_: self(x_, s_, t_, cond), x, s, t, dx, ds, dt)
 
     def _fd_jvp(self, x, s, t, dx, ds, dt, cond):
         batch = x.shape[0]

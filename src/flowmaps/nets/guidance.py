@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["guidance_condition", "split_guidance_condition", "is_guidance_condition"]
+__all__ = ["guidance_condition", "split_guidance_condition", "is_guidance_condition", "class_labels",
+           "check_image_inputs"]
 
 
 def guidance_condition(labels: Tensor, scale: float | Tensor = 1.0, lo: float | Tensor = 0.0,
@@ -43,3 +44,30 @@ def split_guidance_condition(cond: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     if not is_guidance_condition(cond):
         raise ValueError("a guidance condition is a (B, 4) float tensor [label, scale, lo, hi]")
     return cond[:, 0].round().long(), cond[:, 1], cond[:, 2], cond[:, 3]
+
+
+def class_labels(cond, batch: int, device: torch.device, null_label: int, guidance_conditioned: bool) -> Tensor:
+    """The ``(B,)`` integer labels of a class-conditional network: ``cond`` itself, or the null label
+    (the unconditional one) for every sample when ``cond`` is ``None``; anything else is refused."""
+    if cond is None:
+        return torch.full((batch,), null_label, dtype=torch.long, device=device)
+    if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.is_complex():
+        if not guidance_conditioned and is_guidance_condition(cond):
+            raise ValueError("a guidance condition [label, scale, lo, hi] needs a network built "
+                             "with guidance_conditioning=True")
+        raise ValueError("cond must be an integer tensor of class labels in [0, num_classes]")
+    if cond.shape != (batch,):
+        raise ValueError(f"cond must have shape ({batch},), got {tuple(cond.shape)}")
+    return cond.long()
+
+
+def check_image_inputs(kind: str, x: Tensor, s: Tensor, t: Tensor, image_shape: tuple[int, ...]) -> None:
+    """Refuse inputs of an image network ``kind`` (UNet, DiT) that are not ``(B, *image_shape)`` with
+    per-sample times ``(B,)``."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"{kind} expects inputs of shape (B, {', '.join(map(str, image_shape))}), "
+                         f"got {tuple(x.shape)}")
+    batch = x.shape[0]
+    if s.shape != (batch,) or t.shape != (batch,):
+        raise ValueError(f"times s and t must have shape ({batch},), got {tuple(s.shape)} and "
+                         f"{tuple(t.shape)}")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flowmap import register_network
-from .guidance import is_guidance_condition, split_guidance_condition
+from .guidance import check_image_inputs, class_labels, is_guidance_condition, split_guidance_condition
 
 __all__ = ["UNet", "unet_preset", "UNET_PRESETS"]
 
@@ -348,27 +348,12 @@ class UNet(nn.Module):
             return F.silu(self.emb_mlp(F.silu(emb)))
 
     def _labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if cond is None:
-            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
-        if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.is_complex():
-            if self.emb_guidance is None and is_guidance_condition(cond):
-                raise ValueError("a guidance condition [label, scale, lo, hi] needs a network built "
-                                 "with guidance_conditioning=True")
-            raise ValueError("cond must be an integer tensor of class labels in [0, num_classes]")
-        if cond.shape != (batch,):
-            raise ValueError(f"cond must have shape ({batch},), got {tuple(cond.shape)}")
-        return cond.long()
+        return class_labels(cond, batch, device, self.null_label, self.emb_guidance is not None)
 
     # --- forward --------------------------------------------------------------------------------------
     def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """``σ_data · UNet(x / σ_data; s, t − s)`` for ``x`` of shape ``(B, C, H, W)``, times ``(B,)``."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"UNet expects inputs of shape (B, {', '.join(map(str, self.image_shape))}), "
-                             f"got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if s.shape != (batch,) or t.shape != (batch,):
-            raise ValueError(f"times s and t must have shape ({batch},), got {tuple(s.shape)} and "
-                             f"{tuple(t.shape)}")
+        check_image_inputs("UNet", x, s, t, self.image_shape)
         emb = self.embedding(s, t, cond)
         h = x / self.sigma_data
         if self.ones_channel:
