@@ -56,7 +56,7 @@ from torch.autograd import forward_ad
 
 from .._tensor import jvp_of_inputs
 from ..flowmap import register_network
-from .guidance import check_image_inputs, class_labels, is_guidance_condition, split_guidance_condition
+from .guidance import check_image_inputs, class_labels, guidance_features, is_guidance_condition
 from .unet import PositionalEmbedding
 
 __all__ = ["DiT", "DIT_SIZES", "parse_dit_size", "forward_mode_active"]
@@ -319,8 +319,7 @@ class DiT(nn.Module):
             s = s.to(work)
             emb = self.emb_s(self.pos_embedding(s)) + self.emb_gap(self.pos_embedding(t.to(work) - s))
             if self.emb_guidance is not None and is_guidance_condition(cond):
-                labels, scale, lo, hi = split_guidance_condition(cond)
-                features = torch.cat([self.pos_embedding(v.to(work)) for v in (1 - 1 / scale, lo, hi)], 1)
+                labels, features = guidance_features(cond, self.pos_embedding, work)
                 emb = emb + self.emb_guidance(features)
                 cond = labels
             if self.emb_class is not None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["guidance_condition", "split_guidance_condition", "is_guidance_condition", "class_labels",
-           "check_image_inputs"]
+           "check_image_inputs", "guidance_features"]
 
 
 def guidance_condition(labels: Tensor, scale: float | Tensor = 1.0, lo: float | Tensor = 0.0,
@@ -71,3 +71,10 @@ def check_image_inputs(kind: str, x: Tensor, s: Tensor, t: Tensor, image_shape: 
     if s.shape != (batch,) or t.shape != (batch,):
         raise ValueError(f"times s and t must have shape ({batch},), got {tuple(s.shape)} and "
                          f"{tuple(t.shape)}")
+
+
+def guidance_features(cond: Tensor, embed, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(labels, features)`` of a ``(B, 4)`` condition: its labels, and ``embed`` of ``1 − 1/ω``, ``lo``
+    and ``hi`` (each in ``dtype``) side by side, the input of a network's guidance embedding."""
+    labels, scale, lo, hi = split_guidance_condition(cond)
+    return labels, torch.cat([embed(v.to(dtype)) for v in (1 - 1 / scale, lo, hi)], 1)

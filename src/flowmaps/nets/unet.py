@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flowmap import register_network
-from .guidance import check_image_inputs, class_labels, is_guidance_condition, split_guidance_condition
+from .guidance import check_image_inputs, class_labels, guidance_features, is_guidance_condition
 
 __all__ = ["UNet", "unet_preset", "UNET_PRESETS"]
 
@@ -336,8 +336,7 @@ class UNet(nn.Module):
             gap = t.to(work) - s
             emb = (self.emb_s(self.pos_embedding(s)) + self.emb_gap(self.pos_embedding(gap))) * _INV_SQRT2
             if self.emb_guidance is not None and is_guidance_condition(cond):
-                labels, scale, lo, hi = split_guidance_condition(cond)
-                features = torch.cat([self.pos_embedding(v.to(work)) for v in (1 - 1 / scale, lo, hi)], 1)
+                labels, features = guidance_features(cond, self.pos_embedding, work)
                 emb = emb + self.emb_guidance(features)
                 cond = labels
             if self.emb_class is not None:
