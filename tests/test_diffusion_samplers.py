@@ -323,3 +323,22 @@ def test_evaluate_adds_scheduler_ddim_and_dpm_rows_for_a_diffusers_teacher(tmp_p
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "DDIMScheduler" in table and "dpmpp_2m (linspace)" in table
     assert (tmp_path / "eval" / "plots" / "w2_vs_nfe.png").is_file()
+
+
+def test_evaluate_says_in_its_own_sentence_that_it_skipped_the_fast_samplers(tmp_path, capsys):
+    """A run whose σ0 is per dimension (``interpolant.sigma0=data`` on vectors) has no DDIM / DPM-Solver
+    rows: ``flowmaps evaluate`` prints that as a note of its own, not as an ``evaluated …`` row line."""
+    from flowmaps.cli import main
+
+    out = tmp_path / "fmm"
+    assert main(["train", "--preset", "gmm", "--objective", "fmm", "--quiet", "train.steps=2",
+                 "data.n_train=500", "data.n_eval=200", "interpolant.sigma0=data", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "eval"), "--steps", "1", "--no-dopri5",
+                 "--n", "100", "--teacher", "exact", "eval.samplers=[ddim]", "eval.solvers=[euler]"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert ("  skipped the DDIM / DPM-Solver rows of eval.samplers: they need the linear interpolant with "
+            "one sigma0") in lines, lines
+    assert not any("evaluated skipped" in line for line in lines), lines
+    rows = [line for line in lines if line.startswith("  evaluated ")]
+    assert rows and all(" steps=" in line and " nfe=" in line for line in rows), lines

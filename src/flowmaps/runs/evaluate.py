@@ -91,7 +91,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
                       solvers=e.solvers, dopri5=e.dopri5 if dopri5 is None else dopri5, rtol=e.rtol,
                       exact_map=exact_map, kl=bundle.kl, w2_samples=e.w2_samples,
                       energy_samples=e.energy_samples, seed=e.seed, teacher_name=teacher_name,
-                      progress=(lambda s: print(f"  evaluated {s}", file=sys.stderr)) if progress else None,
+                      progress=(lambda line: print(f"  {line}", file=sys.stderr)) if progress else None,
                       quality=quality, cond=cond, device=device, chunk=e.batch_size,
                       tuned_grids=tuned, gammas=gammas or (), interpolant=first.interpolant,
                       samplers=e.samplers, spacings=e.spacings, schedulers=e.schedulers)

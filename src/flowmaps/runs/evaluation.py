@@ -121,7 +121,8 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
     precision/recall. ``cond``: class labels of the base points (class-conditional models and
     teachers get them). Samples are drawn on ``device``, ``chunk`` base points at a time (default:
     all at once), sharded under torchrun (module docstring); rank 0 alone scores them (the other
-    ranks return no rows).
+    ranks return no rows). ``progress``, when given, receives one line per row scored (``evaluated
+    METHOD SAMPLER steps=K nfe=N``) and per note (``skipped …``: rows that cannot be drawn).
 
     ``samplers`` (``ddim``, ``dpmpp_2m``; :mod:`flowmaps.teachers.samplers`) add rows of the teacher's
     fast samplers at ``k`` steps (NFE ``k``) on each of ``spacings`` (``auto``: diffusers' default of the
@@ -155,7 +156,7 @@ def evaluate(flow_maps: dict[str, FlowMap], teacher: Callable | None, x0: Tensor
                         map_error=mean_map_error(x, exact_map) if exact_map is not None else None,
                         **metrics))
         if progress:
-            progress(f"{method} {sampler} steps={k} nfe={nfe}")
+            progress(f"evaluated {method} {sampler} steps={k} nfe={nfe}")
 
     def sub(c, n):
         return None if c is None else c[:n].to(device)
@@ -232,7 +233,8 @@ def _fast_rows(teacher, x0, cond, chunk, device, steps, samplers, spacings, sche
                                      and torch.as_tensor(sigma0).numel() == 1)
     if samplers and not linear:
         if progress:
-            progress("skipped DDIM / DPM-Solver rows: they need the linear interpolant with one sigma0")
+            progress("skipped the DDIM / DPM-Solver rows of eval.samplers: they need the linear interpolant "
+                     "with one sigma0")
         samplers = ()
     for name in samplers:
         for spacing in dict.fromkeys(resolve_spacing(s, name, teacher) for s in spacings):
