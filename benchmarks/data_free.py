@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import save_model
 from flowmaps.runs.config import dump_config, load_config
 from flowmaps.runs.training import _assemble
 from flowmaps.train import Trainer
@@ -141,7 +142,7 @@ def digits(args) -> int:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     cfg.train.steps = n
     (out / "config.yaml").write_text(dump_config(cfg))
-    ex.save_model(out / "checkpoints" / "final", parts.model, tr.ema, cfg, parts.scales,
+    save_model(out / "checkpoints" / "final", parts.model, tr.ema, cfg, parts.scales,
                   parts.bundle.standardizer, n)
     cost = parts.objective.points.cost() if free else {}
     info = dict(mode=args.mode, steps=n, cpu=cpu, budget=args.budget, **cost,

@@ -211,7 +211,7 @@ def why_stage(seeds, noise_ends):
     base points of the map at k steps to the exact flow of the mixture, to its teacher's dopri5
     endpoint (the teacher it was distilled from, same noise end), and the teacher's own distance to the
     exact flow."""
-    from flowmaps.runs.experiment import load_model
+    from flowmaps.runs.models import load_model
 
     x0 = torch.randn(N, 2, generator=torch.Generator().manual_seed(5))
     exact_x = solve_ode(mixture().velocity, x0.double(), "dopri5", rtol=1e-7, atol=1e-7).x.float()

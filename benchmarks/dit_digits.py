@@ -27,6 +27,7 @@ import torch
 
 from flowmaps.cli import main as flowmaps_main
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model
 from flowmaps.runs.config import load_config
 from flowmaps.runs.evaluate import evaluate_runs
 from flowmaps.runs.training import run_training
@@ -63,11 +64,11 @@ def calibrate(rounds: int, teacher_cfg: list[str]) -> dict[str, float]:
         scales = ex.resolve_scales(cfg, bundle)
         teacher = None
         if ex.needs_teacher(cfg):  # a U-Net teacher network (its cost, not its quality)
-            teacher = ex.build_model(load_config("digits", None, teacher_cfg), scales).requires_grad_(False)
+            teacher = build_model(load_config("digits", None, teacher_cfg), scales).requires_grad_(False)
         torch.manual_seed(0)
-        model = ex.build_model(cfg, scales)
+        model = build_model(cfg, scales)
         t = cfg.train
-        trainers[name] = Trainer(model, ex.build_objective(cfg, ex.build_interpolant(cfg, scales), teacher),
+        trainers[name] = Trainer(model, ex.build_objective(cfg, build_interpolant(cfg, scales), teacher),
                                  bundle.train, batch_size=t.batch_size, lr=t.lr, grad_clip=t.grad_clip,
                                  ema_decay=t.ema_decay, seed=0)
     for trainer in trainers.values():  # warm-up
@@ -126,7 +127,7 @@ def main() -> int:
     for name, over in RUNS.items():
         cfg = load_config("digits", None, over + COMMON)
         scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 0}
-        params[name] = sum(q.numel() for q in ex.build_model(cfg, scales).parameters())
+        params[name] = sum(q.numel() for q in build_model(cfg, scales).parameters())
     summary = {"fd": fd, "teacher_fd": teacher_rows, "cpu_seconds_per_step": per_step, "steps": steps,
                "cpu_seconds_training": cpu, "parameters": params,
                "meta": {"command": " ".join(["dit_digits.py", *sys.argv[1:]]), "budget": args.budget,

@@ -44,7 +44,7 @@ import torch
 
 from flowmaps.runs.config import load_config
 from flowmaps.runs.evaluate import evaluate_runs
-from flowmaps.runs.experiment import time_frequencies
+from flowmaps.runs.models import time_frequencies
 from flowmaps.runs.training import run_training
 
 ROOT = Path(__file__).resolve().parent / "results" / "self_distillation"
@@ -247,6 +247,7 @@ CALIBRATION_OVERRIDES = {"alphaflow": ["objective.alpha_end=0"]}
 def calibrate_digits(args) -> dict:
     """CPU seconds per step of every step type, measured in interleaved rounds in this process."""
     from flowmaps.runs import experiment as ex
+    from flowmaps.runs.models import build_interpolant, build_model
     from flowmaps.train.trainer import Trainer
 
     kinds = {"velocity": ["objective.name=velocity"], "lmd": ["objective.name=lmd"],
@@ -256,12 +257,12 @@ def calibrate_digits(args) -> dict:
         cfg = load_config("digits", None, over + CALIBRATION_OVERRIDES.get(kind, []))
         bundle = ex.build_data(cfg)
         scales = ex.resolve_scales(cfg, bundle)
-        interpolant = ex.build_interpolant(cfg, scales)
+        interpolant = build_interpolant(cfg, scales)
         teacher = None
         if kind == "lmd":  # a teacher network of the preset's architecture (its cost, not its quality)
-            teacher = ex.build_model(cfg, scales).requires_grad_(False)
+            teacher = build_model(cfg, scales).requires_grad_(False)
         torch.manual_seed(0)
-        model = ex.build_model(cfg, scales)
+        model = build_model(cfg, scales)
         t = cfg.train
         trainers[kind] = Trainer(model, ex.build_objective(cfg, interpolant, teacher), bundle.train,
                                  batch_size=t.batch_size, lr=t.lr, grad_clip=t.grad_clip,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model
 from flowmaps.runs.config import load_config
 from flowmaps.train import distributed
 
@@ -59,11 +60,11 @@ def gmm_problem(overrides=(), n_train: int = 512, n_eval: int = 64, init_seed: i
                                     f"data.n_eval={n_eval}", "teacher.exact=true", *overrides])
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
-    interpolant = ex.build_interpolant(cfg, scales)
+    interpolant = build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
     teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
     torch.manual_seed(init_seed)
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     return model, ex.build_objective(cfg, interpolant, teacher), bundle.train
 
 
@@ -73,9 +74,9 @@ def dit_problem(overrides=(), init_seed: int = 0):
                                        "model.heads=2", *overrides])
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 0}
     torch.manual_seed(init_seed)
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     data = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(11)) * 2 - 1
-    return model, ex.build_objective(cfg, ex.build_interpolant(cfg, scales)), data
+    return model, ex.build_objective(cfg, build_interpolant(cfg, scales)), data
 
 
 def build(case: str):

@@ -375,7 +375,7 @@ def test_guided_direction_enters_the_step_and_the_target():
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
 def test_a_guided_step_on_the_unet(alpha):
-    from flowmaps.runs import experiment as ex
+    from flowmaps.runs.models import build_interpolant, build_model
     from flowmaps.runs.config import load_config
 
     cfg = load_config("digits", None, ["model.channels=8", "model.channel_mults=[1]",
@@ -383,9 +383,9 @@ def test_a_guided_step_on_the_unet(alpha):
                                        "model.dropout=0.1"])
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 10}
     data, labels = torch.rand(20, 1, 8, 8) * 2 - 1, torch.arange(20) % 10
-    objective = at_alpha(AlphaFlow(ex.build_interpolant(cfg, scales), guidance=1.0, guidance_kappa=0.5,
+    objective = at_alpha(AlphaFlow(build_interpolant(cfg, scales), guidance=1.0, guidance_kappa=0.5,
                                    null_label=10), alpha)
-    trainer = fm.Trainer(ex.build_model(cfg, scales), objective, data, batch_size=8, labels=labels,
+    trainer = fm.Trainer(build_model(cfg, scales), objective, data, batch_size=8, labels=labels,
                          label_dropout=0.2, null_label=10, total_steps=2)
     for _ in range(2):
         out = trainer.step()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_model, load_model, save_model
 from flowmaps.runs.config import load_config
 
 torch.set_num_threads(1)
@@ -69,8 +70,8 @@ def test_saved_config_reproduces_the_run(chain, tmp_path):
     """Rerunning from a run's config.yaml gives bit-identical weights (same seed, same data)."""
     _ok(flowmaps("train", "--config", chain / "teacher" / "config.yaml", "--out", tmp_path / "again",
                  "--quiet"))
-    a = ex.load_model(chain / "teacher", use_ema=False).model.state_dict()
-    b = ex.load_model(tmp_path / "again", use_ema=False).model.state_dict()
+    a = load_model(chain / "teacher", use_ema=False).model.state_dict()
+    b = load_model(tmp_path / "again", use_ema=False).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -120,7 +121,7 @@ def test_evaluate_writes_table_json_and_plots(chain, tmp_path):
     # flow map and the teacher's Euler written out here, and the norm by NumPy.
     from torchdiffeq import odeint
 
-    lmd, teacher = ex.load_model(chain / "lmd"), ex.load_model(chain / "teacher")
+    lmd, teacher = load_model(chain / "lmd"), load_model(chain / "teacher")
     cfg = lmd.config
     x0 = lmd.interpolant.sample_base(torch.empty(400, 2), torch.Generator().manual_seed(cfg.eval.seed))
     gmm = ex._gmm_reference(cfg, lmd.interpolant)
@@ -201,11 +202,11 @@ def test_checkpoint_round_trip_samples_identically(tmp_path):
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     torch.manual_seed(3)
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     with torch.no_grad():  # a non-trivial map: perturb the zero-initialised output layer
         model.net.out.weight.normal_(0, 0.3)
-    ex.save_model(tmp_path / "ck", model, None, cfg, scales, bundle.standardizer, step=7)
-    loaded = ex.load_model(tmp_path / "ck")
+    save_model(tmp_path / "ck", model, None, cfg, scales, bundle.standardizer, step=7)
+    loaded = load_model(tmp_path / "ck")
     x0 = loaded.interpolant.sample_base(torch.empty(256, 2), torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.sample(x0, steps=3), loaded.model.sample(x0, steps=3))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import ddp_worker
 from ddp_worker import BATCH, CASES, STEPS, TRAIN, build, flat_parameters, trained_parameters
 from flowmaps.checkpoint import load_checkpoint
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model
 from flowmaps.train.distributed import rank_seed
 from flowmaps.train.schedules import inverse_sqrt_schedule
 
@@ -125,4 +125,4 @@ def test_cli_under_torchrun_writes_one_run_and_resumes(tmp_path):
     more = torchrun("-m", "flowmaps", "distill", "--resume", "--out", run, "--quiet", "train.steps=30")
     assert more.returncode == 0, more.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "final")[1]["step"] == 30
-    assert ex.load_model(run).model.net.dim == 2
+    assert load_model(run).model.net.dim == 2

@@ -30,6 +30,7 @@ from flowmaps.nets import dit as dit_module
 from flowmaps.nets.dit import DIT_SIZES, DiT, forward_mode_active, parse_dit_size
 from flowmaps.nets.guidance import guidance_condition
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model, save_model
 from flowmaps.runs.config import CHOICES, ConfigError, load_config
 from flowmaps.train.trainer import Trainer
 
@@ -361,10 +362,10 @@ DIGITS_SCALES = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8]
 
 def test_bad_config_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="not divisible by the patch 3") as err:
-        ex.build_model(load_config("digits", None, DIT + ["model.patch=3"]), DIGITS_SCALES)
+        build_model(load_config("digits", None, DIT + ["model.patch=3"]), DIGITS_SCALES)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="heads 3 does not divide the width 16"):
-        ex.build_model(load_config("digits", None, DIT + ["model.heads=3"]), DIGITS_SCALES)
+        build_model(load_config("digits", None, DIT + ["model.heads=3"]), DIGITS_SCALES)
     with pytest.raises(ConfigError, match="model.dit_size"):
         load_config("digits", None, DIT + ["model.dit_size=M"])
     with pytest.raises(ConfigError, match="no dropout"):
@@ -377,7 +378,7 @@ def test_bad_config_is_a_one_line_config_error():
 def test_config_builds_the_named_size_with_overrides():
     cfg = load_config("digits", None, ["model.name=dit", "model.dit_size=S", "model.dit_depth=1",
                                        "model.qk_norm=layer", "model.jvp=fd", "model.fd_eps=0.01"])
-    net = ex.build_model(cfg, DIGITS_SCALES).net
+    net = build_model(cfg, DIGITS_SCALES).net
     assert isinstance(net, DiT) and len(net.blocks) == 1 and net.blocks[0].attn.qkv.in_features == 384
     assert isinstance(net.blocks[0].attn.q_norm, torch.nn.LayerNorm) and net.jvp == "fd"
     assert net.fd_eps == 0.01 and net.patch == 2 and net.sigma_data == 0.5
@@ -391,12 +392,12 @@ def test_every_objective_steps_on_a_tiny_dit(name):
     cfg = load_config("digits", None, overrides)
     scales = dict(DIGITS_SCALES, num_classes=10)
     torch.manual_seed(0)
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     assert isinstance(model.net, DiT)
     teacher = None
     if ex.needs_teacher(cfg):
-        teacher = perturb(ex.build_model(cfg, scales)).requires_grad_(False)
-    objective = ex.build_objective(cfg, ex.build_interpolant(cfg, scales), teacher, num_classes=10)
+        teacher = perturb(build_model(cfg, scales)).requires_grad_(False)
+    objective = ex.build_objective(cfg, build_interpolant(cfg, scales), teacher, num_classes=10)
     g = torch.Generator().manual_seed(0)
     data, labels = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, torch.arange(32) % 10
     trainer = Trainer(model, objective, data, batch_size=8, lr=1e-3, grad_clip=1.0, labels=labels,
@@ -455,8 +456,8 @@ def test_a_guidance_conditioned_dit_round_trips(tmp_path):
 def _trainer(init_seed: int = 0, objective: str = "lsd") -> Trainer:
     cfg = load_config("digits", None, DIT + [f"objective.name={objective}"])
     torch.manual_seed(init_seed)
-    model = ex.build_model(cfg, DIGITS_SCALES)
-    obj = ex.build_objective(cfg, ex.build_interpolant(cfg, DIGITS_SCALES))
+    model = build_model(cfg, DIGITS_SCALES)
+    obj = ex.build_objective(cfg, build_interpolant(cfg, DIGITS_SCALES))
     data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
     trainer = Trainer(model, obj, data, batch_size=8, lr=5e-3, grad_clip=1.0, ema_decay=0.9, seed=3,
                       lr_decay_start=3)
@@ -475,7 +476,7 @@ def test_resume_through_disk_is_bit_identical(objective, tmp_path):
     straight.run(6, progress=False)
     first = _trainer(objective=objective)
     first.run(3, progress=False)
-    ex.save_model(tmp_path / "ckpt", first.model, first.ema, first.saved_with, DIGITS_SCALES, None,
+    save_model(tmp_path / "ckpt", first.model, first.ema, first.saved_with, DIGITS_SCALES, None,
                   first.step_count, trainer_state=first.state_dict())
     groups, saved = load_checkpoint(tmp_path / "ckpt")
     resumed = _trainer(init_seed=123, objective=objective)  # all weights must come from disk
@@ -495,7 +496,7 @@ REDUCED = ["model.dit_width=32", "model.dit_depth=2", "model.heads=2", "train.de
 def full_size_parameters(cfg) -> int:
     """The preset's full network counted on the meta device (no memory, no values)."""
     with torch.device("meta"):
-        return ex.build_model(cfg, LATENT_SCALES).net.parameter_count()
+        return build_model(cfg, LATENT_SCALES).net.parameter_count()
 
 
 @pytest.mark.parametrize("preset, size, millions", [("imagenet256", "B", 130), ("imagenet256_xl", "XL", 675)])
@@ -527,13 +528,13 @@ def test_imagenet256_presets_build_and_step_at_reduced_width(preset, objective):
     cfg = load_config(preset, None, [f"objective.name={objective}", *REDUCED])
     t = cfg.train
     torch.manual_seed(0)
-    model = ex.build_model(cfg, LATENT_SCALES)
+    model = build_model(cfg, LATENT_SCALES)
     assert isinstance(model.net, DiT) and model.net.grid == (16, 16)  # 32x32 latents, patch 2
     teacher = None
     if ex.needs_teacher(cfg):
         teacher_cfg = load_config(preset, None, REDUCED)
-        teacher = perturb(ex.build_model(teacher_cfg, LATENT_SCALES)).requires_grad_(False)
-    objective_ = ex.build_objective(cfg, ex.build_interpolant(cfg, LATENT_SCALES), teacher, num_classes=1000)
+        teacher = perturb(build_model(teacher_cfg, LATENT_SCALES)).requires_grad_(False)
+    objective_ = ex.build_objective(cfg, build_interpolant(cfg, LATENT_SCALES), teacher, num_classes=1000)
     g = torch.Generator().manual_seed(0)
     latents, labels = torch.randn(4, 4, 32, 32, generator=g), torch.tensor([0, 999, 5, 17])
     trainer = Trainer(model, objective_, latents, batch_size=2, lr=t.lr, optimizer=t.optimizer,

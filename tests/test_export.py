@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import flowmaps as fm
 from flowmaps.checkpoint import CheckpointError
 from flowmaps.cli import main
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model
 from test_faults_input import _setitem
 
 torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def base(model, n=200, seed=0):
 def test_exported_map_samples_exactly_like_the_run(runs, name):
     run, folder = getattr(runs, name), getattr(runs, f"{name}_export")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    reference = ex.load_model(run)  # the run's EMA weights
+    reference = load_model(run)  # the run's EMA weights
     loaded = {"load(DIR)": fm.load(folder), "from_pretrained(DIR)": fm.FlowMap.from_pretrained(folder),
               "load(DIR/config.json)": fm.load(folder / "config.json"), "load(RUN)": fm.load(run),
               "load(checkpoint)": fm.load(run / "checkpoints" / "final.json")}
@@ -87,7 +87,7 @@ def test_raw_weights_export(runs, tmp_path, capsys):
     assert main(["export", str(runs.lmd), str(tmp_path / "raw"), "--raw-weights"]) == 0
     assert "raw weights" in capsys.readouterr().out
     raw, ema = fm.load(tmp_path / "raw"), fm.load(runs.lmd_export)
-    reference = ex.load_model(runs.lmd, use_ema=False).model
+    reference = load_model(runs.lmd, use_ema=False).model
     x0 = base(raw)
     with torch.no_grad():
         assert torch.equal(raw.sample(x0), reference.sample(x0))
@@ -297,7 +297,7 @@ def test_sample_export_dir_writes_into_the_export_and_never_replaces(runs, tmp_p
     shutil.copytree(runs.vel3_export, folder)
     assert main(["sample", str(folder), "--n", "50", "--steps", "2"]) == 0  # a velocity export: RK4
     x = np.load(folder / "samples" / "samples_rk42.npy")
-    reference = ex.load_model(runs.vel3)
+    reference = load_model(runs.vel3)
     x0 = reference.interpolant.sample_base(torch.empty(50, 3), torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference.to_data_units(fm.solve_ode(reference.model.velocity, x0, "rk4", steps=2).x)
@@ -317,7 +317,7 @@ def test_evaluate_takes_a_run_a_checkpoint_or_an_export(runs, tmp_path, kind):
     assert main(["evaluate", str(KINDS[kind](runs)), "--out", str(out), "--steps", "1,2", "--n", "400",
                  "--no-dopri5"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    ref = ex.load_model(runs.lmd)
+    ref = load_model(runs.lmd)
     x0 = ref.interpolant.sample_base(torch.empty(400, 2), torch.Generator().manual_seed(ref.config.eval.seed))
     from flowmaps.exact import GaussianMixture
 
@@ -379,12 +379,12 @@ def test_exports_without_a_recorded_run_config(runs, tmp_path, capsys):
     config = json.loads((old / "config.json").read_text())
     config.pop("run_config")
     (old / "config.json").write_text(json.dumps(config))
-    assert ex.load_model(old).config_source == "preset"
+    assert load_model(old).config_source == "preset"
     assert main(["evaluate", str(old), "--out", str(tmp_path / "e1"), "--steps", "1", "--n", "200",
                  "--no-dopri5"]) == 0
     bare = tmp_path / "bare"
     fm.load(runs.lmd_export).save_pretrained(bare)
-    assert ex.load_model(bare).config_source is None
+    assert load_model(bare).config_source is None
     assert main(["sample", str(bare), "--n", "20", "--steps", "1"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(bare), "--out", str(tmp_path / "e2"), "--steps", "1", "--n", "200"]) == 2

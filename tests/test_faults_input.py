@@ -31,7 +31,7 @@ import torch
 
 from flowmaps.checkpoint import CheckpointError, load_checkpoint
 from flowmaps.cli import main
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model, save_model
 from flowmaps.runs.config import ConfigError, load_config
 
 torch.set_num_threads(1)
@@ -150,8 +150,8 @@ def runs(tmp_path_factory):
 
 def test_the_shared_runs_are_good(runs, capsys, tmp_path):
     """Positive control: the untouched checkpoints load and sample (each refusal below is the fault's)."""
-    assert ex.load_model(runs.lmd2).scales["dim"] == 2
-    assert ex.load_model(runs.teacher3).scales["dim"] == 3
+    assert load_model(runs.lmd2).scales["dim"] == 2
+    assert load_model(runs.teacher3).scales["dim"] == 3
     rc, out, err = run(["sample", runs.lmd2, "--n", "20", "--steps", "1", "--out", tmp_path / "s"], capsys)
     assert rc == 0 and (tmp_path / "s" / "samples_steps1.npy").is_file(), err
 
@@ -530,7 +530,7 @@ def test_library_version_is_informational(runs, tmp_path):
     library version (even a newer major) loads."""
     stem = _copy_checkpoint(runs.lmd2, tmp_path / "future")
     _edit_json(stem, _setitem(["library_version"], "7.3.0"))
-    loaded = ex.load_model(stem)
+    loaded = load_model(stem)
     assert loaded.metadata["library_version"] == "7.3.0" and loaded.scales["dim"] == 2
 
 
@@ -538,17 +538,17 @@ def test_checkpoints_without_a_checksum_still_load(runs, tmp_path):
     """Format-1 checkpoints written before ``weights_sha256`` existed stay readable."""
     stem = _copy_checkpoint(runs.lmd2, tmp_path / "old")
     _edit_json(stem, _setitem(["weights_sha256"], KeyError))
-    assert ex.load_model(stem).scales["dim"] == 2
+    assert load_model(stem).scales["dim"] == 2
 
 
 def test_a_stem_with_dots_round_trips(runs, tmp_path):
     """``run.v2/ck.step20`` names ``ck.step20.json`` + ``ck.step20.safetensors`` (suffixes appended)."""
-    loaded = ex.load_model(runs.lmd2)
+    loaded = load_model(runs.lmd2)
     stem = tmp_path / "run.v2" / "ck.step20"
-    ex.save_model(stem, loaded.model, None, loaded.config, loaded.scales, None, step=20)
+    save_model(stem, loaded.model, None, loaded.config, loaded.scales, None, step=20)
     assert sorted(p.name for p in stem.parent.iterdir()) == ["ck.step20.json", "ck.step20.safetensors"]
-    assert ex.load_model(stem).metadata["step"] == 20
-    assert ex.load_model(stem.parent / "ck.step20.json").metadata["step"] == 20
+    assert load_model(stem).metadata["step"] == 20
+    assert load_model(stem.parent / "ck.step20.json").metadata["step"] == 20
 
 
 def test_valid_safetensors_whose_header_length_looks_like_a_pickle_loads(runs, tmp_path):
@@ -575,7 +575,7 @@ def test_malicious_pickle_disguised_as_safetensors_is_not_executed(refused, runs
                  ["sample", tmp_path / "evil" / "ck.json", "--n", "10"],
                  ["evaluate", stem, "--no-dopri5"], ["distill", "--teacher", stem, *TINY]):
         refused(argv, "ck.safetensors", "pickle")
-    for load in (load_checkpoint, ex.load_model):
+    for load in (load_checkpoint, load_model):
         with pytest.raises(CheckpointError, match="pickle") as err:
             load(stem)
         assert "\n" not in str(err.value)
@@ -606,7 +606,7 @@ def test_malicious_torch_style_file_is_not_executed(refused, tmp_path, suffix, k
     refused(["sample", path, "--n", "10"], path.name, word)
     refused(["evaluate", path, "--no-dopri5"], path.name, word)
     refused(["distill", "--teacher", path, *TINY], path.name, word)
-    for load in (load_checkpoint, ex.load_model):
+    for load in (load_checkpoint, load_model):
         with pytest.raises(CheckpointError, match=word) as err:
             load(path)
         assert "\n" not in str(err.value)

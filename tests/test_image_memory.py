@@ -27,6 +27,7 @@ from flowmaps.metrics.classifier import train_feature_classifier
 from flowmaps.objectives import FMM, Velocity
 from flowmaps.runs import evaluation as evaluation_module
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_model
 from flowmaps.runs.config import load_config
 from flowmaps.train.trainer import Trainer
 
@@ -251,7 +252,7 @@ def test_pipeline_never_decodes_the_whole_set(tmp_path, monkeypatch):
     assert bundle.train.nbytes + bundle.held_out.nbytes == 1797 * 64 and bundle.sample_shape == (1, 8, 8)
     scales = ex.resolve_scales(cfg, bundle)
     assert scales["sigma_data"] == scales["sigma0"] == float(getitem(bundle.train, slice(None)).std())
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     trainer = Trainer(model, Velocity(Linear()), bundle.train, batch_size=32, labels=bundle.labels,
                       null_label=10, augment=random_hflip)
     for _ in range(2):

@@ -15,6 +15,7 @@ from flowmaps import FlowMap, Linear, UNet
 from flowmaps.cli import main
 from flowmaps.objectives import EMD, FMM, LMD, PFMM, GuidedVelocity, Velocity
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model
 from flowmaps.runs.config import load_config
 from flowmaps.train.trainer import Trainer
 
@@ -118,12 +119,12 @@ def test_gpu_presets_build_step_and_sample_at_reduced_width(preset):
         assert (cfg.model.channel_mults, cfg.model.blocks_per_level, cfg.model.attention_resolutions,
                 cfg.model.dropout) == ([2, 2, 2], 4, [16], 0.13)
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 3072, "shape": [3, 32, 32], "num_classes": 0}
-    model = ex.build_model(cfg, scales)
-    full = ex.build_model(load_config(preset), scales)
+    model = build_model(cfg, scales)
+    full = build_model(load_config(preset), scales)
     assert sum(p.numel() for p in full.parameters()) > 2e7  # the real size, never run here
-    teacher = ex.build_model(cfg, scales).requires_grad_(False)
+    teacher = build_model(cfg, scales).requires_grad_(False)
     objective = ex.build_objective(load_config(preset, None, ["objective.name=lmd"]),
-                                   ex.build_interpolant(cfg, scales), teacher)
+                                   build_interpolant(cfg, scales), teacher)
     trainer = Trainer(model, objective, images(8, (3, 32, 32)), batch_size=2, lr=t.lr,
                       optimizer=t.optimizer, grad_clip=t.grad_clip, lr_decay_start=t.lr_decay_start,
                       ema_decay=t.ema_decay)

@@ -252,13 +252,13 @@ def test_guidance_is_chosen_at_sampling_time_through_the_command_line(tmp_path, 
     import numpy as np
 
     from flowmaps.cli import main
-    from flowmaps.runs import experiment as ex
+    from flowmaps.runs.models import load_model
 
     run = tmp_path / "imf"
     assert main(["train", "--preset", "digits", "--objective", "imf", "--out", str(run),
                  "train.steps=4", "model.class_conditional=true", "model.guidance_conditioning=true",
                  "objective.guidance_max=7", *DIGITS_TINY]) == 0
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     assert loaded.model.net.emb_guidance is not None
     assert loaded.config.objective.guidance_max == 7.0
     for scale in ("1", "1.5", "4"):

@@ -22,6 +22,7 @@ import torch
 from flowmaps.cli.main import main
 from flowmaps.data.latents import LatentShards, read_index, read_safetensors
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_model, class_labels, load_model
 from flowmaps.runs.config import load_config
 
 from diffusers import AutoencoderKL  # the test extra pins diffusers: without it these tests fail
@@ -270,7 +271,7 @@ def test_labels_reach_the_objective_aligned_with_their_rows(encoded, monkeypatch
         return real(self, model, x0, x1, s, t, cond)
 
     monkeypatch.setattr(Velocity, "terms", spy)
-    trainer = Trainer(ex.build_model(cfg, scales), Velocity(Linear()), bundle.train, batch_size=32,
+    trainer = Trainer(build_model(cfg, scales), Velocity(Linear()), bundle.train, batch_size=32,
                       null_label=10, label_dropout=0.0)
     trainer.step()
     rows = shard_rows(encoded)
@@ -371,10 +372,10 @@ def test_sample_decodes_through_the_vae(run, vae_dir, tmp_path):
     images = np.load(tmp_path / "s" / "samples_steps2.npy")
     assert images.shape == (20, 1, 8, 8) and (tmp_path / "s" / "samples.png").is_file()
     # the same samples drawn here and decoded by diffusers directly: z / scale + shift, RGB mean
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     x0 = loaded.interpolant.sample_base(torch.empty(20, 4, 4, 4), torch.Generator().manual_seed(4))
     with torch.no_grad():
-        z = loaded.model.sample(x0, steps=2, cond=ex.class_labels(20, loaded.scales))
+        z = loaded.model.sample(x0, steps=2, cond=class_labels(20, loaded.scales))
         vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
         expected = vae.decode(z / SCALE + SHIFT).sample.mean(1, keepdim=True)
     np.testing.assert_allclose(images, expected.numpy(), atol=1e-5)

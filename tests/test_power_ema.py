@@ -20,7 +20,7 @@ from torch import nn
 
 from flowmaps.checkpoint import load_checkpoint
 from flowmaps.cli import main
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model
 from flowmaps.runs.config import ConfigError, load_config
 from flowmaps.runs.export import export_model, load
 from flowmaps.runs.posthoc_ema import list_snapshots
@@ -354,13 +354,13 @@ def test_a_run_keeps_the_profiles_and_writes_snapshots(power_run):
     for group in snap:  # the last snapshot is the final state of the profiles
         assert all(torch.equal(snap[group][k], groups[group][k]) for k in snap[group])
     # the default weights of sampling and export are the first profile; others by name
-    assert ex.load_model(power_run).weights == "std0.050"
-    torch.testing.assert_close(ex.load_model(power_run, use_ema="std0.1").model.state_dict(),
+    assert load_model(power_run).weights == "std0.050"
+    torch.testing.assert_close(load_model(power_run, use_ema="std0.1").model.state_dict(),
                                groups["ema_std0p100"], rtol=0, atol=0)
-    assert ex.load_model(power_run, use_ema="ema").weights == "ema"
-    assert ex.load_model(power_run, use_ema=False).weights == "model"
+    assert load_model(power_run, use_ema="ema").weights == "ema"
+    assert load_model(power_run, use_ema=False).weights == "model"
     with pytest.raises(Exception, match=r"no averaged weights named 'std0.2'; it holds ema, std0.050"):
-        ex.load_model(power_run, use_ema="std0.2")
+        load_model(power_run, use_ema="std0.2")
 
 
 def test_a_run_with_profiles_resumes_exactly(power_run, tmp_path):
@@ -386,7 +386,7 @@ def test_flowmaps_ema_end_to_end(power_run, capsys, tmp_path):
     assert main(["ema", str(power_run), "--std", "0.075,0.10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[0].startswith(f"wrote {power_run / 'ema' / 'std0.075-step00000045'}")
-    loaded = ex.load_model(power_run / "ema" / "std0.075-step00000045")
+    loaded = load_model(power_run / "ema" / "std0.075-step00000045")
     assert loaded.weights == "std0.075" and loaded.metadata["step"] == 45
     posthoc = loaded.metadata["ema_posthoc"]
     # the coefficients, independently: every snapshot's two profiles
@@ -401,12 +401,12 @@ def test_flowmaps_ema_end_to_end(power_run, capsys, tmp_path):
                 for key in snaps[0][2]}
     torch.testing.assert_close(loaded.model.state_dict(), expected, rtol=1e-6, atol=1e-7)
     # σ_rel 0.10 is tracked: its reconstruction is the tracked profile at step 45
-    back = ex.load_model(power_run / "ema" / "std0.100-step00000045").model.state_dict()
+    back = load_model(power_run / "ema" / "std0.100-step00000045").model.state_dict()
     tracked = load_checkpoint(power_run / "checkpoints" / "final")[0]["ema_std0p100"]
     torch.testing.assert_close(back, tracked, rtol=1e-5, atol=1e-6)
     # at an earlier snapshot; and the results sample and export like any checkpoint
     assert main(["ema", str(power_run), "--std", "0.2", "--step", "20"]) == 0
-    assert ex.load_model(power_run / "ema" / "std0.200-step00000020").metadata["step"] == 20
+    assert load_model(power_run / "ema" / "std0.200-step00000020").metadata["step"] == 20
     capsys.readouterr()
     assert main(["sample", str(power_run / "ema" / "std0.075-step00000045"), "--n", "50", "--steps",
                  "1", "--out", str(tmp_path / "s")]) == 0
@@ -474,12 +474,12 @@ def test_a_classic_run_is_unchanged_and_an_old_checkpoint_trains_resumes_and_sam
     text = (run / "config.yaml").read_text()
     lines = [line for line in text.splitlines() if "ema_std" not in line and "ema_snapshot" not in line]
     (run / "config.yaml").write_text("\n".join(lines) + "\n")
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     assert loaded.weights == "ema"
     torch.testing.assert_close(loaded.model.state_dict(),
                                load_checkpoint(run / "checkpoints" / "final")[0]["ema"], rtol=0, atol=0)
     with pytest.raises(Exception, match="no averaged weights named 'std0.1'; it holds ema$"):
-        ex.load_model(run, use_ema="std0.1")
+        load_model(run, use_ema="std0.1")
     assert main(["sample", str(run), "--n", "50", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
     assert main(["train", "--resume", "--out", str(run), "--quiet", "train.steps=30"]) == 0
     assert load_checkpoint(run / "checkpoints" / "final")[1]["step"] == 30

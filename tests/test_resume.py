@@ -22,6 +22,7 @@ from flowmaps.checkpoint import load_checkpoint
 from flowmaps.cli import main
 from flowmaps.objectives.base import LossOutput
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model, save_model
 from flowmaps.runs.config import load_config
 from flowmaps.train.resume import CheckpointRotation, latest_checkpoint
 from flowmaps.train.trainer import Trainer
@@ -136,11 +137,11 @@ def build(objective: str, init_seed: int = 0, **train):
                                     *chosen])
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
-    interpolant = ex.build_interpolant(cfg, scales)
+    interpolant = build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
     teacher = ex.build_teacher(cfg, bundle, scales, "cpu") if ex.needs_teacher(cfg) else None
     torch.manual_seed(init_seed)
-    model = ex.build_model(cfg, scales)
+    model = build_model(cfg, scales)
     options = dict(batch_size=32, lr=5e-3, grad_clip=1.0, ema_decay=0.99, seed=3, lr_decay_start=3)
     options.update(train)
     trainer = Trainer(model, ex.build_objective(cfg, interpolant, teacher), bundle.train, **options)
@@ -151,7 +152,7 @@ def build(objective: str, init_seed: int = 0, **train):
 def save(trainer: Trainer, stem: Path) -> None:
     """A full training checkpoint, as the CLI writes it."""
     cfg, scales = trainer.saved_with
-    ex.save_model(stem, trainer.model, trainer.ema, cfg, scales, None, trainer.step_count,
+    save_model(stem, trainer.model, trainer.ema, cfg, scales, None, trainer.step_count,
                   trainer_state=trainer.state_dict())
 
 

@@ -15,6 +15,7 @@ from flowmaps.checkpoint import load_checkpoint
 from flowmaps.cli import main
 from flowmaps.objectives import LSD, MeanFlow, Shortcut
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_interpolant, build_model, load_model
 from flowmaps.runs.config import load_config
 from flowmaps.train.trainer import Trainer
 
@@ -47,7 +48,7 @@ def test_train_a_self_distilled_map_from_samples_alone(objective, tmp_path, caps
         assert alphas[0] == 1.0 and alphas[-1] == 0.0 and 0 < min(a for a in alphas if a > 0) < 1
         assert meta["trainer"]["objective"]["alpha_steps"] == [0, 20]
     assert main(["sample", str(run), "--n", "50", "--steps", "1,2", *gamma]) == 0
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     assert loaded.model.domain == domain
     with pytest.raises(ValueError, match="forward jumps|jumps to the data"):
         loaded.model.inverse(torch.zeros(3, 2))
@@ -134,8 +135,8 @@ def test_cifar10_lsd_preset_is_p2_table2_and_steps_at_reduced_width():
     assert (m.channel_mults, m.blocks_per_level, m.attention_resolutions, m.dropout) == (
         [2, 2, 2], 4, [16], 0.13)
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 3072, "shape": [3, 32, 32], "num_classes": 0}
-    model = ex.build_model(cfg, scales)
-    objective = ex.build_objective(cfg, ex.build_interpolant(cfg, scales))
+    model = build_model(cfg, scales)
+    objective = ex.build_objective(cfg, build_interpolant(cfg, scales))
     assert isinstance(objective, LSD) and objective.learned is not None
     data = torch.rand(8, 3, 32, 32) * 2 - 1
     trainer = Trainer(model, objective, data, batch_size=4, lr=t.lr, optimizer=t.optimizer,
@@ -155,10 +156,10 @@ def test_image_self_distillation_steps_on_the_unet_with_labels_and_guidance():
                                        "model.attention_resolutions=[]", "model.class_conditional=true"])
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 10}
     data, labels = torch.rand(20, 1, 8, 8) * 2 - 1, torch.arange(20) % 10
-    for objective in (LSD(ex.build_interpolant(cfg, scales), guidance=2.0, null_label=10),
-                      MeanFlow(ex.build_interpolant(cfg, scales), guidance=1.5, null_label=10),
-                      Shortcut(ex.build_interpolant(cfg, scales))):
-        model = ex.build_model(cfg, scales)
+    for objective in (LSD(build_interpolant(cfg, scales), guidance=2.0, null_label=10),
+                      MeanFlow(build_interpolant(cfg, scales), guidance=1.5, null_label=10),
+                      Shortcut(build_interpolant(cfg, scales))):
+        model = build_model(cfg, scales)
         trainer = Trainer(model, objective, data, batch_size=8, labels=labels, label_dropout=0.2,
                           null_label=10)
         for _ in range(2):

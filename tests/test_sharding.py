@@ -16,7 +16,7 @@ import torch
 
 from flowmaps import FlowMap, UNet
 from flowmaps.cli import main
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_model, save_model
 from flowmaps.runs.config import load_config
 from flowmaps.train.distributed import map_sharded, shard_rows
 
@@ -73,12 +73,12 @@ def models(tmp_path_factory):
                                            "model.attention_resolutions=[4]"])
     scales = {"sigma0": 1.0, "sigma_data": 0.5, "dim": 64, "shape": [1, 8, 8], "num_classes": 10}
     torch.manual_seed(0)
-    unet = ex.build_model(cfg, scales)
+    unet = build_model(cfg, scales)
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     unet.domain = "triangle"
-    ex.save_model(root / "unet" / "checkpoints" / "final", unet, None, cfg, scales, None, step=1)
+    save_model(root / "unet" / "checkpoints" / "final", unet, None, cfg, scales, None, step=1)
     return root
 
 

@@ -20,7 +20,7 @@ from test_faults_input import _diff, evil_pickle, run, snapshot
 import flowmaps.teachers as teachers
 from flowmaps.cli import main
 from flowmaps.exact import GaussianMixture
-from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model
 from flowmaps.solvers import solve_ode
 
 torch.set_num_threads(1)
@@ -143,7 +143,7 @@ def distil(user: Path, out: Path, seed: int = 0):
     with torch.no_grad():
         endpoint = solve_ode(teacher, x0, "rk4", steps=200).x
         euler = x0 + teacher(x0, torch.zeros(2000))
-        one_step = ex.load_model(out).model.sample(x0, steps=1)
+        one_step = load_model(out).model.sample(x0, steps=1)
     map_error = (one_step - endpoint).norm(dim=1).mean().item()
     euler_error = (euler - endpoint).norm(dim=1).mean().item()
     identity_error = (x0 - endpoint).norm(dim=1).mean().item()  # the untrained (zero-step) map's

@@ -13,6 +13,7 @@ import torch
 
 from flowmaps.cli.main import main
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import load_model
 
 torch.set_num_threads(1)
 
@@ -31,7 +32,7 @@ def test_tune_grid_stores_grids_that_match_an_independent_computation(run, capsy
     assert main(["tune-grid", str(run), "--steps", "2,4", "--n", "256", "--iters", "20"]) == 0
     stored = json.loads((run / "tuned_grids.json").read_text())
     assert stored["reference"] == "exact flow map" and stored["seed"] == 7 and stored["n"] == 256
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     x0 = loaded.interpolant.sample_base(torch.empty(256, 2), torch.Generator().manual_seed(7))
     cfg = loaded.config
     bundle = ex.build_data(cfg)
@@ -59,7 +60,7 @@ def test_sample_and_evaluate_use_the_tuned_grids(run, tmp_path):
     out = tmp_path / "s"
     assert main(["sample", str(run), "--grid", "tuned", "--steps", "2,4", "--n", "200", "--out",
                  str(out)]) == 0
-    loaded = ex.load_model(run)
+    loaded = load_model(run)
     x0 = loaded.interpolant.sample_base(torch.empty(200, 2), torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = loaded.model.sample(x0, grid=torch.tensor(grids["4"], dtype=torch.float64))

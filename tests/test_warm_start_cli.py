@@ -17,6 +17,7 @@ import torch
 import flowmaps as fm
 from flowmaps.cli import main
 from flowmaps.runs import experiment as ex
+from flowmaps.runs.models import build_model, resolve_warm_start
 from flowmaps.runs.config import load_config
 from flowmaps.teachers.warm_start import CorrectedStudent, FactoryStudent
 
@@ -104,7 +105,7 @@ def test_a_users_epsilon_network_warm_starts_through_the_factory(user, tmp_path,
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     teacher = ex.build_teacher(cfg, bundle, scales)
-    model = ex.build_model(cfg, scales, teacher)
+    model = build_model(cfg, scales, teacher)
     assert isinstance(model.net, FactoryStudent) and isinstance(model.net.student, CorrectedStudent)
     x = bundle.train[:50]
     s, t = torch.rand(50, generator=torch.Generator().manual_seed(0)), torch.rand(50)
@@ -112,7 +113,7 @@ def test_a_users_epsilon_network_warm_starts_through_the_factory(user, tmp_path,
         assert torch.equal(model.v(x, s, t), teacher(x, s))
         assert float(teacher(x, s).abs().max()) > 0.1
     # The teacher's weights were copied (a student built from the factory alone differs).
-    bare = ex.build_model(cfg, scales)
+    bare = build_model(cfg, scales)
     with torch.no_grad():
         assert not torch.allclose(bare.v(x, s, t), model.v(x, s, t))
 
@@ -148,13 +149,13 @@ def test_a_flowmaps_checkpoint_warm_starts_with_its_own_architecture(tmp_path, f
     ckpt = teacher_run / "checkpoints" / "final"
     overrides = ["objective.name=lmd", f"teacher.checkpoint={ckpt}", "model.init=teacher", "model.width=64",
                  *SMALL]
-    cfg = ex.resolve_warm_start(load_config("checkerboard", None, overrides))
+    cfg = resolve_warm_start(load_config("checkerboard", None, overrides))
     assert (cfg.model.width, cfg.model.depth, cfg.model.n_frequencies) == (32, 2, 8)
-    assert ex.resolve_warm_start(cfg) == cfg   # idempotent (a resume resolves again)
+    assert resolve_warm_start(cfg) == cfg   # idempotent (a resume resolves again)
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
     teacher = ex.build_teacher(cfg, bundle, scales)
-    model = ex.build_model(cfg, scales, teacher)
+    model = build_model(cfg, scales, teacher)
     x = bundle.train[:50]
     s, t = torch.rand(50, generator=torch.Generator().manual_seed(0)), torch.rand(50)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
 from .nets import MLP, DiT, UNet
 from .objectives import GuidedVelocity
-from .runs.experiment import load_model
+from .runs.models import load_model
 from .runs.export import load
 from .solvers import ODESolution, solve_ode
 from .teachers.warm_start import two_time

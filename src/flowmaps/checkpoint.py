@@ -15,7 +15,7 @@ e.g. ``["ema", "model"]``), ``config`` (a valid resolved config), ``scales`` (``
 ``sigma_data``) and ``standardizer`` (``null`` or per-dimension ``mean``/``std``); ``weights_sha256``
 is checked when present (checkpoints written before it was added have none). This module knows the
 file format only: whether ``config`` is a valid resolved config is checked by the caller that knows the
-config schema (:func:`flowmaps.runs.experiment.check_model_checkpoint` passes that check to
+config schema (:func:`flowmaps.runs.models.check_model_checkpoint` passes that check to
 :func:`check_model_metadata`), so the format depends on no layer above it.
 
 Exported models. ``flowmaps export`` writes a folder with ``model.safetensors`` (one set of weights: the
@@ -234,7 +234,7 @@ def load_checkpoint(path: str | Path, check=None) -> tuple[dict[str, dict[str, T
     checksum, the weight groups, and that every floating-point weight is finite. ``check(meta_path,
     metadata)`` is the schema check of the file's kind: by default :func:`check_model_metadata` without
     the config check (model checkpoints of runs are loaded with
-    :func:`flowmaps.runs.experiment.check_model_checkpoint`, which adds it); other kinds of file kept in
+    :func:`flowmaps.runs.models.check_model_checkpoint`, which adds it); other kinds of file kept in
     the same format pass their own (e.g. the feature classifier of :mod:`flowmaps.metrics.classifier`).
     """
     stem = checkpoint_stem(path)

@@ -19,7 +19,7 @@ from ..data.points import load_array
 from ..nets.guidance import guidance_condition
 from ..objectives import GuidedVelocity
 from ..runs.config import ConfigError
-from ..runs.experiment import Loaded, class_labels, load_model, sample_shape
+from ..runs.models import Loaded, class_labels, load_model, sample_shape
 from ..runs import extras
 from ..runs.devices import open_device
 from ..runs.grid_tuning import load_tuned_grids, run_directory
@@ -29,7 +29,7 @@ from ..train import distributed
 
 
 def weights_choice(args) -> bool | str:
-    """``use_ema`` of :func:`~flowmaps.runs.experiment.load_model` from ``--raw-weights`` / ``--ema``."""
+    """``use_ema`` of :func:`~flowmaps.runs.models.load_model` from ``--raw-weights`` / ``--ema``."""
     if args.raw_weights and args.ema:
         raise ConfigError("--raw-weights and --ema: choose one (raw weights, or averaged weights by name)")
     return False if args.raw_weights else (args.ema or True)

@@ -19,6 +19,7 @@ from ..data.grids import save_labeled_grids
 from ..objectives import GuidedVelocity
 from ..train import distributed
 from . import experiment as ex
+from .models import Loaded, class_labels, load_model, sample_shape
 from .config import Config, ConfigError, apply_overrides, to_dict
 from .typed import build
 from .devices import open_device
@@ -40,7 +41,7 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     ``grid="tuned"`` adds rows on each run's tuned grids, ``gammas`` rows of γ-sampling."""
     device, dist = open_device(device)
     progress = progress and dist.is_main
-    loaded = [ex.load_model(c, device=device) for c in checkpoints]
+    loaded = [load_model(c, device=device) for c in checkpoints]
     first = loaded[0]
     cfg = _with_eval_overrides(first.config, overrides, exported=first.config_source != "checkpoint")
     _check_recorded(first, cfg, overrides or [], teacher)
@@ -74,8 +75,8 @@ def evaluate_runs(checkpoints: list[str], teacher: str | None, out: Path, overwr
     steps = steps or e.steps
     n = n or e.n_samples
     g = torch.Generator().manual_seed(e.seed)
-    x0 = first.interpolant.sample_base(torch.empty(n, *ex.sample_shape(first.scales)), g)
-    cond = ex.class_labels(n, first.scales)
+    x0 = first.interpolant.sample_base(torch.empty(n, *sample_shape(first.scales)), g)
+    cond = class_labels(n, first.scales)
     exact_map = None
     if bundle.reference is not None and dist.is_main:
         exact_map = bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype)
@@ -128,7 +129,7 @@ def _with_eval_overrides(cfg: Config, overrides: list[str] | None, exported: boo
     return build(type(cfg), apply_overrides(to_dict(cfg), overrides)).validate()
 
 
-def _check_recorded(first: ex.Loaded, cfg: Config, overrides: list[str], teacher: str | None) -> None:
+def _check_recorded(first: Loaded, cfg: Config, overrides: list[str], teacher: str | None) -> None:
     """An export that records no run config (``FlowMap.save_pretrained``) is evaluated only on data
     given as ``data.*`` overrides: one line naming what is missing (its teacher is optional: without
     one the table has the maps' rows only). The map's own standardiser and interpolant are the export's."""
@@ -138,7 +139,7 @@ def _check_recorded(first: ex.Loaded, cfg: Config, overrides: list[str], teacher
                           "(and a teacher: --teacher CKPT|exact or teacher.*)")
 
 
-def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -> ex.DataBundle:
+def _shared_data(cfg: Config, loaded: list[Loaded], checkpoints: list[str]) -> ex.DataBundle:
     """The data every checkpoint was trained on (refusing checkpoints trained on other data), with its
     exact reference attached when it has one."""
     first = loaded[0]
@@ -156,7 +157,7 @@ def _shared_data(cfg: Config, loaded: list[ex.Loaded], checkpoints: list[str]) -
     return bundle
 
 
-def _split_models(loaded: list[ex.Loaded], names: list[str] | None) -> tuple[dict, object]:
+def _split_models(loaded: list[Loaded], names: list[str] | None) -> tuple[dict, object]:
     """``({label: flow map}, velocity)``: the flow maps to evaluate, and the first velocity checkpoint
     among them (a teacher candidate, or None)."""
     maps, velocity = {}, None
@@ -180,7 +181,7 @@ def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim:
         return bundle.reference.velocity, "exact velocity", None
     if not spec:
         return velocity, "teacher", None
-    teacher = ex.load_model(spec, device=device)
+    teacher = load_model(spec, device=device)
     guided = cfg.teacher.guidance != 1.0 and spec == cfg.teacher.checkpoint
     if teacher.scales["dim"] != dim:
         raise ConfigError(f"{spec}: teacher has dimension {teacher.scales['dim']}, the "
@@ -192,7 +193,7 @@ def _teacher_velocity(cfg: Config, spec: str | None, bundle: ex.DataBundle, dim:
             f"teacher (guidance {cfg.teacher.guidance:g})", teacher)
 
 
-def _check_classes(loaded: list[ex.Loaded], teacher: ex.Loaded | None, spec: str | None) -> None:
+def _check_classes(loaded: list[Loaded], teacher: Loaded | None, spec: str | None) -> None:
     num_classes = loaded[0].scales.get("num_classes", 0)
     if any(item.scales.get("num_classes", 0) != num_classes for item in loaded):
         raise ConfigError("checkpoints: mix class-conditional and unconditional models")

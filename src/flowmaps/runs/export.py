@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointError, model_folder
 from ..flowmap import FlowMap
 from .config import to_dict
-from .experiment import load_model
+from .models import load_model
 
 __all__ = ["load", "export_model"]
 

@@ -20,6 +20,7 @@ from ..checkpoint import _atomic_write, checkpoint_stem, model_folder
 from ..solvers import solve_ode, uniform_grid
 from ..tuning import composition_error, self_reference, tune_grid
 from . import experiment as ex
+from .models import Loaded, class_labels, load_model, sample_shape
 from .config import ConfigError
 
 __all__ = ["GRIDS_FILE", "run_directory", "tune_run_grids", "load_tuned_grids"]
@@ -39,7 +40,7 @@ def run_directory(checkpoint: str | Path) -> Path:
     return checkpoint_stem(path).parent.parent
 
 
-def _reference(loaded: ex.Loaded, x0, cond, progress):
+def _reference(loaded: Loaded, x0, cond, progress):
     """``(endpoints of x0, description)``: the teacher's where the run has one, else the map's own."""
     cfg, t = loaded.config, loaded.config.teacher
     if t.exact:
@@ -50,7 +51,7 @@ def _reference(loaded: ex.Loaded, x0, cond, progress):
         return bundle.reference.flow(x0.double(), 0.0, 1.0).to(x0.dtype), "exact flow map"
     velocity, name = None, None
     if t.checkpoint:
-        teacher = ex.load_model(t.checkpoint)
+        teacher = load_model(t.checkpoint)
         velocity, name = teacher.model.velocity, f"teacher dopri5 ({t.checkpoint})"
     elif t.factory:
         bundle = ex.build_data(cfg)
@@ -75,15 +76,15 @@ def tune_run_grids(checkpoint: str, steps: list[int], n: int = 2048, seed: int =
         raise ConfigError(f"--steps: step counts must be positive, got {steps}")
     if n < 2:
         raise ConfigError(f"--n: need at least 2 base points, got {n}")
-    loaded = ex.load_model(checkpoint)
+    loaded = load_model(checkpoint)
     if loaded.config.objective.name == "velocity":
         raise ConfigError(f"{checkpoint}: a velocity checkpoint is sampled with an ODE solver; tune "
                           "grids of flow maps")
     out = run_directory(checkpoint) / GRIDS_FILE
     stored = _read(out) if out.exists() else {"grids": {}, "tuning_error": {}}
     g = torch.Generator().manual_seed(seed)
-    x0 = loaded.interpolant.sample_base(torch.empty(n, *ex.sample_shape(loaded.scales)), g)
-    cond = ex.class_labels(n, loaded.scales)
+    x0 = loaded.interpolant.sample_base(torch.empty(n, *sample_shape(loaded.scales)), g)
+    cond = class_labels(n, loaded.scales)
     reference, name = _reference(loaded, x0, cond, progress)
     model = loaded.model.eval()
     for k in steps:

@@ -25,7 +25,7 @@ import torch
 from ..checkpoint import CheckpointError, checkpoint_files, load_checkpoint, save_checkpoint
 from ..train.power_ema import posthoc_coefficients, profile_group, profile_name, std_to_gamma
 from .config import Config
-from .experiment import build_model, check_model_checkpoint, model_metadata
+from .models import build_model, check_model_checkpoint, model_metadata
 from .rundir import RunDirError
 from .typed import build
 

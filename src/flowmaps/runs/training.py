@@ -28,6 +28,8 @@ from ..train import distributed
 from ..train.resume import CheckpointRotation, StopOnSignal, latest_checkpoint
 from ..train.trainer import Trainer
 from . import experiment as ex
+from .models import (build_interpolant, build_model, check_model_checkpoint, class_labels, resolve_warm_start,
+                     save_model)
 from . import extras, tracking
 from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
                      to_dict)
@@ -66,7 +68,7 @@ def run_training(cfg: Config, out: Path | None, overwrite: bool, distill: bool,
     _check_objective(cfg, distill)
     if cfg.model.init == "teacher" and not distill:
         raise ConfigError("model.init: teacher copies the teacher's network; use `flowmaps distill`")
-    cfg = ex.resolve_warm_start(cfg)
+    cfg = resolve_warm_start(cfg)
     tracking.check_logger(cfg.train.logger)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -120,7 +122,7 @@ def _check_objective(cfg: Config, distill: bool) -> None:
 def _resume_point(out: Path, world_size: int) -> tuple[Path, dict, dict]:
     """The newest resumable checkpoint of the run in ``out``, as ``(stem, tensors, metadata)``."""
     skipped: list[str] = []
-    resumed = latest_checkpoint(out / "checkpoints", skipped=skipped, check=ex.check_model_checkpoint)
+    resumed = latest_checkpoint(out / "checkpoints", skipped=skipped, check=check_model_checkpoint)
     if resumed is None:
         why = f": {skipped[0]}" if skipped else ""
         raise RunDirError(f"--resume: no resumable checkpoint in {out / 'checkpoints'}{why}")
@@ -148,11 +150,11 @@ def _assemble(cfg: Config, distill: bool, device: torch.device) -> _Parts:
     if bundle.latents is not None and cfg.decode.vae is None:  # recorded in the run's config
         cfg.decode.vae = bundle.latents["vae"]["path"]
     scales = ex.resolve_scales(cfg, bundle)
-    interpolant = ex.build_interpolant(cfg, scales)
+    interpolant = build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
     teacher = ex.build_teacher(cfg, bundle, scales, device) if distill else None
     torch.manual_seed(cfg.train.seed)
-    model = ex.build_model(cfg, scales, teacher).to(device)
+    model = build_model(cfg, scales, teacher).to(device)
     objective = ex.build_objective(cfg, interpolant, teacher, num_classes=scales["num_classes"])
     if bundle.data_free:  # data.name=none: the objective must train on the teacher's paths alone
         refusal = getattr(objective, "data_free_refusal", None)
@@ -293,7 +295,7 @@ class TrainingRun:
                                            sync_every=math.gcd(t.log_every, t.checkpoint_every,
                                                                t.ema_snapshot_every or 0))
             except FloatingPointError as err:
-                kept = (latest_checkpoint(self.run.checkpoints, check=ex.check_model_checkpoint)
+                kept = (latest_checkpoint(self.run.checkpoints, check=check_model_checkpoint)
                         if self.main else None)
                 where = f"; the last good checkpoint is {kept[0]}" if kept else "; no checkpoint was written"
                 raise TrainingStopped(f"{err}{where}") from None
@@ -346,7 +348,7 @@ class TrainingRun:
         return path
 
     def _write_checkpoint(self, stem: Path, best_loss, state) -> None:
-        ex.save_model(stem, self.parts.model, self.trainer.ema, self.cfg, self.parts.scales,
+        save_model(stem, self.parts.model, self.trainer.ema, self.cfg, self.parts.scales,
                       self.parts.bundle.standardizer, self.trainer.step_count,
                       extra={"best_validation_loss": best_loss, **self.trainer.ema_metadata()},
                       trainer_state=state)
@@ -412,7 +414,7 @@ class TrainingRun:
             distributed.rank_seed(self.cfg.eval.seed, dist.rank))
         x0 = self.parts.interpolant.sample_base(
             torch.empty(n_plot // dist.world_size, *bundle.sample_shape, device=self.device), g)
-        cond = ex.class_labels(x0.shape[0], scales, self.device)
+        cond = class_labels(x0.shape[0], scales, self.device)
         with torch.no_grad():
             if self.cfg.objective.name == "velocity":
                 shown = {"RK4, 8 steps (NFE 32)": solve_ode(
