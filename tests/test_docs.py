@@ -57,11 +57,31 @@ def _griffe_package():
                        resolve_external=False)
 
 
-def _griffe_docstring(path: str) -> str:
-    package = _griffe_package()
-    obj = package[path.removeprefix("flowmaps.")] if path != "flowmaps" else package
+def _griffe_docstring(path: str, package=None) -> str:
+    package = package or _griffe_package()
+    root = package.path
+    obj = package[path.removeprefix(f"{root}.")] if path != root else package
     target = obj.final_target if getattr(obj, "is_alias", False) else obj
     return target.docstring.value.strip() if target.docstring else ""
+
+
+def _coverage_problems(reference: str, names: list[tuple[str, str]], modules: list[str]) -> list[str]:
+    """What is wrong with the API reference ``reference`` for the public ``(module, name)`` pairs and
+    the ``modules``: each must have a docstring and an entry (its own, or a link to where the same
+    object is rendered)."""
+    problems = []
+    for module, name in names:
+        path = f"{module}.{name}"
+        if not _griffe_docstring(path):
+            problems.append(f"{path}: no docstring")
+        if f"::: {path}\n" not in reference and f"### `{path}`" not in reference:
+            problems.append(f"{path}: not in the API reference")
+    for module in modules:
+        if not _griffe_docstring(module):
+            problems.append(f"{module}: no docstring")
+        if f"::: {module}\n" not in reference:
+            problems.append(f"{module}: not in the API reference")
+    return problems
 
 
 def test_the_public_names_are_derived_from_the_code():
@@ -73,28 +93,54 @@ def test_the_public_names_are_derived_from_the_code():
         obj = getattr(flowmaps, name)
         if isinstance(obj, type(flowmaps)):
             assert f"flowmaps.{name}" in modules
-    for sub in ("nets", "teachers", "objectives", "data", "metrics", "train", "cli"):
+    for sub in ("nets", "teachers", "objectives", "data", "metrics", "train", "runs", "cli"):
         assert f"flowmaps.{sub}" in modules, sub
     names = docs_gen.public_names()
     assert ("flowmaps", "FlowMap") in names and ("flowmaps.objectives", "LSD") in names
+    assert ("flowmaps.runs", "run_training") in names and ("flowmaps.runs", "load_config") in names
 
 
 def test_every_public_name_has_a_docstring_and_an_entry():
     """Each name in ``flowmaps.__all__`` and in each public module's ``__all__`` has a docstring (as
     mkdocstrings reads it: for a constant, the string literal under its assignment) and an entry in
     the generated API reference."""
+    problems = _coverage_problems(docs_gen.api_reference(), docs_gen.public_names(),
+                                  docs_gen.public_modules())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_runs_names_are_checked_like_the_other_subpackages(tmp_path):
+    """``flowmaps.runs`` imports its public names on first use (PEP 562); the reference and the check
+    above still see each one through the ``TYPE_CHECKING`` imports griffe reads. The check fails when
+    the runs section is missing from the page, and when a name of such a lazy ``__all__`` has no
+    docstring."""
+    import griffe
+
+    import flowmaps.runs
+
+    names = [(m, n) for m, n in docs_gen.public_names() if m == "flowmaps.runs"]
+    assert [n for _, n in names] == flowmaps.runs.__all__
+    assert {"load_config", "run_training", "evaluate_runs", "load_model", "export_model", "reconstruct",
+            "tune_run_grids"} <= set(flowmaps.runs.__all__)
     reference = docs_gen.api_reference()
-    missing = []
-    for module, name in docs_gen.public_names():
-        path = f"{module}.{name}"
-        if not _griffe_docstring(path):
-            missing.append(path)
-        assert f"::: {path}\n" in reference or f"### `{path}`" in reference, path
-    for module in docs_gen.public_modules():
-        if not _griffe_docstring(module):
-            missing.append(module)
-        assert f"::: {module}\n" in reference
-    assert not missing, "public names without a docstring: " + ", ".join(missing)
+    assert not _coverage_problems(reference, names, ["flowmaps.runs"])
+    before, after = reference.split("## `flowmaps.runs`\n", 1)
+    without_runs = before + after[after.index("\n## `"):]
+    problems = _coverage_problems(without_runs, names, ["flowmaps.runs"])
+    assert len(problems) == len(names) + 1 and all("not in the API reference" in p for p in problems)
+
+    package = tmp_path / "lazy_pkg"
+    (package / "runs").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""A package."""\n')
+    (package / "runs" / "__init__.py").write_text(
+        '"""Lazy names."""\nfrom typing import TYPE_CHECKING\n__all__ = ["documented", "bare"]\n'
+        "if TYPE_CHECKING:\n    from .impl import bare, documented\n")
+    (package / "runs" / "impl.py").write_text(
+        'def documented():\n    """Has one."""\n\n\ndef bare():\n    pass\n')
+    lazy = griffe.load("lazy_pkg", search_paths=[str(tmp_path)], resolve_aliases=True,
+                       resolve_external=False)
+    assert _griffe_docstring("lazy_pkg.runs.documented", lazy) == "Has one."
+    assert _griffe_docstring("lazy_pkg.runs.bare", lazy) == ""
 
 
 # --------------------------------------------------------------------------- command line, configs, presets

@@ -185,8 +185,8 @@ def presets_reference() -> str:
 def public_modules() -> list[str]:
     """The modules whose ``__all__`` is public API: ``flowmaps``, each module named in
     ``flowmaps.__all__`` (``exact``, ``objectives``, ``teachers``) and each subpackage that defines
-    ``__all__`` (``runs``, which imports nothing so that configs load without matplotlib, has none: it
-    is documented by the command line and configs pages)."""
+    ``__all__`` (``runs`` too, whose names are imported on first use: reading its ``__all__`` here
+    imports them all)."""
     import flowmaps
 
     names = ["flowmaps"]
