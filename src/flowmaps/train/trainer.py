@@ -125,7 +125,8 @@ class Trainer:
         teacher_paths: options of :class:`~flowmaps.objectives.trajectories.TeacherPaths` when
             ``data`` is ``None`` (``paths``, ``steps``, ``refresh_every``, ``refresh_paths``); under
             torchrun every rank holds the same cache (same seed), solved on each rank.
-        sample_shape: the shape of one sample when ``data`` is ``None`` (default: from the model).
+        sample_shape (Sequence[int] | None): the shape of one sample when ``data`` is ``None`` (default: from
+            the model).
         progress: a progress bar while the teacher's paths are first solved (``data=None``).
         fused: the fused optimiser kernel with the device guard (module docstring); ``None``
             (default): on CUDA for ``adam``/``adamw``, else the multi-tensor (foreach) optimiser.
