@@ -18,6 +18,7 @@ matrix is factorised per call. Every object here is usable as a teacher (``veloc
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +87,13 @@ class Gaussian(ExactReference):
         X_{s,t}(x) = β_t m + (c_t / c_s)(x − β_s m).
 
     Args:
-        mean: shape ``(d,)``; std: scalar or ``(d,)``, positive.
+        mean: shape ``(d,)``.
+        std: scalar or ``(d,)``, positive.
         interpolant: defines ``α, β`` and the base scale ``σ0`` (default :class:`Linear` with σ0 = 1).
     """
 
-    def __init__(self, mean, std=1.0, interpolant: Interpolant | None = None):
+    def __init__(self, mean: Tensor | Sequence[float], std: float | Tensor | Sequence[float] = 1.0,
+                 interpolant: Interpolant | None = None):
         self.interpolant = interpolant or Linear()
         self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
         self.dim = self.mean.numel()
@@ -170,14 +173,15 @@ class GaussianMixture(ExactReference):
 
     Args:
         means: ``(K, d)``.
-        covs: ``(K, d, d)`` full covariances, or
-        stds: ``(K,)`` isotropic or ``(K, d)`` diagonal standard deviations (give one of covs/stds).
+        covs: ``(K, d, d)`` full covariances (give one of ``covs`` and ``stds``).
+        stds: ``(K,)`` isotropic or ``(K, d)`` diagonal standard deviations.
         weights: ``(K,)`` positive, normalised here (default uniform).
         interpolant: defines ``α, β`` and the base scale (default :class:`Linear`, σ0 = 1).
         steps: RK4 steps used by ``flow`` (default 200).
     """
 
-    def __init__(self, means, covs=None, stds=None, weights=None,
+    def __init__(self, means: Tensor | Sequence, covs: Tensor | Sequence | None = None,
+                 stds: Tensor | Sequence | None = None, weights: Tensor | Sequence[float] | None = None,
                  interpolant: Interpolant | None = None, steps: int = 200):
         self.interpolant = interpolant or Linear()
         self.means = torch.as_tensor(means, dtype=torch.float64)

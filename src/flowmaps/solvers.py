@@ -67,7 +67,8 @@ def solve_ode(velocity: VelocityField, x0: Tensor, method: str = "rk4", steps: i
         method: ``"euler"``, ``"heun"``, ``"rk4"`` (fixed steps) or ``"dopri5"`` (adaptive, torchdiffeq).
         steps: number of uniform steps for the fixed-step methods (ignored by dopri5).
         grid: explicit increasing or decreasing time grid (fixed-step methods); overrides ``steps``.
-        rtol, atol: tolerances of dopri5.
+        rtol: relative tolerance of dopri5.
+        atol: absolute tolerance of dopri5.
         return_path: also return the states at every grid time (dopri5: at ``t0`` and ``t1``).
     """
     if method == "dopri5":

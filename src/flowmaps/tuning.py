@@ -75,8 +75,10 @@ def tune_grid(model: FlowMap, steps: int, x0: Tensor, reference: Tensor, cond: T
         reference: the endpoints to match, ``(N, ...)`` (the teacher's ODE endpoint of ``x0``, the exact
             map, or :func:`self_reference`).
         cond: class labels of ``x0`` for a class-conditional map.
-        iters, lr, batch_size: Adam on the ``k`` logits, minibatches of ``batch_size`` points drawn from
-            ``x0`` with ``generator``.
+        iters: Adam steps on the ``k`` logits of the grid.
+        lr: Adam's learning rate.
+        batch_size: points per minibatch, drawn from ``x0`` with ``generator``.
+        generator: the random generator of the minibatches.
 
     The returned grid is the one with the lowest error on all of ``x0`` among the uniform grid and the
     iterates checked every few steps.

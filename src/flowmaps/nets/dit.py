@@ -185,17 +185,19 @@ class DiT(nn.Module):
     Args:
         image_shape: ``(C, H, W)`` of one sample; ``H`` and ``W`` must be multiples of ``patch``.
         patch: patch side ``p`` (DiT: 2, 4 or 8).
-        width, depth, heads: token width, number of blocks, attention heads (``heads`` divides ``width``,
-            ``width`` a multiple of 4 for the 2-D positional embedding). Defaults: DiT-S. Named sizes:
-            :meth:`from_size`.
+        width: token width, a multiple of 4 (the 2-D positional embedding) and of ``heads``. The
+            defaults of ``width``, ``depth`` and ``heads`` are DiT-S; named sizes: :meth:`from_size`.
+        depth: number of transformer blocks.
+        heads: attention heads (dividing ``width``).
         mlp_ratio: MLP hidden width over ``width`` (4 in DiT).
         num_classes: ``> 0`` adds a class embedding with ``num_classes + 1`` rows; row ``num_classes`` is the
             null (unconditional) label, :attr:`null_label`.
         qk_norm: ``"rms"`` (RMSNorm on each head's q and k, default), ``"layer"`` (LayerNorm) or ``"none"``.
         sigma_data: data scale of the pre/post scaling (0.5 for pixels in ``[−1, 1]``; about 1 for VAE
             latents multiplied by the VAE's scaling factor).
-        time_scale, max_period, freq_dim: the sinusoidal time embedding (times ``s``, ``t − s`` multiplied
-            by ``time_scale``; ``freq_dim`` features; longest period ``max_period``).
+        time_scale: the sinusoidal time embedding takes the times ``s`` and ``t − s`` multiplied by this.
+        max_period: the longest period of that embedding.
+        freq_dim: its number of features.
         guidance_conditioning: also take the guidance condition ``[label, ω, lo, hi]`` of
             :mod:`flowmaps.nets.guidance` (improved MeanFlow); needs ``num_classes > 0``.
         attention: ``"auto"`` | ``"math"`` | ``"sdpa"`` (see the module docstring).

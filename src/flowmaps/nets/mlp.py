@@ -168,16 +168,18 @@ class MLP(nn.Module):
 
     Args:
         dim: number of features per sample (product of the sample shape).
-        width, depth: hidden width and number of hidden layers.
+        width: hidden width.
+        depth: number of hidden layers.
         activation: ``"gelu"`` (default; smooth, needed by the Eulerian losses, spec Appendix B),
             ``"silu"``, ``"tanh"`` or ``"softplus"``.
         sigma_data: scalar or per-dimension data scale for the pre/post scaling.
         cond_dim: size of an optional conditioning vector appended to the input.
-        n_frequencies, max_frequency: Fourier time features (see :class:`TimeFeatures`);
-            ``n_frequencies=0`` (default) feeds the raw times ``s`` and ``t − s`` only. Measured on the
-            LMD maps of ``benchmarks/quality_per_budget.py``: 8 frequencies up to 8 cycles per unit time
-            gave 1.5–2.6× larger 1-step errors than raw times (gmm_hard, 2000 steps; the checkerboard
-            with an EMA), so Fourier features are opt-in.
+        n_frequencies: number of Fourier time features (see :class:`TimeFeatures`); ``0`` (default)
+            feeds the raw times ``s`` and ``t − s`` only. Measured on the LMD maps of
+            ``benchmarks/quality_per_budget.py``: 8 frequencies up to 8 cycles per unit time gave
+            1.5–2.6× larger 1-step errors than raw times (gmm_hard, 2000 steps; the checkerboard with an
+            EMA), so Fourier features are opt-in.
+        max_frequency: the highest of those frequencies, in cycles per unit time.
         skip: residual connections around every hidden layer after the first,
             ``h ← h + σ(W h + c)`` (same parameters and state-dict keys as without).
     """

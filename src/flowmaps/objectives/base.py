@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..interpolants import Interpolant
-from .times import DOMAINS, TimeSampler, as_time_sampler
+from .times import DOMAINS, SelfDistillationTimes, TimeSampler, as_time_sampler
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 Weighting = Callable[[Tensor, Tensor], Tensor]
@@ -73,14 +73,17 @@ class Objective:
 
     Args:
         interpolant: the interpolant ``I_t = α_t x0 + β_t x1`` (defines the base and the velocity).
-        times: a time sampler or a domain name.
+        times: a time sampler (a self-distillation objective's :class:`SelfDistillationTimes`) or a domain
+            name (default: the objective's own).
         weight: optional ``w(s, t) -> (B,)`` multiplying each sample's loss (default 1).
     """
 
     name = "objective"
     default_domain = "triangle"
 
-    def __init__(self, interpolant: Interpolant, times=None, weight: Weighting | None = None):
+    def __init__(self, interpolant: Interpolant,
+                 times: TimeSampler | SelfDistillationTimes | str | None = None,
+                 weight: Weighting | None = None):
         self.interpolant = interpolant
         self.times = as_time_sampler(times if times is not None else self.default_domain)
         self.weight = weight

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .self_distillation import SelfDistillation
 
 
@@ -35,7 +37,7 @@ class LMD(SelfDistillation):
     name = "lmd"
     defaults = dict(residual="lagrangian", source="teacher", eta=0.0)
 
-    def __init__(self, interpolant, teacher, times=None, weight=None, semigradient: bool = True,
+    def __init__(self, interpolant, teacher: Callable, times=None, weight=None, semigradient: bool = True,
                  **options):
         options.setdefault("stopgrad", "target" if semigradient else "source")
         options.setdefault("weighting", "learned" if weight is None else "none")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._tensor import expand_as_data, sq_norm
+from ..interpolants import Interpolant
 from .base import _DROPOUT, Objective, dropout_disabled
 from .residuals import FORMS, STOPGRADS, eulerian, lagrangian, progressive
 from .sources import SOURCES, VelocitySource
@@ -39,52 +40,77 @@ TERM_NAMES = {"lagrangian": "lagrangian", "eulerian": "eulerian", "progressive":
 class SelfDistillation(Objective):
     """One flow map from its own diagonal (or a teacher): the configurable self-distillation step.
 
+    The switches are keyword arguments (an unknown one is a :class:`TypeError`); each subclass
+    (:class:`~flowmaps.objectives.LSD`, :class:`~flowmaps.objectives.MeanFlow`…) sets its paper's
+    defaults, which the caller's keywords override. The defaults below are this class's.
+
     Args:
         interpolant: ``I_t = α_t x0 + β_t x1``.
-        residual: ``"lagrangian"`` | ``"eulerian"`` | ``"progressive"`` (see
+
+    Keyword Args:
+        residual (str): ``"lagrangian"`` (default) | ``"eulerian"`` | ``"progressive"`` (see
             :mod:`flowmaps.objectives.residuals`).
-        form: ``"map"`` (gradient through the map's JVP tangent) or ``"v"`` (gradient through the primal
-            ``v̂`` only, the whole target under sg); progressive residuals are always v-form.
-        source: ``"self"`` (own diagonal, current parameters under sg), ``"ema"`` (own diagonal of an EMA
-            of the parameters, decay ``ema_decay``), ``"teacher"`` (``teacher(x, t[, cond])``) or
-            ``"conditional"`` (``İ_s``; Eulerian only).
-        stopgrad: ``"target"`` (the teacher term under sg: the papers' semigradients), ``"source"``
-            (only the source's parameters frozen) or ``"none"`` (nothing, own diagonal only).
-        eta: diagonal fraction of the batch, ``0 ≤ η < 1``.
-        diagonal: the diagonal term's target: ``"conditional"`` (flow matching,
+        form (str): ``"map"`` (default; gradient through the map's JVP tangent) or ``"v"`` (gradient
+            through the primal ``v̂`` only, the whole target under sg); progressive residuals are always
+            v-form.
+        source (str): ``"self"`` (default; own diagonal, current parameters under sg), ``"ema"`` (own
+            diagonal of an EMA of the parameters, decay ``ema_decay``), ``"teacher"``
+            (``teacher(x, t[, cond])``) or ``"conditional"`` (``İ_s``; Eulerian only).
+        teacher (Callable | None): the teacher velocity of ``source="teacher"``.
+        ema_decay (float): decay of the ``"ema"`` source (default 0.999).
+        stopgrad (str): ``"target"`` (default; the teacher term under sg: the papers' semigradients),
+            ``"source"`` (only the source's parameters frozen) or ``"none"`` (nothing, own diagonal only).
+        eta (float): diagonal fraction of the batch, ``0 ≤ η < 1`` (default 0.75).
+        diagonal (str): the diagonal term's target: ``"conditional"`` (default; flow matching,
             ``|v̂_{t,t}(I_t) − İ_t|²``) or ``"teacher"`` (``|v̂_{t,t}(I_t) − sg b̂_t(I_t)|²``, the teacher's
             velocity at the same point: the same minimiser without the conditional noise; ``source``
             ``"teacher"`` only).
-        sampler: off-diagonal pairs ``"uniform"`` (on ``domain``), ``"logit_normal"`` (``time_mean``,
-            ``time_std``, both times, sorted on the triangle; the diagonal times too) or ``"dyadic"``
-            (shortcut grid, ``dyadic_levels``); or pass ``times=`` a :class:`SelfDistillationTimes`.
-        domain: ``"triangle"`` (forward maps, [P2]) or ``"square"`` (both directions).
-        fm_steps, anneal_steps: gap-annealing curriculum ([P2] F.2; off by default).
-        gamma: the progressive residual's intermediate time ``u = γ s + (1 − γ) t``: ``"uniform"``
-            (PSD-U) or ``"midpoint"`` (PSD-M, shortcut).
-        weighting: ``"none"``, ``"learned"`` (log-variance head ``e^{−w} ℓ + w``), ``"adaptive"``
-            (``ℓ / sg(ℓ + adaptive_eps)^adaptive_p``) or ``"tangent"`` (``ℓ / sg(√ℓ + tangent_c)`` off the
-            diagonal with a warm-up of ``tangent_warmup`` steps; v-forms only).
-        diagonal_times: ``"own"`` (the diagonal times from the sampler's own distribution on the
-            diagonal) or ``"pair"`` (each diagonal sample takes the start ``s`` of a pair drawn like the
+        sampler (str): off-diagonal pairs ``"uniform"`` (default; on ``domain``), ``"gap"`` (every jump
+            length equally likely, :class:`TimeSampler`), ``"logit_normal"`` (``time_mean``, ``time_std``,
+            both times, sorted on the triangle; the diagonal times too) or ``"dyadic"`` (shortcut grid,
+            ``dyadic_levels``).
+        time_mean (float): mean of the ``"logit_normal"`` normal (default 0).
+        time_std (float): its standard deviation (default 1).
+        dyadic_levels (int): levels of the ``"dyadic"`` grid (default 7: jumps ``1 … 1/64``).
+        times (SelfDistillationTimes | TimeSampler | str | None): the batch's times in place of
+            ``sampler`` and ``domain``: a :class:`SelfDistillationTimes` (with its own ``η``), or a pair
+            sampler or domain name (with ``eta``).
+        domain (str): ``"triangle"`` (default; forward maps, [P2]) or ``"square"`` (both directions).
+        fm_steps (int): gap-annealing curriculum ([P2] F.2; off by default): steps of flow matching alone
+            (:class:`SelfDistillationTimes`).
+        anneal_steps (int): then steps over which the longest jump grows to 1.
+        gamma (str): the progressive residual's intermediate time ``u = γ s + (1 − γ) t``: ``"uniform"``
+            (default; PSD-U) or ``"midpoint"`` (PSD-M, shortcut).
+        weighting (str): ``"none"`` (default), ``"learned"`` (log-variance head ``e^{−w} ℓ + w``, of
+            ``weight_channels`` features), ``"adaptive"`` (``ℓ / sg(ℓ + adaptive_eps)^adaptive_p``) or
+            ``"tangent"`` (``ℓ / sg(√ℓ + tangent_c)`` off the diagonal with a warm-up of
+            ``tangent_warmup`` steps; v-forms only).
+        weight (Callable | None): ``w(s, t) -> (B,)`` multiplying each sample's loss
+            (:class:`~flowmaps.objectives.Objective`).
+        diagonal_times (str): ``"own"`` (default; the diagonal times from the sampler's own distribution on
+            the diagonal) or ``"pair"`` (each diagonal sample takes the start ``s`` of a pair drawn like the
             off-diagonal ones, then ``t = s``: MeanFlow's ``sample_tr``, whose ``r = t`` samples keep the
             noisier of two draws).
-        ema_warmup: warm the EMA source's decay up as ``min(decay, (1 + k)/(10 + k))`` (the trainer's
-            EMA), or use the constant decay from the first update (``False``; shortcut models' code).
-        offdiag_dropout: run the off-diagonal residual with the network's dropout on (MeanFlow's JVP pass
-            runs in train mode); default off, as in [P2] (spec Q10).
-        guidance, null_label: classifier-free guidance of the source at scale ``w`` (class labels).
-            With the conditional source (MeanFlow) the guided target applies to every sample, the
-            diagonal included (MeanFlow's loss); with the self, EMA or teacher sources the diagonal stays
-            conditional flow matching on ``İ_t`` ([P2] §3: only the distillation term is guided).
-        guidance_kappa, guidance_interval: MeanFlow's κ and guidance interval (conditional source; see
-            :mod:`flowmaps.objectives.sources`).
+        ema_warmup (bool): warm the EMA source's decay up as ``min(decay, (1 + k)/(10 + k))`` (default; the
+            trainer's EMA), or use the constant decay from the first update (``False``; shortcut models'
+            code).
+        offdiag_dropout (bool): run the off-diagonal residual with the network's dropout on (MeanFlow's JVP
+            pass runs in train mode); default off, as in [P2] (spec Q10).
+        guidance (float): classifier-free guidance of the source at scale ``w`` (default 1: none; class
+            labels). With the conditional source (MeanFlow) the guided target applies to every sample,
+            the diagonal included (MeanFlow's loss); with the self, EMA or teacher sources the diagonal
+            stays conditional flow matching on ``İ_t`` ([P2] §3: only the distillation term is guided).
+        null_label (int | None): the unconditional label of guidance.
+        guidance_kappa (float): MeanFlow's κ (conditional source; see :mod:`flowmaps.objectives.sources`).
+        guidance_interval (tuple[float, float]): MeanFlow's guidance interval (default ``(0, 1)``).
+        points (TeacherPaths | None): draw the points at time ``s`` on a teacher's paths instead of the
+            data (:meth:`use_points`).
     """
 
     name = "self_distillation"
     defaults: dict = {}
 
-    def __init__(self, interpolant, **options):
+    def __init__(self, interpolant: Interpolant, **options):
         opts = dict(residual="lagrangian", form="map", source="self", teacher=None, stopgrad="target",
                     eta=0.75, diagonal="conditional", sampler="uniform", domain="triangle",
                     time_mean=0.0, time_std=1.0, dyadic_levels=7, fm_steps=0, anneal_steps=0,

@@ -36,7 +36,10 @@ class TimeSampler:
             ``|t − s| ~ U[0, 1]``, then ``min(s, t) ~ U[0, 1 − |t − s|]``: every jump length equally
             likely, where the uniform triangle gives a gap ``g`` the density ``2(1 − g)`` and almost
             never trains the one-step jump ``(0, 1)``; on the square the direction is a coin flip).
-        tmin, tmax: clip range of the times (default the whole interval, as in [C2]).
+        mean: mean of the normal of ``"logit_normal"``.
+        std: standard deviation of that normal.
+        tmin: lower end of the clip range of the times (default 0: the whole interval, as in [C2]).
+        tmax: upper end of that range (default 1).
 
     On the triangle the two i.i.d. draws are sorted (``s = min``, ``t = max``), which is uniform on it.
     MeanFlow's parameters are quoted in its own time (``τ = 1`` noise); in ours (``t = 1 − τ``) the mean
@@ -167,16 +170,16 @@ class SelfDistillationTimes:
             or :class:`DyadicPairs`).
         diagonal: sampler of the diagonal times (default: ``pairs``' distribution on the diagonal,
             uniform for the uniform triangle as in [P2]).
-        fm_steps, anneal_steps: the gap-annealing curriculum ([P2] F.2; off when both are 0): for the
-            first ``fm_steps`` steps the whole batch is on the diagonal (flow matching alone); then
-            ``t ← min(t, s + δ_k)`` with ``δ_k = min(1, (k − fm_steps) / anneal_steps)``.
+        fm_steps: the gap-annealing curriculum ([P2] F.2; off when both this and ``anneal_steps`` are
+            0): for the first ``fm_steps`` steps the whole batch is on the diagonal (flow matching alone);
+        anneal_steps: then ``t ← min(t, s + δ_k)`` with ``δ_k = min(1, (k − fm_steps) / anneal_steps)``.
 
     The diagonal samples have ``s = t`` exactly, and :meth:`n_diagonal` tells how many lead the batch;
     call :meth:`begin_step` with the step count before drawing (the objective's ``begin_step`` does).
     """
 
-    def __init__(self, eta: float = 0.75, pairs=None, diagonal: TimeSampler | None = None,
-                 fm_steps: int = 0, anneal_steps: int = 0):
+    def __init__(self, eta: float = 0.75, pairs: TimeSampler | DyadicPairs | None = None,
+                 diagonal: TimeSampler | None = None, fm_steps: int = 0, anneal_steps: int = 0):
         if not 0.0 <= float(eta) < 1.0:
             raise ValueError(f"eta (the diagonal fraction) must be in [0, 1), got {eta}")
         if int(fm_steps) < 0 or int(anneal_steps) < 0:

@@ -64,7 +64,7 @@ class TeacherVelocity(nn.Module):
         name: the adapter's name (for messages and ``repr``).
     """
 
-    def __init__(self, model, call: Callable, at: Callable[[Tensor], PathPoint], prediction: str,
+    def __init__(self, model: nn.Module | Callable, call: Callable, at: Callable[[Tensor], PathPoint], prediction: str,
                  sigma0: float = 1.0, tau_range: tuple[float, float] = (0.0, 1.0),
                  cond_kwarg: str | None = None, extras: dict | None = None, name: str = "teacher",
                  noise_end: str = "exact", tau_start: float | None = None):

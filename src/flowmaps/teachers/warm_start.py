@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -273,8 +273,9 @@ class CorrectedStudent(nn.Module):
 _FOREIGN = ("diffusers", "torchcfm", "flow_matching", "torchdyn")
 
 
-def two_time(teacher, embedding: str | Sequence[str] | None = "auto", sample_shape: Sequence[int] | None = None,
-             hidden: int | None = None, copy_teacher: bool = True) -> nn.Module:
+def two_time(teacher: nn.Module | Callable, embedding: str | Sequence[str] | None = "auto",
+             sample_shape: Sequence[int] | None = None, hidden: int | None = None,
+             copy_teacher: bool = True) -> nn.Module:
     """A two-time student ``v_{s,t}(x)`` that is exactly the teacher at initialisation,
     ``v_{s,t}(x) = b_s(x)`` (module docstring); wrap it in :class:`~flowmaps.FlowMap`.
 
