@@ -42,6 +42,10 @@ def test_the_site_builds_offline_with_warnings_as_errors(tmp_path):
     for page in ("index", "getting-started", "objectives", "cli", "configs", "api", "results/index"):
         assert (site / f"{page}.html").is_file(), page
     assert list((site / "benchmarks" / "results").rglob("*.png")), "the result figures are in the site"
+    api = (site / "api.html").read_text(encoding="utf-8")
+    tables = api.count('<span class="doc-section-title">Parameters:</span>')
+    assert tables >= 10, f"the Args: sections render as parameter tables (docstring_style: google): {tables}"
+    assert 'id="flowmaps.runs.run_training"' in api
     print(f"mkdocs build --strict: {seconds:.1f} s")
 
 
