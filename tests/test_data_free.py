@@ -222,3 +222,152 @@ def test_data_free_config_errors_are_one_line(tmp_path, capsys, command, overrid
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+# --- class-conditional teachers and teacher.factory without data ------------------------------------
+
+MEANS = torch.tensor([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]], dtype=torch.float64)
+
+
+def gaussian_velocity(x, t, mean, std):
+    """The exact velocity of the linear interpolant from N(0, I) to N(mean, std² I):
+    ``b_t(x) = m + (t s² − (1 − t)) / v · (x − t m)``, ``v = (1 − t)² + t² s²``."""
+    t = t.reshape(-1, *([1] * (x.ndim - 1)))
+    v = (1 - t) ** 2 + t**2 * std**2
+    return mean + (t * std**2 - (1 - t)) / v * (x - t * mean)
+
+
+def conditional_teacher(x, t, cond=None):
+    """Label c < 3: the exact velocity towards N(MEANS[c], 0.3² I); the null label 3 (and no label):
+    towards N(0, I), a path unlike every class's."""
+    mean = torch.zeros_like(x) if cond is None else torch.cat([MEANS.to(x), torch.zeros(1, 2).to(x)])[cond]
+    std = torch.where(cond == 3, 1.0, 0.3).to(x).reshape(-1, 1) if cond is not None else torch.ones(1, 1).to(x)
+    return gaussian_velocity(x, t, mean, std)
+
+
+def test_class_conditional_paths_follow_the_teacher_of_their_label():
+    """Path ``i`` is the teacher's exact flow given label ``i mod L`` (closed form), and points drawn for
+    labels ``c`` lie on paths of label ``c``: the draw is ``c + L·j`` with ``j`` uniform."""
+    interp = fm.Linear()
+    paths = TeacherPaths(conditional_teacher, interp, (2,), paths=300, steps=32, refresh_paths=100,
+                         labels=4, dtype=torch.float64)
+    paths.fill(0)
+    x0, labels = paths.states[0], paths.path_labels(torch.arange(paths.paths))
+    assert labels.tolist() == [i % 4 for i in range(300)]
+    mean, std = torch.cat([MEANS, torch.zeros(1, 2, dtype=torch.float64)])[labels], \
+        torch.where(labels == 3, 1.0, 0.3).double().reshape(-1, 1)
+    for i, s in ((8, 0.25), (32, 1.0)):  # closed form: X_{0,s}(x0) = a_s x0 + s m, a_s = sqrt(v_s)
+        exact = ((1 - s) ** 2 + s**2 * std**2).sqrt() * x0 + s * mean
+        assert (paths.states[i] - exact).norm(dim=1).max() < 1e-6
+    assert (paths.endpoints()[labels == 0].mean(0) - MEANS[0]).norm() < 0.1  # label 0's samples
+    cond = torch.randint(4, (500,), generator=torch.Generator().manual_seed(1))
+    s = torch.rand(500, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    drawn = paths.at(s, torch.Generator().manual_seed(3), cond=cond)
+    index = cond + 4 * torch.randint(300 // 4, (500,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, paths.at(s, index=index))
+    a = ((1 - s) ** 2 + s**2 * std[index, 0] ** 2).sqrt()[:, None]
+    exact = a * x0[index] + s[:, None] * mean[index]
+    assert (drawn - exact).norm(dim=1).max() < 1e-4
+    with pytest.raises(ValueError, match="labels"):
+        paths.at(s, torch.Generator())  # a conditional cache needs the labels of its points
+
+
+def test_a_trainer_without_data_draws_labels_and_uses_their_paths():
+    """``Trainer(model, LMD(...), None, labels=pool, label_dropout=p, null_label=K)``: the cache has
+    ``K + 1`` labels (the null label's paths for dropped labels), every step's points lie on paths of the
+    step's labels, and a float pool is refused."""
+    from flowmaps.nets.unet import UNet
+
+    interp = fm.Linear()
+
+    def teacher(x, t, cond=None):
+        return conditional_teacher(x.flatten(1)[:, :2], t, cond).repeat(1, 32).reshape(x.shape)
+
+    net = UNet((1, 8, 8), channels=8, channel_mults=(1,), blocks_per_level=1, attention_resolutions=(),
+               num_classes=3)
+    model = fm.FlowMap(net)
+    trainer = fm.Trainer(model, LMD(interp, teacher), None, labels=torch.arange(3), label_dropout=0.2,
+                         null_label=3, batch_size=16, sample_shape=(1, 8, 8),
+                         teacher_paths={"paths": 64, "steps": 4, "refresh_paths": 32})
+    seen = []
+    original = trainer.objective.points.at
+    trainer.objective.points.at = lambda s, g=None, index=None, cond=None: (seen.append(cond),
+                                                                          original(s, g, index, cond))[1]
+    out = trainer.step()
+    assert torch.isfinite(out.loss) and trainer.objective.points.labels == 4
+    assert seen and all(c is not None and c.max() <= 3 for c in seen)
+    with pytest.raises(ValueError, match="labels"):
+        fm.Trainer(fm.FlowMap(UNet((1, 8, 8), channels=8, channel_mults=(1,), blocks_per_level=1,
+                                   attention_resolutions=(), num_classes=3)),
+                   LMD(interp, teacher), None, labels=torch.ones(3), null_label=3, sample_shape=(1, 8, 8))
+
+
+FACTORY = '''
+"""User code: a class-conditional velocity for `teacher.factory=cond_images:make` (1×8×8 images)."""
+import torch
+
+MEANS = torch.linspace(-1, 1, 64).reshape(1, 8, 8)
+
+
+def make(classes=3):
+    def b(x, t, cond=None):
+        m = torch.zeros_like(x) if cond is None else MEANS.to(x) * (cond.to(x) - 1).reshape(-1, 1, 1, 1)
+        t = t.reshape(-1, 1, 1, 1)
+        v = (1 - t) ** 2 + t**2 * 0.09
+        return m + (t * 0.09 - (1 - t)) / v * (x - t * m)
+    return b
+'''
+
+IMAGE_FAST = ["train.steps=4", "train.batch_size=16", "model.channels=8", "model.channel_mults=[1]",
+              "model.attention_resolutions=[]", "data.teacher_paths=64", "data.teacher_steps=4",
+              "data.refresh_every=2", "data.refresh_paths=32", "data.n_eval=60", "train.log_every=2",
+              "train.checkpoint_every=4"]
+
+
+@pytest.fixture()
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "cond_images.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_distill_a_class_conditional_factory_teacher_without_data(factory_module, tmp_path, capsys):
+    """``flowmaps distill --preset digits data.name=none teacher.factory=… teacher.shape=[1,8,8]
+    teacher.num_classes=3 model.class_conditional=true``: trains from the user's function alone, the
+    run records three classes, and its held-out samples are the teacher's, class by class."""
+    from flowmaps.runs.experiment import load_model
+
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "digits", "--out", str(out), "--quiet", "data.name=none",
+                 "teacher.factory=cond_images:make", "teacher.shape=[1,8,8]", "teacher.num_classes=3",
+                 "model.class_conditional=true", *IMAGE_FAST]) == 0, capsys.readouterr().err
+    loaded = load_model(out)
+    assert loaded.scales["num_classes"] == 3 and loaded.scales["shape"] == [1, 8, 8]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if "teacher_seconds" in r][-1]["teacher_paths_solved"] >= 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.factory=cond_images:make"], "teacher.shape: data.name: none with teacher.factory"),
+    (["teacher.factory=cond_images:make", "teacher.shape=[1,8,8]", "model.class_conditional=true"],
+     "teacher.num_classes"),
+    (["teacher.factory=cond_images:make", "teacher.shape=[1,8,8]", "interpolant.sigma0=data"],
+     "interpolant.sigma0"),
+    (["teacher.factory=cond_images:make", "teacher.shape=[0,8]"], "teacher.shape: a list of positive"),
+    (["teacher.exact=true", "model.class_conditional=true"], "the exact mixture teacher takes no labels"),
+])
+def test_data_free_factory_errors_are_one_line(factory_module, tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    status = main(["distill", "--preset", "digits", "--out", str(out), "--quiet", "data.name=none",
+                   *overrides, *IMAGE_FAST])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_teacher_shape_applies_without_data_only(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "gmm", "--teacher", "exact", "--out", str(out), "--quiet",
+                 "teacher.shape=[2]", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "apply without data" in err and len(err.splitlines()) == 1 and not out.exists()

@@ -259,11 +259,12 @@ class SelfDistillation(Objective):
                                          device=device, dtype=dtype, **options))
         return self.points
 
-    def _start(self, x0: Tensor, x1: Tensor, s: Tensor) -> Tensor:
-        """The points at times ``s``: ``I_s`` of the data, or on the teacher's paths without data."""
+    def _start(self, x0: Tensor, x1: Tensor, s: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The points at times ``s``: ``I_s`` of the data, or on the teacher's paths without data (on
+        paths of the labels ``cond``, for a class-conditional teacher)."""
         if self.points is None:
             return self.interpolant.interpolate(x0, x1, s)
-        return self.points.at(s, self.generator)
+        return self.points.at(s, self.generator, cond=cond)
 
     @property
     def teacher(self):
@@ -363,7 +364,7 @@ class SelfDistillation(Objective):
         conditional source under guidance (MeanFlow) the target is the guided ``b^g_t(I_t)``, as the
         official loss regresses every sample, ``r = t`` included, on it."""
         if self.diagonal == "teacher":
-            i_t = self._start(x0, x1, t)
+            i_t = self._start(x0, x1, t, cond)
             target = self.source.at(model, i_t, t, cond, grad="none")  # under no_grad
         else:
             i_t, target = self.interpolant(x0, x1, t)
@@ -379,14 +380,14 @@ class SelfDistillation(Objective):
                 else model
             return progressive(model, i_s, s, t, cond, teacher, self._draw_gamma(s))
         if self.residual == "lagrangian":
-            i_s = self._start(x0, x1, s)
+            i_s = self._start(x0, x1, s, cond)
             return lagrangian(model, i_s, s, t, cond, self.source, self.stopgrad, self.form, warmup,
                               self.record)
         if self.source.kind == "conditional":
             i_s, di_s = self.interpolant(x0, x1, s)
             b = self.source.conditional(model, i_s, di_s, s, cond)
         else:
-            i_s = self._start(x0, x1, s)
+            i_s = self._start(x0, x1, s, cond)
             b = self.source.at(model, i_s, s, cond, grad="all" if self.stopgrad == "none" else "none")
         return eulerian(model, i_s, b, s, t, cond, self.stopgrad, self.form, warmup, self.record)
 

@@ -20,6 +20,14 @@ generator seeded by ``(seed, chunk, refresh event)``, so the cache at step ``k``
 seed and ``k`` alone: a resumed run rebuilds it exactly (bit for bit: every chunk is solved alone, with
 the same shapes as in the uninterrupted run) instead of storing it in the checkpoint.
 
+Class labels. For a class-conditional teacher (``labels = L > 0``) path ``i`` carries the label
+``i mod L`` and is solved with the teacher's velocity given that label, ``b_t(x | i mod L)`` (guided, if
+the teacher is): a label is a function of the path's index, so the cache and a resume need nothing more.
+Points are then drawn for given labels ``c`` (the trainer draws them as it draws a labelled batch, label
+dropout included): path ``c + L·j`` with ``j`` uniform, a point of the teacher's time-``s`` marginal given
+``c``. ``L`` counts the null label (the last) when the student is trained with label dropout, whose paths
+follow the unconditional velocity, as data-based distillation pairs a dropped label with ``b_t(x | ∅)``.
+
 Cost. Every teacher evaluation is counted (``nfe``: point evaluations) and timed (``seconds``, CPU time of
 this process in the solves), so a comparison with data-based distillation at equal CPU includes it.
 """
@@ -41,7 +49,7 @@ class TeacherPaths:
     """A refreshed cache of the teacher's ODE paths from the base (module docstring).
 
     Args:
-        teacher: the velocity ``b(x, t)`` (per-sample ``t``), or an object with ``.velocity``.
+        teacher: the velocity ``b(x, t[, cond])`` (per-sample ``t``), or an object with ``.velocity``.
         interpolant: gives the base ``N(0, σ0² I)`` (``sample_base``).
         shape: the shape of one sample.
         paths: cached paths (rounded up to a multiple of ``refresh_paths``).
@@ -50,18 +58,23 @@ class TeacherPaths:
         refresh_paths: paths re-solved at each refresh (the chunk size; also the solve's batch).
         seed: seeds the base points of every chunk.
         device, dtype: where the cache lives (the model's device).
+        labels: ``L > 0`` for a class-conditional teacher: path ``i`` follows ``b(x, t | i mod L)``
+            (module docstring); ``0`` (default) for an unconditional one.
         progress: a progress bar while the whole cache is solved.
     """
 
     def __init__(self, teacher, interpolant, shape, paths: int = 4096, steps: int = 32,
                  refresh_every: int = 100, refresh_paths: int = 256, seed: int = 0,
-                 device="cpu", dtype=torch.float32, progress: bool = False):
+                 device="cpu", dtype=torch.float32, labels: int = 0, progress: bool = False):
         from .base import as_velocity
 
         if paths < 1 or steps < 1 or refresh_paths < 1 or refresh_every < 0:
             raise ValueError("teacher paths: paths, steps and refresh_paths must be >= 1 and "
                              f"refresh_every >= 0, got {paths}, {steps}, {refresh_paths}, {refresh_every}")
+        if labels < 0 or (labels and labels > paths):
+            raise ValueError(f"teacher paths: labels must be in [0, paths = {paths}], got {labels}")
         self.velocity = as_velocity(teacher)
+        self.labels = int(labels)
         self.interpolant, self.shape = interpolant, tuple(int(v) for v in shape)
         self.chunk = min(int(refresh_paths), int(paths))
         self.n_chunks = math.ceil(int(paths) / self.chunk)
@@ -90,16 +103,24 @@ class TeacherPaths:
         like = torch.empty(self.chunk, *self.shape, dtype=self.dtype)
         return self.interpolant.sample_base(like, g).to(self.device)
 
+    def path_labels(self, rows: Tensor) -> Tensor | None:
+        """The class labels of the paths ``rows`` (``rows mod L``), or ``None`` (unconditional)."""
+        return rows % self.labels if self.labels else None
+
     @torch.no_grad()
-    def solve(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """``(states, velocities)`` of the paths from ``x0`` at the grid times, ``(steps + 1, n, *shape)``:
-        RK4 (the velocity at each grid time is its first stage)."""
+    def solve(self, x0: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(states, velocities)`` of the paths from ``x0`` (given labels ``cond``, for a conditional
+        teacher) at the grid times, ``(steps + 1, n, *shape)``: RK4 (the velocity at each grid time is its
+        first stage)."""
+        from .base import call_teacher
+
         start = time.process_time()
         h = 1.0 / self.steps
         n = x0.shape[0]
 
         def b(x, t):
-            return self.velocity(x, torch.full((n,), float(t), dtype=x.dtype, device=x.device))
+            return call_teacher(self.velocity, x,
+                                torch.full((n,), float(t), dtype=x.dtype, device=x.device), cond)
 
         xs, vs, x = [x0], [], x0
         for i in range(self.steps):
@@ -118,8 +139,10 @@ class TeacherPaths:
         return torch.stack(xs), torch.stack(vs)
 
     def _solve_chunk(self, chunk: int, event: int) -> None:
-        states, velocities = self.solve(self.base_points(chunk, event))
-        rows = slice(chunk * self.chunk, (chunk + 1) * self.chunk)
+        first = chunk * self.chunk
+        cond = self.path_labels(torch.arange(first, first + self.chunk, device=self.device))
+        states, velocities = self.solve(self.base_points(chunk, event), cond)
+        rows = slice(first, first + self.chunk)
         self.states[:, rows] = states.to(self.dtype)
         self.velocities[:, rows] = velocities.to(self.dtype)
 
@@ -151,14 +174,23 @@ class TeacherPaths:
 
     # --- points at time s --------------------------------------------------------------------------
     def at(self, s: Tensor, generator: torch.Generator | None = None,
-           index: Tensor | None = None) -> Tensor:
+           index: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """Points ``x_s`` on cached paths at per-sample times ``s`` (paths drawn uniformly with
-        ``generator`` unless ``index`` names them): cubic Hermite interpolation of the grid states."""
+        ``generator`` unless ``index`` names them; with labels, among the paths of each sample's label
+        ``cond``): cubic Hermite interpolation of the grid states."""
         if self.states is None:
             self.fill(0)
         if index is None:
             dev = generator.device if generator is not None else self.device
-            index = torch.randint(self.paths, (s.shape[0],), generator=generator, device=dev)
+            if self.labels:
+                if cond is None:
+                    raise ValueError("teacher paths of a class-conditional teacher: give the labels "
+                                     "(cond) of the points")
+                per_label = self.paths // self.labels
+                index = (cond.to(dev) + self.labels
+                         * torch.randint(per_label, (s.shape[0],), generator=generator, device=dev))
+            else:
+                index = torch.randint(self.paths, (s.shape[0],), generator=generator, device=dev)
         index = index.to(self.device)
         u = s.to(self.device, torch.float64).clamp(0.0, 1.0) * self.steps
         i = u.floor().clamp(max=self.steps - 1).long()
@@ -177,7 +209,8 @@ class TeacherPaths:
         return torch.zeros(n, *self.shape, dtype=self.dtype, device=self.device)
 
     def endpoints(self) -> Tensor:
-        """The cached paths' states at ``t = 1``: samples of the teacher."""
+        """The cached paths' states at ``t = 1``: samples of the teacher (path ``i`` given label
+        ``i mod L`` for a conditional teacher, :meth:`path_labels`)."""
         if self.states is None:
             self.fill(0)
         return self.states[-1]
@@ -188,4 +221,4 @@ class TeacherPaths:
 
     def config(self) -> dict:
         return {"paths": self.paths, "steps": self.steps, "refresh_every": self.refresh_every,
-                "refresh_paths": self.chunk, "seed": self.seed}
+                "refresh_paths": self.chunk, "seed": self.seed, "labels": self.labels}

@@ -225,7 +225,11 @@ class TeacherConfig:
     :mod:`flowmaps.teachers`. ``guidance``: classifier-free guidance of a class-conditional checkpoint.
     ``noise_end`` (``auto``, ``gaussian``, ``clamp``, ``exact``) and ``tau_start``: the noise end of a
     ``diffusers_vp`` teacher (:func:`flowmaps.teachers.diffusers_vp`; ``auto``: an ε-prediction model
-    is queried at ``t ≥ 0.05`` only, ``b_t := b_{0.05}`` below; ``exact`` the whole schedule)."""
+    is queried at ``t ≥ 0.05`` only, ``b_t := b_{0.05}`` below; ``exact`` the whole schedule).
+    ``shape`` and ``num_classes``: what a ``factory`` teacher distilled without data (``data.name: none``)
+    takes, the shape of one sample (e.g. ``[4, 32, 32]``) and its number of class labels (0:
+    unconditional; the null label is ``num_classes``); a checkpoint records both, data gives them
+    otherwise."""
 
     checkpoint: str | None = None
     exact: bool = False
@@ -236,6 +240,8 @@ class TeacherConfig:
     guidance: float = 1.0
     noise_end: str = "auto"
     tau_start: float | None = None
+    shape: list | None = None
+    num_classes: int = 0
 
 
 @dataclass
@@ -492,6 +498,9 @@ def _validate(cfg: Config) -> None:
                           "`flowmaps encode`)")
     if cfg.data.name == "none":
         _validate_data_free(cfg)
+    elif cfg.teacher.shape is not None or cfg.teacher.num_classes:
+        raise ConfigError("teacher.shape, teacher.num_classes: apply without data (data.name: none); "
+                          "the data gives them otherwise")
     _validate_teacher(cfg.teacher)
 
 
@@ -540,13 +549,20 @@ def _validate_data_free(cfg: Config) -> None:
     if o.name == "pfmm":
         raise ConfigError("data.name: none: pfmm trains at the data's interpolant points; use lmd or emd")
     if t.factory is not None:
-        raise ConfigError("data.name: none needs the sample shape from the teacher: use teacher.checkpoint "
-                          "or teacher.exact (a teacher.factory model brings no shape)")
+        if not t.shape:
+            raise ConfigError("teacher.shape: data.name: none with teacher.factory needs the shape of one "
+                              "sample, e.g. teacher.shape=[4,32,32]")
+        if not isinstance(cfg.interpolant.sigma0, (int, float)) or isinstance(cfg.interpolant.sigma0, bool):
+            raise ConfigError("interpolant.sigma0: without data the base scale of a teacher.factory model "
+                              f"is a number, got {cfg.interpolant.sigma0!r}")
+        if cfg.model.class_conditional and not t.num_classes:
+            raise ConfigError("model.class_conditional: the teacher takes no labels; set "
+                              "teacher.num_classes to the number of classes it was trained on")
     if cfg.data.standardize:
         raise ConfigError("data.standardize: without data the model space is the teacher's (its "
                           "standardiser, if any, is kept); drop data.standardize")
-    if cfg.model.class_conditional:
-        raise ConfigError("model.class_conditional: training without data draws no class labels")
+    if cfg.model.class_conditional and t.exact:
+        raise ConfigError("model.class_conditional: the exact mixture teacher takes no labels")
 
 
 def _validate_teacher(t: TeacherConfig) -> None:
@@ -567,6 +583,14 @@ def _validate_teacher(t: TeacherConfig) -> None:
     if t.tau_start is not None and (isinstance(t.tau_start, bool) or not isinstance(t.tau_start, (int, float))
                                     or not 0 <= t.tau_start < 1):
         raise ConfigError(f"teacher.tau_start: a time in [0, 1), got {t.tau_start!r}")
+    if (t.shape is not None or t.num_classes) and t.factory is None:
+        raise ConfigError("teacher.shape, teacher.num_classes: apply to teacher.factory without data "
+                          "(data.name: none); a checkpoint records its own")
+    if t.shape is not None and (not isinstance(t.shape, list) or not t.shape or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in t.shape)):
+        raise ConfigError(f"teacher.shape: a list of positive integers (one sample's shape), got {t.shape!r}")
+    if isinstance(t.num_classes, bool) or not isinstance(t.num_classes, int) or t.num_classes < 0:
+        raise ConfigError(f"teacher.num_classes: a number of classes >= 0, got {t.num_classes!r}")
     if any(not isinstance(k, str) for k in t.kwargs):
         raise ConfigError(f"teacher.kwargs: keys must be names, got {sorted(map(repr, t.kwargs))}")
 

@@ -55,6 +55,7 @@ class DataBundle:
     decoder: Callable[[Tensor], Tensor] | None = None  # latents -> images (set where images are shown)
     data_free: bool = False  # data.name=none: train and held_out are the teacher's samples (spec E.8)
     teacher_scales: dict | None = None  # data.name=none with a checkpoint teacher: its scales
+    teacher: Callable | None = None  # data.name=none with teacher.factory: the teacher already built
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -116,29 +117,49 @@ def _build_data_free(cfg: Config) -> DataBundle:
     """``data.name=none`` (spec E.8): no dataset. What a run still needs from data comes from the
     teacher's samples: the scales (``"data"`` scales resolved on them), the validation batch and the
     held-out set of the plots and of ``evaluate``. With ``teacher.exact`` those are samples of the
-    mixture ``data.gmm`` (the exact flow's law at ``t = 1``); with ``teacher.checkpoint`` the teacher's
-    RK4 samples (``data.teacher_steps`` intervals) from ``min(n_eval, 2048)`` base points of
-    ``data.seed``, in the teacher's model space (its standardiser kept). Training never reads them: its
-    points lie on the teacher's paths (:class:`~flowmaps.objectives.trajectories.TeacherPaths`)."""
+    mixture ``data.gmm`` (the exact flow's law at ``t = 1``); with ``teacher.checkpoint`` or
+    ``teacher.factory`` (of shape ``teacher.shape``) the teacher's RK4 samples (``data.teacher_steps``
+    intervals) from ``min(n_eval, 2048)`` base points of ``data.seed``, in the teacher's model space (a
+    checkpoint's standardiser kept), labelled ``0, 1, …, K−1, 0, …`` for a class-conditional teacher
+    (those labels, uniform over the classes, are what training draws). Training never reads the samples:
+    its points lie on the teacher's paths (:class:`~flowmaps.objectives.trajectories.TeacherPaths`)."""
     d, t = cfg.data, cfg.teacher
     g = torch.Generator().manual_seed(d.seed)
     if t.exact:
         ref = _gmm_reference(cfg)
         train, held_out = ref.sample(min(d.n_eval, 2048), generator=g), ref.sample(d.n_eval, generator=g)
         return DataBundle(train=train, held_out=held_out, standardizer=None, data_free=True)
-    if not t.checkpoint:
-        raise ConfigError("data.name: none needs teacher.checkpoint or teacher.exact")
-    teacher = load_model(t.checkpoint)
-    if teacher.scales.get("num_classes", 0):
-        raise ConfigError(f"teacher.checkpoint: {t.checkpoint} is class-conditional; training without "
-                          "data draws no class labels")
-    shape = sample_shape(teacher.scales)
+    if not (t.checkpoint or t.factory):
+        raise ConfigError("data.name: none needs teacher.checkpoint, teacher.exact or teacher.factory")
     n = min(d.n_eval, 2048)
-    x0 = teacher.interpolant.sample_base(torch.empty(n, *shape), g)
+    if t.factory:
+        shape, num_classes = tuple(t.shape), t.num_classes
+        scales = {"sigma0": float(cfg.interpolant.sigma0), "num_classes": num_classes}
+        interpolant, standardizer, to_data_units = make_interpolant(cfg.interpolant.name, torch.tensor(
+            scales["sigma0"])), None, None
+        x0 = interpolant.sample_base(torch.empty(n, *shape), g)
+        velocity = factory_teacher(cfg, DataBundle(train=x0, held_out=x0, standardizer=None),
+                                   scales, "cpu")
+    else:
+        teacher = load_model(t.checkpoint)
+        scales, shape = teacher.scales, sample_shape(teacher.scales)
+        num_classes, standardizer = scales.get("num_classes", 0), teacher.standardizer
+        velocity, to_data_units = teacher.model.velocity, teacher.to_data_units
+        if t.guidance != 1.0 and num_classes:  # the guided flow the student will learn (build_teacher)
+            from ..objectives import GuidedVelocity
+            velocity = GuidedVelocity(teacher.model, t.guidance, null_label=num_classes)
+        x0 = teacher.interpolant.sample_base(torch.empty(n, *shape), g)
+    if cfg.model.class_conditional and not num_classes:
+        raise ConfigError(f"model.class_conditional: the teacher {t.checkpoint or t.factory} takes no "
+                          "class labels")
+    labels = torch.arange(n) % num_classes if cfg.model.class_conditional else None
     with torch.no_grad():
-        x1 = solve_ode(teacher.model.velocity, x0, "rk4", steps=d.teacher_steps).x
-    return DataBundle(train=x1, held_out=teacher.to_data_units(x1), standardizer=teacher.standardizer,
-                      image=len(shape) == 3, data_free=True, teacher_scales=teacher.scales)
+        b = velocity if labels is None else (lambda x, tau: velocity(x, tau, labels))
+        x1 = solve_ode(b, x0, "rk4", steps=d.teacher_steps).x
+    return DataBundle(train=x1, held_out=x1 if to_data_units is None else to_data_units(x1),
+                      standardizer=standardizer, labels=labels, held_out_labels=labels,
+                      num_classes=num_classes if labels is not None else 0, image=len(shape) == 3,
+                      data_free=True, teacher_scales=scales, teacher=velocity if t.factory else None)
 
 
 def _build_images(cfg: Config) -> DataBundle:
@@ -205,7 +226,8 @@ def resolve_scales(cfg: Config, bundle: DataBundle) -> dict:
     if bundle.teacher_scales is not None:  # without data: the teacher's base scale, σ_data "data" from its samples
         return {"sigma0": bundle.teacher_scales["sigma0"],
                 "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
-                "shape": list(bundle.sample_shape), "num_classes": 0}
+                "shape": list(bundle.sample_shape),
+                "num_classes": bundle.num_classes if m.class_conditional else 0}
     scales = {"sigma0": _resolve_scale(cfg.interpolant.sigma0, bundle),
               "sigma_data": _resolve_scale(m.sigma_data, bundle), "dim": bundle.dim,
               "shape": list(bundle.sample_shape),
@@ -237,6 +259,8 @@ def build_teacher(cfg: Config, bundle: DataBundle, scales: dict, device="cpu"):
         raise ConfigError("teacher: set exactly one of teacher.checkpoint=PATH, teacher.exact=true or "
                           "teacher.factory=package.module:function")
     if t.factory:
+        if bundle.teacher is not None:  # built (on the CPU) to make the held-out samples without data
+            return bundle.teacher.to(device) if isinstance(bundle.teacher, torch.nn.Module) else bundle.teacher
         return factory_teacher(cfg, bundle, scales, device)
     if t.exact:
         if bundle.reference is None:

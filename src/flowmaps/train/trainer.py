@@ -126,7 +126,8 @@ class Trainer:
             ``data`` is ``None`` (``paths``, ``steps``, ``refresh_every``, ``refresh_paths``); under
             torchrun every rank holds the same cache (same seed), solved on each rank.
         sample_shape (Sequence[int] | None): the shape of one sample when ``data`` is ``None`` (default: from
-            the model).
+            the model). With ``data=None``, ``labels`` are the class labels to draw (uniformly over the
+            tensor, then label dropout): each batch's points lie on the teacher's paths of its labels.
         progress: a progress bar while the teacher's paths are first solved (``data=None``).
         fused: the fused optimiser kernel with the device guard (module docstring); ``None``
             (default): on CUDA for ``adam``/``adamw``, else the multi-tensor (foreach) optimiser.
@@ -199,19 +200,23 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             dist_.rank_seed(seed, self.dist.rank))
         if labels is not None:
-            if not isinstance(data, (Tensor, ByteImages)) or labels.shape != (data.shape[0],):
+            if data is None:  # the labels to draw from (uniformly); the points follow b(x | label)
+                if labels.ndim != 1 or not len(labels) or labels.is_floating_point() or labels.min() < 0:
+                    raise ValueError("labels: without data, a (N,) tensor of the class labels to draw")
+            elif not isinstance(data, (Tensor, ByteImages)) or labels.shape != (data.shape[0],):
                 raise ValueError("labels must be a (N,) tensor beside a data tensor of N samples")
             if null_label is None:
                 raise ValueError("class-conditional training needs null_label (the unconditional "
                                  "label used by label dropout and guidance)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError("label_dropout must be in [0, 1)")
+        self.data_free = data is None
         if data is None:  # without data: the objective's points on the teacher's paths (spec E.8)
-            if labels is not None:
-                raise ValueError("labels: class-conditional training needs data (data=None has none)")
             shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+            n_labels = 0 if labels is None else max(int(labels.max()) + 1,
+                                                    null_label + 1 if label_dropout > 0 else 0)
             points = objective.data_free(shape, device=self.device, dtype=params[0].dtype, seed=seed,
-                                         progress=progress, **(teacher_paths or {}))
+                                         progress=progress, labels=n_labels, **(teacher_paths or {}))
             data = points.placeholder
         elif teacher_paths is not None:
             raise ValueError("teacher_paths: applies to training without data (data=None)")
@@ -361,7 +366,8 @@ class Trainer:
             x, cond = self.draw(n), None
         else:
             idx = torch.randint(self.labels.shape[0], (n,), generator=g, device=g.device)
-            x = self.draw.data[idx.to(self.draw.data.device)].to(self.device)
+            x = (self.draw(n) if self.data_free  # the placeholder: the points come from the teacher's paths
+                 else self.draw.data[idx.to(self.draw.data.device)].to(self.device))
             cond = self.labels[idx.to(self.labels.device)].to(self.device)
         if cond is not None and self.label_dropout > 0:
             drop = torch.rand(n, generator=g, device=g.device).to(self.device) < self.label_dropout
