@@ -18,7 +18,7 @@ from torch import Tensor
 from ..data.images import ByteImages
 from ..data.points import Standardizer, load_array, make_dataset
 from ..exact import ExactReference, GaussianMixture
-from ..interpolants import Interpolant
+from ..interpolants import Interpolant, make_interpolant
 from ..solvers import solve_ode
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
