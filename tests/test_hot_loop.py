@@ -245,6 +245,25 @@ def test_a_device_guard_step_makes_no_host_sync_at_the_dispatcher(objective):
     assert syncs.count == 1, syncs.sites
 
 
+def test_a_device_guard_step_on_labelled_images_makes_no_host_sync():
+    from flowmaps import Linear
+    from flowmaps.data.images import random_hflip
+    from flowmaps.objectives import ImprovedMeanFlow
+    from flowmaps.train.host_syncs import HostSyncs
+    from test_images import images, tiny_unet
+
+    model = tiny_unet(num_classes=3)
+    model.net = type(model.net)((1, 8, 8), channels=8, channel_mults=(1, 2), blocks_per_level=1,
+                                attention_resolutions=(4,), num_classes=3, guidance_conditioning=True)
+    trainer = Trainer(model, ImprovedMeanFlow(Linear(), guidance_max=7.0, null_label=3), images(48),
+                      batch_size=8, lr=1e-3, ema_decay=0.9, labels=torch.arange(48) % 3,
+                      label_dropout=0.2, null_label=3, augment=random_hflip, fused=True)
+    trainer.run(2, progress=False)
+    with HostSyncs("cpu") as syncs:
+        trainer.step()
+    assert syncs.count == 0, syncs.sites
+
+
 def test_the_host_guard_step_is_seen_reading_the_host():
     """The counter fails when it should: the CPU's host guard reads its flag (``tolist``) and torch's
     non-fused Adam its step counters (``item``)."""
