@@ -63,8 +63,8 @@ bench-images: setup
 bench-memory: setup
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/image_memory.py
 
-# On a CUDA machine: full size, <= 10 minutes on one GPU (benchmarks/results/gpu_check/cuda-full.*).
-# Without a GPU it runs on the CPU; GPU_CHECK_ARGS="--device cpu --quick" is the CI-sized form.
+# Needs a CUDA GPU: full size, <= 10 minutes on one GPU (benchmarks/results/gpu_check/cuda-full.*); a
+# one-line error without one. GPU_CHECK_ARGS="--device cpu --quick" is the CI-sized form on the CPU.
 GPU_CHECK_ARGS ?=
 bench-gpu: setup
-	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	$(BIN)/python benchmarks/gpu_check.py --device cuda $(GPU_CHECK_ARGS)

@@ -47,9 +47,10 @@ about 5 s (fp32) and 1.5 s (bf16) for the DiT, so the eager rows take about 2 mi
 two trainers (about 2.6 GB of state each for DiT-B) and the teacher live at once, plus a batch of 16's
 activations, under 16 GB. With ``--compile on`` the first compiled step of each (network, precision)
 is the cost (the inductor compiles forward and backward, typically 0.5 to 2 minutes; later models of
-the same architecture reuse the compiled code). ``--budget`` (default 540 s) stops starting rows once
-it is spent and reports the rest as not run, so the command ends within 10 minutes whatever the
-compile times are; the first GPU run tells how many rows fit.
+the same architecture reuse the compiled code). ``--budget`` (default 450 s) stops starting rows once
+it is spent and reports the rest as not run; a row takes at most a first compile (about 2 minutes), so
+the command ends within 10 minutes whatever the compile times are. The first GPU run tells how many
+rows fit.
 
     python benchmarks/gpu_check.py                          # full size, on CUDA when present
     python benchmarks/gpu_check.py --device cpu --quick     # CI-sized (tests/test_gpu_check.py)
@@ -142,7 +143,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None, help="timed rounds per row (default 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, quick 1)")
     p.add_argument("--batch", type=int, default=None, help="batch per step (default 16, quick 4)")
-    p.add_argument("--budget", type=float, default=540.0,
+    p.add_argument("--budget", type=float, default=450.0,
                    help="seconds after which no new row starts (the rest are reported as not run); 0: none")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU)")
     p.add_argument("--seed", type=int, default=0)
