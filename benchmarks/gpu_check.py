@@ -506,7 +506,7 @@ def run(args) -> dict:
                     row["agreement_max_rel_diff"] = value if isinstance(value, float) else None
                     if not isinstance(value, float):
                         row["agreement_error"] = value
-                del base, teacher
+                del base, teacher, make  # make's defaults hold the teacher
                 _release(device)
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
