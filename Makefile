@@ -47,7 +47,7 @@ clean:
 	rm -rf $(VENV) runs site
 
 # Benchmarks (not tests; minutes to an hour on 2 cores). Each prints ratios measured in one run.
-.PHONY: bench-quality bench-cost bench-peers bench-images bench-memory
+.PHONY: bench-quality bench-cost bench-peers bench-images bench-memory bench-gpu
 bench-quality: setup
 	$(BIN)/python benchmarks/quality_vs_cost.py
 
@@ -62,3 +62,9 @@ bench-images: setup
 
 bench-memory: setup
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/image_memory.py
+
+# Needs a CUDA GPU: full size, <= 10 minutes on one GPU (benchmarks/results/gpu_check/cuda-full.*); a
+# one-line error without one. GPU_CHECK_ARGS="--device cpu --quick" is the CI-sized form on the CPU.
+GPU_CHECK_ARGS ?=
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_check.py --device cuda $(GPU_CHECK_ARGS)

@@ -225,3 +225,54 @@ def test_device_guard_reads_the_host_once_per_window_on_labelled_images():
     with HostReads() as reads:
         trainer.run(4, progress=False, sync_every=2)
     assert reads.count == 2, reads.where
+
+
+@pytest.mark.parametrize("objective", ["lmd", "emd", "fmm", "pfmm", "velocity", "lsd", "psd",
+                                       "meanflow", "shortcut"])
+def test_a_device_guard_step_makes_no_host_sync_at_the_dispatcher(objective):
+    """Below the Python level too (every ATen operation, torch's own kernels' argument parsing
+    included; flowmaps.train.host_syncs): a step between log steps makes no host sync. The EMA's
+    0-dim weight tensor used to be read back by ``_foreach_lerp_`` (its Scalar overload) every step."""
+    from flowmaps.train.host_syncs import HostSyncs
+
+    trainer = guarded(True, objective=objective)
+    trainer.run(2, progress=False)
+    with HostSyncs("cpu") as syncs:
+        outs = [trainer.step() for _ in range(3)]
+    assert syncs.count == 0, syncs.sites
+    with HostSyncs("cpu") as syncs:  # the window's read, where the caller logs: one transfer
+        trainer.settle([(trainer.step_count, out) for out in outs])
+    assert syncs.count == 1, syncs.sites
+
+
+def test_a_device_guard_step_on_labelled_images_makes_no_host_sync():
+    from flowmaps import Linear
+    from flowmaps.data.images import random_hflip
+    from flowmaps.objectives import ImprovedMeanFlow
+    from flowmaps.train.host_syncs import HostSyncs
+    from test_images import images, tiny_unet
+
+    model = tiny_unet(num_classes=3)
+    model.net = type(model.net)((1, 8, 8), channels=8, channel_mults=(1, 2), blocks_per_level=1,
+                                attention_resolutions=(4,), num_classes=3, guidance_conditioning=True)
+    trainer = Trainer(model, ImprovedMeanFlow(Linear(), guidance_max=7.0, null_label=3), images(48),
+                      batch_size=8, lr=1e-3, ema_decay=0.9, labels=torch.arange(48) % 3,
+                      label_dropout=0.2, null_label=3, augment=random_hflip, fused=True)
+    trainer.run(2, progress=False)
+    with HostSyncs("cpu") as syncs:
+        trainer.step()
+    assert syncs.count == 0, syncs.sites
+
+
+def test_the_host_guard_step_is_seen_reading_the_host():
+    """The counter fails when it should: the CPU's host guard reads its flag (``tolist``) and torch's
+    non-fused Adam its step counters (``item``)."""
+    from flowmaps.train.host_syncs import HostSyncs
+
+    model, objective, data = parts()
+    trainer = Trainer(model, objective, data, **OPTIONS)
+    trainer.run(2, progress=False)
+    with HostSyncs("cpu") as syncs:
+        trainer.step()
+    assert syncs.ops["Tensor.tolist"] == 1 and syncs.ops["aten._local_scalar_dense"] >= 1, syncs.sites
+    assert any("trainer.py" in site for site in syncs.sites), syncs.sites

@@ -183,3 +183,31 @@ def test_interpolate_broadcasts_over_image_shaped_data():
     for k in range(4):
         want = math.cos(math.pi * t[k] / 2) * x0[k] + math.sin(math.pi * t[k] / 2) * x1[k]
         torch.testing.assert_close(i_t[k], want, atol=1e-14, rtol=0)
+
+
+def test_the_base_scale_is_copied_to_a_device_once():
+    """A copy from host memory makes the host wait for the device: sigma0 is copied once per dtype
+    and device, not at every step (checked on the meta device: no data, but the copies)."""
+    import flowmaps as fm
+    from flowmaps.train.host_syncs import HostSyncs
+
+    interpolant, like = fm.Linear(sigma0=0.5), torch.empty(2, 3, device="meta")
+    with HostSyncs("meta") as syncs:
+        for _ in range(3):
+            interpolant.base_scale(like)
+    assert syncs.count == 1, syncs.sites
+    interpolant.sigma0 = torch.tensor(2.0, dtype=torch.float64)
+    assert float(interpolant.base_scale(torch.empty(1))) == 2.0
+
+
+def test_times_given_as_numbers_are_filled_on_the_device():
+    """``batch_times(0.5, x)`` (the map's time arguments) fills the times where ``x`` lives instead of
+    making a host tensor and copying it: no tensor is made from Python numbers."""
+    from flowmaps._tensor import batch_times
+    from flowmaps.train.host_syncs import HostSyncs
+
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with HostSyncs("cpu") as syncs:
+        times = batch_times(0.5, x)
+    assert not syncs.host_made and syncs.count == 0, syncs.host_made
+    assert times.dtype == torch.float64 and torch.equal(times, torch.full((3,), 0.5, dtype=torch.float64))

@@ -16,6 +16,8 @@ def batch_times(t: float | Tensor, x: Tensor) -> Tensor:
     Accepts a Python number, a 0-d tensor, a ``(1,)`` tensor or a ``(B,)`` tensor.
     """
     batch = x.shape[0]
+    if isinstance(t, (int, float)):  # filled on the device: a number copied from the host would wait
+        return torch.full((batch,), t, dtype=x.dtype, device=x.device)
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0 or t.numel() == 1:
         return t.reshape(()).expand(batch)

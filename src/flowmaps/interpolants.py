@@ -56,7 +56,13 @@ class Interpolant:
     # --- sampling -------------------------------------------------------------------------------
     def base_scale(self, like: Tensor) -> Tensor:
         """``σ0`` with the dtype and device of ``like``, shaped to broadcast against a batch."""
-        return self.sigma0.to(dtype=like.dtype, device=like.device)
+        # Copied once per dtype and device, not every step: a copy from host memory makes the host wait.
+        cached = getattr(self, "_base_scale", None)
+        if cached is None or cached[0] is not self.sigma0 or cached[1] != (like.dtype, like.device):
+            cached = (self.sigma0, (like.dtype, like.device),
+                      self.sigma0.to(dtype=like.dtype, device=like.device))
+            self._base_scale = cached
+        return cached[2]
 
     def sample_base(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``x0 ~ N(0, σ0² I)`` with the shape, dtype and device of ``like``."""

@@ -179,7 +179,7 @@ class AlphaFlow(SelfDistillation):
         self._alpha, self._dim = self.alpha, x1[0].numel()
         if not hasattr(self, "_stats"):
             self._stats = {}
-        self._stats["alpha"] = x1.new_tensor(self._alpha)
+        self._stats["alpha"] = x1.new_full((), self._alpha)  # no copy from the host
         return super().terms(model, x0, x1, s, t, cond)
 
     def _residual(self, model, x0, x1, s, t, cond) -> Tensor:

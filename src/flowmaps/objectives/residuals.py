@@ -103,7 +103,8 @@ def semigroup_target(slope: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tenso
                      t: Tensor, gamma: Tensor | float) -> Tensor:
     """``(1 − γ) v_{s,u}(x) + γ v_{u,t}(X_{s,u}(x))``, ``u = γ s + (1 − γ) t``: the chord slope of two
     jumps, from ``slope(x, a, b) = v_{a,b}(x)``. Equals ``v_{s,t}(x)`` for an exact map (semigroup)."""
-    gamma = torch.as_tensor(gamma, dtype=s.dtype, device=s.device).expand_as(s)
+    gamma = (torch.full_like(s, gamma) if isinstance(gamma, (int, float))
+             else torch.as_tensor(gamma, dtype=s.dtype, device=s.device).expand_as(s))
     u = gamma * s + (1.0 - gamma) * t
     v_su = slope(x, s, u)
     x_su = x + expand_as_data(u - s, x) * v_su

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..data.images import ByteImages
 
-__all__ = ["DataSource", "batch_sampler", "all_finite"]
+__all__ = ["DataSource", "batch_sampler", "all_finite", "sample_shape_of"]
 
 DataSource = Tensor | ByteImages | Callable[..., Tensor]
 
@@ -47,3 +47,17 @@ def batch_sampler(data: DataSource, generator: torch.Generator, device) -> Calla
             return lambda n: data(n, generator=generator).to(device)
         return lambda n: data(n).to(device)
     raise TypeError("data must be a tensor of samples (N, ...), ByteImages or a callable n -> batch")
+
+
+def sample_shape_of(model: torch.nn.Module) -> tuple[int, ...]:
+    """The shape of one sample of ``model``: its ``sample_shape``, a U-Net's image shape, an MLP's
+    dimension; else a one-line ValueError asking for ``sample_shape``."""
+    if getattr(model, "sample_shape", None):
+        return tuple(model.sample_shape)
+    net = getattr(model, "net", model)
+    options = getattr(net, "network_options", None) or {}
+    if options.get("image_shape"):
+        return tuple(options["image_shape"])
+    if isinstance(options.get("dim"), int):
+        return (options["dim"],)
+    raise ValueError("data=None: give sample_shape (the shape of one sample) for this model")

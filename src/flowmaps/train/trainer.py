@@ -11,8 +11,10 @@ and its fix); non-finite steps are skipped on every rank alike.
 Host reads. A step leaves its loss, terms, statistics and gradient norm on the device; :meth:`Trainer.run`
 reads them (one transfer) every ``sync_every`` steps, where the caller logs. On CUDA no step waits for
 the GPU: the optimiser is fused (``adam``/``adamw``) and skips a non-finite update on the device
-(``found_inf``), the EMA is one ``torch._foreach_lerp_`` weighted by the same flag, and the skipped steps
-are reported when the window is read (the *device guard*). Where no fused optimiser exists (``radam``,
+(``found_inf``), the EMA is one ``torch._foreach_lerp_`` weighted by the same flag (per-tensor device
+weights: a 0-dim tensor weight would be read on the host), and the skipped steps are reported when the
+window is read (the *device guard*; :class:`~flowmaps.train.host_syncs.HostSyncs` counts a step's
+syncs). Where no fused optimiser exists (``radam``,
 and the CPU, where foreach is used so that results stay bit-identical) the trainer reads one flag per
 step to skip the update (the *host guard*): on the CPU that read is not a device synchronisation.
 Both guards give the same results; a skipped step advances the step counter and the learning-rate
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from ..data.images import ByteImages
 from ..objectives.base import LossOutput, Objective
-from .batches import DataSource, batch_sampler
+from .batches import DataSource, batch_sampler, sample_shape_of
 from .power_ema import PowerEMA
 from .schedules import learning_rate_schedule
 
@@ -212,7 +214,7 @@ class Trainer:
             raise ValueError("label_dropout must be in [0, 1)")
         self.data_free = data is None
         if data is None:  # without data: the objective's points on the teacher's paths (spec E.8)
-            shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+            shape = tuple(sample_shape) if sample_shape is not None else sample_shape_of(model)
             n_labels = 0 if labels is None else max(int(labels.max()) + 1,
                                                     null_label + 1 if label_dropout > 0 else 0)
             points = objective.data_free(shape, device=self.device, dtype=params[0].dtype, seed=seed,
@@ -453,8 +455,9 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self, keep: Tensor | None = None) -> None:
         """One multi-tensor lerp of the EMA towards the weights; ``keep`` (device guard, a 0-dim bool)
-        zeroes the weight of a skipped step on the device. The power profiles are updated for every
-        step, skipped or not (:class:`~flowmaps.train.power_ema.PowerEMA`), at t = the step's number."""
+        zeroes the weight of a skipped step on the device, with no host read (the same lerp, bit for
+        bit). The power profiles are updated for every step, skipped or not
+        (:class:`~flowmaps.train.power_ema.PowerEMA`), at t = the step's number."""
         if self.power_ema is not None:
             self.power_ema.update(self.step_count + 1)
         if self.classic_ema is None:
@@ -467,8 +470,9 @@ class Trainer:
             decay = min(decay, (1.0 + k) / (10.0 + k))
         ema_params, params, ema_buffers, buffers = self._ema_pairs
         weight = 1.0 - decay
-        if keep is not None:
-            weight = keep.to(params[0].dtype) * weight
+        if keep is not None:  # per-tensor device weights: a 0-dim tensor weight would be read (.item())
+            weights = {dtype: keep.to(dtype) * weight for dtype in {p.dtype for p in ema_params}}
+            weight = [weights[p.dtype] for p in ema_params]
         torch._foreach_lerp_(ema_params, params, weight)
         if buffers:
             torch._foreach_copy_(ema_buffers, buffers)
@@ -649,20 +653,6 @@ class Trainer:
                     self.stopped = True
                     break
         return history
-
-
-def _sample_shape(model: nn.Module) -> tuple[int, ...]:
-    """The shape of one sample of ``model``: its ``sample_shape``, a U-Net's image shape, an MLP's
-    dimension; else a one-line ValueError asking for ``sample_shape``."""
-    if getattr(model, "sample_shape", None):
-        return tuple(model.sample_shape)
-    net = getattr(model, "net", model)
-    options = getattr(net, "network_options", None) or {}
-    if options.get("image_shape"):
-        return tuple(options["image_shape"])
-    if isinstance(options.get("dim"), int):
-        return (options["dim"],)
-    raise ValueError("data=None: give sample_shape (the shape of one sample) for this model")
 
 
 class FitResult(list):
