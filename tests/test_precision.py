@@ -86,8 +86,9 @@ OBJECTIVES = {
     "imf": lambda: O.ImprovedMeanFlow(interp), "alphaflow": lambda: O.AlphaFlow(interp, alpha_steps=(0, 10)),
     "sct": lambda: O.SCT(interp),
 }
-# Their whole loss is one JVP pass with the conditional velocity (no plain pass): bf16 changes nothing.
-NO_PLAIN_PASS = {"ct", "sct"}
+# Their whole loss is one JVP pass with the conditional velocity (no plain pass), or (PFMM) a residual
+# kept in full fp32 on purpose: bf16 changes nothing.
+NO_PLAIN_PASS = {"ct", "sct", "pfmm"}
 WITH_JVP = {"fmm", "lmd", "emd", "lsd", "esd", "meanflow", "ct", "imf", "sct"}
 
 
