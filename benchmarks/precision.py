@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 from quality_per_budget import GMMHard  # noqa: E402  (the exact-map error of quality_per_budget)
 
-from flowmaps.objectives import Velocity  # noqa: E402
+from flowmaps.precision import PRECISIONS  # noqa: E402
 from flowmaps.runs import experiment as ex  # noqa: E402
 from flowmaps.runs.config import CHOICES, load_config  # noqa: E402
 from flowmaps.solvers import solve_ode  # noqa: E402
@@ -57,7 +57,6 @@ from flowmaps.train.trainer import Trainer  # noqa: E402
 
 RESULTS = HERE / "results" / "precision"
 K_STEPS = (1, 2, 4, 8)
-PRECISIONS = ("fp32", "bf16")
 DIT = ["model.name=dit", "model.dit_width=64", "model.dit_depth=6", "model.heads=4", "model.patch=2"]
 
 
