@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "src" / "flowmaps"
 
 # Low to high: mathematics, networks, teachers, objectives, data, metrics, training, runs, command line.
-LAYERS = [["_version", "_tensor", "interpolants", "solvers", "flowmap", "exact", "checkpoint",
+LAYERS = [["_version", "_tensor", "precision", "interpolants", "solvers", "flowmap", "exact", "checkpoint",
            "standardizer"], ["tuning"], ["nets"], ["teachers"], ["objectives"], ["data"], ["metrics"],
           ["train"], ["runs"], ["cli"]]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

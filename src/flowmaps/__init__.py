@@ -5,9 +5,9 @@ Time convention everywhere: ``t = 0`` is the Gaussian base, ``t = 1`` is the dat
 
 Layers, each module importing only from its own layer and those before it, without cycles:
 
-1. the mathematics and the file format: ``_tensor``, ``interpolants``, ``solvers``, ``standardizer``,
-   ``flowmap``, ``tuning`` (time grids tuned after training), ``exact``, ``checkpoint`` (safetensors +
-   JSON), ``_version``;
+1. the mathematics and the file format: ``_tensor``, ``precision`` (bf16 autocast, fp32 JVPs, TF32),
+   ``interpolants``, ``solvers``, ``standardizer``, ``flowmap``, ``tuning`` (time grids tuned after
+   training), ``exact``, ``checkpoint`` (safetensors + JSON), ``_version``;
 2. ``nets`` — two-time networks (MLP, U-Net);
    ``teachers`` — models of torchcfm, flow_matching and diffusers (and the user's own ``module:function``)
    as teacher velocities in our convention;
@@ -19,7 +19,7 @@ Layers, each module importing only from its own layer and those before it, witho
 8. ``cli`` — the ``flowmaps`` command.
 """
 
-from . import exact, objectives, teachers
+from . import exact, objectives, precision, teachers
 from ._version import __version__
 from .flowmap import FlowMap
 from .interpolants import Custom, Interpolant, Linear, Trigonometric
@@ -36,4 +36,5 @@ __all__ = ["FlowMap", "MLP", "UNet", "DiT", "fit", "Trainer", "Interpolant", "Li
            "Custom", "solve_ode", "ODESolution", "tune_grid", "GuidedVelocity", "load", "load_model", "two_time",
            "exact",
            "objectives",
+           "precision",
            "teachers", "__version__"]

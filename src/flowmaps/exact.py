@@ -226,7 +226,13 @@ class GaussianMixture(ExactReference):
         return c(self.means), c(self._lam), c(self._to_white), c(self._from_white), c(self.weights)
 
     def _components(self, x: Tensor, t: Tensor):
-        """Per-component log-densities ``log w_k N(x; β m_k, C_k)`` and conditional velocities."""
+        """Per-component log-densities ``log w_k N(x; β m_k, C_k)`` and conditional velocities, with
+        autocast off (an exact teacher stays exact under bf16 training: its einsums would round to
+        bf16; spec E.12)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._components_exact(x, t)
+
+    def _components_exact(self, x: Tensor, t: Tensor):
         means, lam, to_white, from_white, weights = self._cast(x)
         t, a, b, da, db = self._schedule(x, t)
         resid = x[:, None, :] - b[:, None, None] * means[None]            # (B, K, d)

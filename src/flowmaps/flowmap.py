@@ -44,6 +44,7 @@ from ._tensor import batch_times, expand_as_data, jvp_of_inputs
 from .checkpoint import (CheckpointError, check_scales, check_standardizer, load_model_folder,
                          save_model_folder)
 from .interpolants import Interpolant, make_interpolant
+from .precision import full_fp32, reduced_precision
 from .solvers import uniform_grid
 from .standardizer import Standardizer
 
@@ -105,8 +106,10 @@ def renoise(x: Tensor, u: float | Tensor, t: float | Tensor, interpolant,
 
 
 def _fp32(*values):
-    """Cast floating tensors to float32 (other values unchanged): inputs of an fp32 JVP under autocast."""
-    return tuple(v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for v in values)
+    """Cast bf16/fp16 tensors to float32 (float32, float64 and other values unchanged): inputs of a JVP in
+    full fp32 (:func:`~flowmaps.precision.full_fp32`)."""
+    return tuple(v.float() if isinstance(v, Tensor) and v.dtype in (torch.bfloat16, torch.float16) else v
+                 for v in values)
 
 
 class FlowMap(nn.Module):
@@ -119,9 +122,11 @@ class FlowMap(nn.Module):
         net: the network ``v_θ(x, s, t[, cond])``.
         fused_jvp: use the network's own fused forward-mode pass (``net.forward_and_jvp``, see the
             module docstring) when it has one (default); ``False`` always uses ``torch.func.jvp``.
-        jvp_fp32: under a reduced-precision autocast (bf16 training), compute forward-mode JVPs with
-            autocast off, in fp32 (default). A bf16 tangent of a map loses the few significant digits
-            the Lagrangian/Eulerian residuals live in; plain forward passes still use the autocast.
+        jvp_fp32: under a reduced precision (a bf16 autocast; TF32 on CUDA), compute forward-mode JVPs,
+            and the value computed with them, in full fp32 (default): autocast off, inputs cast to fp32,
+            TF32 off (:func:`flowmaps.precision.full_fp32`). A bf16 tangent of a map loses the few
+            significant digits the Lagrangian/Eulerian residuals live in; plain forward passes still use
+            the autocast (spec E.12, :mod:`flowmaps.precision`).
     """
 
     def __init__(self, net: nn.Module, fused_jvp: bool = True, jvp_fp32: bool = True):
@@ -161,9 +166,10 @@ class FlowMap(nn.Module):
         return self.net(x, s, t) if cond is None else self.net(x, s, t, cond=cond)
 
     # --- forward-mode derivatives ---------------------------------------------------------------
-    def _fp32_jvp(self, x: Tensor) -> bool:
-        return (self.jvp_fp32 and torch.is_autocast_enabled(x.device.type)
-                and torch.get_autocast_dtype(x.device.type) != torch.float32)
+    def jvps_apart(self, x: Tensor) -> bool:
+        """Whether a JVP at ``x`` now runs apart from the plain passes, in full fp32 (``jvp_fp32`` under
+        a reduced precision): a pass carrying a tangent then cannot also serve a plain value."""
+        return self.jvp_fp32 and reduced_precision(x.device.type)
 
     def _fused(self, method: str = "forward_and_jvp") -> bool:
         return self.fused_jvp and callable(getattr(self.net, method, None))
@@ -178,8 +184,8 @@ class FlowMap(nn.Module):
         parameters flow through both outputs (reverse-over-forward). Uses the network's fused
         ``forward_and_jvp`` when it has one (and ``fused_jvp`` is on), else ``torch.func.jvp``.
         """
-        if self._fp32_jvp(x):
-            with torch.autocast(x.device.type, enabled=False):
+        if self.jvps_apart(x):
+            with full_fp32(x.device.type):
                 return self.v_jvp(*_fp32(x, s, t, dx, ds, dt, cond))
         s, t = batch_times(s, x), batch_times(t, x)
         ds = None if ds is None else batch_times(ds, x)
@@ -206,8 +212,8 @@ class FlowMap(nn.Module):
         detach = [False] * len(tangents) if detach is None else [bool(d) for d in detach]
         if len(detach) != len(tangents) or not tangents:
             raise ValueError("give at least one tangent and one detach flag per tangent")
-        if self._fp32_jvp(x):
-            with torch.autocast(x.device.type, enabled=False):
+        if self.jvps_apart(x):
+            with full_fp32(x.device.type):
                 x32, s32, t32, cond32 = _fp32(x, s, t, cond)
                 return self.v_jvps(x32, s32, t32, [_fp32(*tangent) for tangent in tangents],
                                    cond=cond32, detach=detach, offset=offset)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..precision import autocast
+
 __all__ = ["LatentDataError", "load_vae", "VAECodec", "vae_summary", "write_latents", "read_index",
            "read_safetensors", "read_held_out", "LatentShards", "INDEX_FORMAT", "INDEX_NAME", "LATENT_DTYPES"]
 
@@ -113,7 +115,11 @@ def vae_summary(vae, path: str | Path) -> dict:
 class VAECodec:
     """Encode images to latents and decode latents to images with a VAE, ``batch_size`` at a time on
     ``device`` (under bf16 autocast when ``precision="bf16"``; the results are returned as float32 on
-    the CPU).
+    the CPU). ``precision`` is the run's ``train.precision`` when decoding a run's samples
+    (:func:`~flowmaps.runs.latents.latent_codec`: ``sample``, ``evaluate``, the training sheets) and
+    ``--precision`` when encoding; under bf16 the VAE's convolutions and matmuls round to 8 significant
+    bits (:mod:`flowmaps.precision`, rule 1), so latents and decoded images differ from fp32's by a few
+    ``2^-8`` relative.
 
     ``encode(x)``: images ``(N, C, H, W)`` in [−1, 1] with the source's ``C`` (``image_channels``) →
     ``(m − shift) · scale`` with ``m`` the posterior mean (``posterior="mean"``) or a sample drawn with
@@ -131,7 +137,7 @@ class VAECodec:
         self.scale, self.shift = float(info["scaling_factor"]), float(info["shift_factor"])
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return autocast(self.device.type, self.precision)  # the training step's rule 1 (spec E.12)
 
     def check_size(self, shape, what: str = "images") -> None:
         """Refuse images whose height or width is not a multiple of the downsampling factor."""

@@ -42,6 +42,13 @@ evaluations run as one batch of ``3B`` through the fused attention kernel; rever
 autograd. Its error is ``O(h²)`` truncation plus ``O(ε_mach/h)`` round-off (``tests/test_dit.py`` measures it
 against the exact JVP); in fp32 the default ``fd_eps = 3e-3`` sat at the measured minimum, a relative error of
 about 5e-5 (``benchmarks/dit_jvp.py``, spec addition E.9).
+
+Precision (spec addition E.12, :mod:`flowmaps.precision`). Under bf16 autocast a plain pass runs its
+patch embedding, linear layers and attention (the fused kernel included) in bf16, with the conditioning
+embedding in fp32 (autocast off) and the QK-norm in the weights' precision; the output is bf16.
+:class:`~flowmaps.FlowMap` runs :meth:`DiT.forward_and_jvp` (both modes) with autocast off in full fp32
+while its ``jvp_fp32`` is on: the finite difference above would have a round-off error of
+``2^-8 / h ≈ 1`` in bf16, a tangent of noise.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ primal layer by layer (Linear: ``W·dh``; activation: ``σ'(z)·dz``; Fourier fe
 built from ordinary differentiable torch ops, so reverse mode through it is plain autograd (no
 ``torch.func`` transform; forward+backward about 0.6× the cost of reverse-over-``torch.func.jvp``); and
 ``forward_and_jvps`` carries several tangents on one primal pass (some of them under stop-gradient).
+Under bf16 training :class:`~flowmaps.FlowMap` runs the fused passes with autocast off in fp32, so a pass
+that carries a tangent is fp32 throughout, its primal included (spec addition E.12).
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ class SelfDistillation(Objective):
         n = x1.shape[0]
         n_d = self.times.n_diagonal(n)
         self._n_diag = n_d
-        if 0 < n_d < n and self._fusable(model):
+        if 0 < n_d < n and self._fusable(model, x1):
             return self.batch_terms(self._fused_lagrangian(model, x0, x1, s, t, cond, n_d), n_d, n, x1)
         pieces = {}
         if n_d:
@@ -324,9 +324,13 @@ class SelfDistillation(Objective):
     # LSD's step in one network pass: the diagonal needs the value of v̂ on its rows, the Lagrangian
     # residual the value and the time-JVP on the others; a network with the fused forward-mode path
     # computes both in one set of matmuls (``v_jvps(..., offset=n_d)``) instead of two smaller passes.
+    # Not under bf16 (or TF32): the JVP then runs in full fp32 and the diagonal, a plain pass, autocasts
+    # (flowmaps.precision, rules 1-2), so the two cannot share a pass.
     fuse_passes = True
 
-    def _fusable(self, model) -> bool:
+    def _fusable(self, model, like: Tensor) -> bool:
+        if getattr(model, "jvps_apart", None) is not None and model.jvps_apart(like):
+            return False
         if not (self.fuse_passes and self.points is None and self.residual == "lagrangian"
                 and self.form == "map"
                 and self.stopgrad == "target" and self.diagonal == "conditional"

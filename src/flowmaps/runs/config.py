@@ -251,7 +251,10 @@ class TrainConfig:
     steps a resumable checkpoint ``checkpoints/step-K`` is written; the newest ``keep_checkpoints`` are
     kept, plus ``checkpoints/best`` (lowest validation loss). ``max_bad_steps`` consecutive non-finite
     steps stop the run. ``precision: bf16`` autocasts the network's forward passes (JVPs stay fp32
-    while ``jvp_fp32``); ``compile`` uses ``torch.compile`` with ``compile_backend`` (``inductor``
+    while ``jvp_fp32``; the VAE of a latent run encodes and decodes under it too); ``tf32: true`` lets
+    fp32 matmuls and convolutions outside JVPs use TF32 on CUDA (10-bit mantissa; default ``false``,
+    which also turns off cuDNN's TF32, on in torch by default; no effect on the CPU; spec E.12);
+    ``compile`` uses ``torch.compile`` with ``compile_backend`` (``inductor``
     generates kernels with the host's compiler; ``aot_eager`` only traces). ``device``: cpu, cuda, cuda:N, mps.
     ``lr_schedule``: ``inverse_sqrt`` (after ``lr_decay_start``), ``constant``, ``cosine`` or ``linear``
     (decay to ``lr_final`` × ``lr`` at ``steps``), after a linear warm-up of ``warmup_steps``.
@@ -287,6 +290,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"
     jvp_fp32: bool = True
+    tf32: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
     label_dropout: float = 0.1

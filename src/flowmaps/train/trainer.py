@@ -34,13 +34,13 @@ from torch import Tensor, nn
 
 from ..data.images import ByteImages
 from ..objectives.base import LossOutput, Objective
+from ..precision import PRECISIONS, autocast, tf32_scope
 from .batches import DataSource, batch_sampler, sample_shape_of
 from .power_ema import PowerEMA
 from .schedules import learning_rate_schedule
 
 __all__ = ["Trainer", "fit", "FitResult"]
 
-PRECISIONS = ("fp32", "bf16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 FUSED = ("adam", "adamw")  # torch implements these fused (one kernel, found_inf skips on the device)
@@ -112,7 +112,11 @@ class Trainer:
             ``LossOutput.skipped``) before :class:`FloatingPointError` stops training.
         grad_accum: micro-batches per step; gradients are averaged (DDP synchronises on the last only).
         precision: ``"fp32"`` (default) or ``"bf16"`` (autocast of the network's plain forward passes;
-            forward-mode JVPs and time features stay in fp32 unless the model's ``jvp_fp32`` is off).
+            forward-mode JVPs and time features stay in fp32 unless the model's ``jvp_fp32`` is off;
+            the rules: :mod:`flowmaps.precision`).
+        tf32: on CUDA, allow TF32 in the step's fp32 matmuls and convolutions outside JVPs (``True``),
+            or forbid it in all of them (``False``, default); the flags are restored after each step.
+            No effect on the CPU.
         compile: ``torch.compile`` the network (and its fused JVP pass when it has one).
         compile_backend: the backend of ``compile`` (one of :data:`COMPILE_BACKENDS`): ``"inductor"``
             (default; generates C++ or Triton kernels, needs the host's compiler) or ``"aot_eager"`` /
@@ -144,7 +148,7 @@ class Trainer:
                  batch_size: int = 256, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, grad_clip: float | None = None,
                  lr_decay_start: int | None = None, ema_decay: float | None = None, seed: int = 0,
-                 max_bad_steps: int = 10, grad_accum: int = 1, precision: str = "fp32",
+                 max_bad_steps: int = 10, grad_accum: int = 1, precision: str = "fp32", tf32: bool = False,
                  compile: bool = False, compile_backend: str = "inductor",
                  distributed: bool | None = None,
                  labels: Tensor | None = None, label_dropout: float = 0.0,
@@ -173,6 +177,8 @@ class Trainer:
             raise ValueError("ema_decay must be in [0, 1)")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        if not isinstance(tf32, bool):
+            raise ValueError(f"tf32 must be True or False, got {tf32!r}")
         if max_bad_steps < 1:
             raise ValueError("max_bad_steps must be >= 1")
         self.model, self.objective = model, objective
@@ -234,7 +240,7 @@ class Trainer:
         self.labels, self.label_dropout, self.null_label = labels, float(label_dropout), null_label
         self.augment = augment
         self.batch_size, self.grad_clip, self.grad_accum = batch_size, grad_clip, grad_accum
-        self.precision = precision
+        self.precision, self.tf32 = precision, tf32
         self.loss_fn: nn.Module = _ObjectiveLoss(model, objective)
         self.ddp = None
         if use_ddp:
@@ -308,10 +314,6 @@ class Trainer:
         """The gradient norm (before clipping) of the last step, read from the device."""
         return float("nan") if self._grad_norm is None else float(self._grad_norm)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bf16")
-
     def step(self) -> LossOutput:
         """One optimisation step; returns the objective's output (loss and logged terms, averaged over
         micro-batches and ranks, still on the device).
@@ -319,7 +321,11 @@ class Trainer:
         With the host guard a non-finite step is reported at once (``out.skipped``; the limit of
         ``max_bad_steps`` raises :class:`FloatingPointError` here); with the device guard it is skipped
         on the device, ``out.finite`` holds its two flags (loss, gradient) and :meth:`settle` reports
-        it."""
+        it. The step runs under the TF32 flags of ``tf32`` (CUDA), its forwards under ``precision``."""
+        with tf32_scope(self.tf32, self.device.type):
+            return self._step()
+
+    def _step(self) -> LossOutput:
         self.model.train()
         self.objective.begin_step(self.model, self.step_count)
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,7 +335,7 @@ class Trainer:
             batch, cond = self._draw_batch(micro)
             last = i == self.grad_accum - 1
             with (contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()):
-                with self._autocast():
+                with autocast(self.device.type, self.precision):
                     loss, out = self.loss_fn(batch, cond, self.generator)
                 # Backward even when the loss is non-finite: under DDP every rank must join the
                 # gradient all-reduce; the step is then skipped on every rank alike (below).
