@@ -51,6 +51,7 @@ from quality_per_budget import GMMHard  # noqa: E402  (the exact-map error of qu
 
 from flowmaps.precision import PRECISIONS  # noqa: E402
 from flowmaps.runs import experiment as ex  # noqa: E402
+from flowmaps.runs import models  # noqa: E402
 from flowmaps.runs.config import CHOICES, load_config  # noqa: E402
 from flowmaps.solvers import solve_ode  # noqa: E402
 from flowmaps.train.trainer import Trainer  # noqa: E402
@@ -70,12 +71,12 @@ def build(preset: str, name: str, seed: int, steps: int, batch: int, precision: 
     cfg = load_config(preset, overrides=[f"objective.name={name}", f"train.steps={steps}", *extra])
     bundle = ex.build_data(cfg)
     scales = ex.resolve_scales(cfg, bundle)
-    interpolant = ex.build_interpolant(cfg, scales)
+    interpolant = models.build_interpolant(cfg, scales)
     ex.attach_reference(cfg, bundle, interpolant)
     if teacher is None and ex.needs_teacher(cfg):
         teacher = ex.build_teacher(cfg, bundle, scales, "cpu")
     torch.manual_seed(seed)
-    model = ex.build_model(cfg, scales)
+    model = models.build_model(cfg, scales)
     t = cfg.train
     return Trainer(model, ex.build_objective(cfg, interpolant, teacher), bundle.train, batch_size=batch,
                    lr=t.lr, grad_clip=t.grad_clip, lr_decay_start=t.lr_decay_start, ema_decay=t.ema_decay,
