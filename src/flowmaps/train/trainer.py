@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import warnings
 from typing import Callable, Sequence
 
@@ -39,6 +38,7 @@ from ..precision import PRECISIONS, autocast, tf32_scope
 from .batches import DataSource, batch_sampler, sample_shape_of
 from .power_ema import PowerEMA
 from .schedules import learning_rate_schedule
+from .state import load_trainer_state, trainer_state
 
 __all__ = ["Trainer"]
 
@@ -490,82 +490,14 @@ class Trainer:
 
         Groups: ``model``, ``ema``, ``optim`` (optimiser state tensors), ``rng`` (every rank's data/time
         generator and global RNG state, gathered: call on every rank), ``objective``. The metadata is
-        JSON: step, counters, world size, optimiser hyper-parameters, scheduler, objective state.
+        JSON: step, counters, world size, optimiser hyper-parameters, scheduler, objective state (the
+        whole list: :mod:`flowmaps.train.state`).
         """
-        from . import distributed as dist_
-
-        optim = self.optimizer.state_dict()
-        flat_optim = {f"{idx}.{key}": value for idx, state in optim["state"].items()
-                      for key, value in state.items() if isinstance(value, Tensor)}
-        scalars = {f"{idx}.{key}": value for idx, state in optim["state"].items()
-                   for key, value in state.items() if not isinstance(value, Tensor)}
-        rng = {}
-        for r, state in enumerate(dist_.all_gather_bytes(self.generator.get_state())):
-            rng[f"generator.{r}"] = state
-        for r, state in enumerate(dist_.all_gather_bytes(torch.get_rng_state())):
-            rng[f"torch.{r}"] = state
-        if self.device.type == "cuda":
-            for r, state in enumerate(dist_.all_gather_bytes(torch.cuda.get_rng_state(self.device))):
-                rng[f"cuda.{r}"] = state
-        obj_tensors, obj_meta = self.objective.state_dict()
-        tensors = {"model": self.model.state_dict(), "optim": flat_optim, "rng": rng,
-                   "objective": obj_tensors}
-        if self.classic_ema is not None:
-            tensors["ema"] = self.classic_ema.state_dict()
-        if self.power_ema is not None:
-            tensors.update(self.power_ema.state_dict())
-        meta = {"step": self.step_count, "bad_steps": self.bad_steps,
-                "world_size": self.dist.world_size, "seed": self.seed,
-                "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
-                "scheduler": self.scheduler.state_dict(), "objective": obj_meta,
-                # Data are drawn with replacement by the generator above, so its state is the data
-                # position: the next batch follows from it exactly.
-                "data_position": {"sampler": "with replacement", "draws": self.step_count *
-                                  self.batch_size * self.dist.world_size}}
-        if self.power_ema is not None:
-            meta["ema_profiles"] = self.power_ema.profiles()
-        if self.source is not None and hasattr(self.source, "state_dict"):
-            # a sharded source's position (this rank's; every rank's, gathered, for a resume)
-            text = json.dumps(self.source.state_dict()).encode().ljust(256)  # equal lengths to gather
-            positions = dist_.all_gather_bytes(torch.frombuffer(bytearray(text), dtype=torch.uint8))
-            meta["data_position"]["source"] = [json.loads(bytes(p.tolist()).decode()) for p in positions]
-        return tensors, meta
+        return trainer_state(self)
 
     def load_state_dict(self, tensors: dict[str, dict[str, Tensor]], meta: dict) -> None:
         """Restore :meth:`state_dict` (same world size, model and objective)."""
-        if meta["world_size"] != self.dist.world_size:
-            raise ValueError(f"the checkpoint was written by {meta['world_size']} process(es); resume "
-                             f"it with the same number (this run has {self.dist.world_size})")
-        self.model.load_state_dict(tensors["model"])
-        if self.classic_ema is not None:
-            if "ema" not in tensors:
-                raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA")
-            self.classic_ema.load_state_dict(tensors["ema"])
-        if self.power_ema is not None:
-            self.power_ema.load_state_dict(tensors)
-        state: dict = {}
-        for key, value in tensors.get("optim", {}).items():
-            idx, _, name = key.partition(".")
-            state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
-        for key, value in meta["optimizer"]["scalars"].items():
-            idx, _, name = key.partition(".")
-            state.setdefault(int(idx), {})[name] = value
-        # The kernel (foreach, fused) is this run's choice for its device, not the writer's.
-        groups = [dict(group, **self._kernel) for group in meta["optimizer"]["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.objective.load_state_dict(self.model, tensors.get("objective", {}), meta["objective"])
-        rank = self.dist.rank
-        rng = tensors["rng"]
-        self.generator.set_state(rng[f"generator.{rank}"].to(torch.uint8))
-        torch.set_rng_state(rng[f"torch.{rank}"].to(torch.uint8))
-        if self.device.type == "cuda" and f"cuda.{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda.{rank}"].to(torch.uint8), self.device)
-        self.step_count, self.bad_steps = int(meta["step"]), int(meta["bad_steps"])
-        positions = meta.get("data_position", {}).get("source")
-        if self.source is not None and positions:
-            self.source.load_state_dict(positions[rank])
+        load_trainer_state(self, tensors, meta)
 
     @torch.no_grad()
     def check_replicas(self) -> None:
