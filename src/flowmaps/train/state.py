@@ -7,8 +7,9 @@ Tensors are grouped ``{group: {name: tensor}}`` (the groups of a checkpoint file
 and the power profiles' ``ema_std…`` groups, ``optim`` (the optimiser's state tensors, ``"{param}.{key}"``),
 ``rng`` (every rank's data/time generator, global RNG and CUDA RNG states, gathered), ``objective``.
 The JSON metadata holds the step and counters, world size, seed, batch split, the optimiser's
-hyper-parameters and scalar state, the scheduler, the objective's state and the data position (the
-generator's draws, and every rank's position of a source that keeps one).
+hyper-parameters and scalar state, the scheduler, the objective's state, the power profiles
+(``ema_profiles``) and the data position (the generator's draws, and every rank's position of a source
+that keeps one).
 """
 
 from __future__ import annotations
