@@ -84,8 +84,9 @@ from torch.utils._pytree import tree_map
 import flowmaps as fm
 from flowmaps.runs import experiment as ex
 from flowmaps.runs import models
-from flowmaps.runs.config import CHOICES, ConfigError, load_config
+from flowmaps.runs.config import ConfigError, load_config
 from flowmaps.runs.devices import open_device
+from flowmaps.runs.validation import CHOICES
 from flowmaps.train.host_syncs import HostSyncs
 from flowmaps.train.trainer import COMPILE_BACKENDS, Trainer
 

@@ -52,7 +52,8 @@ from quality_per_budget import GMMHard  # noqa: E402  (the exact-map error of qu
 from flowmaps.precision import PRECISIONS  # noqa: E402
 from flowmaps.runs import experiment as ex  # noqa: E402
 from flowmaps.runs import models  # noqa: E402
-from flowmaps.runs.config import CHOICES, load_config  # noqa: E402
+from flowmaps.runs.config import load_config  # noqa: E402
+from flowmaps.runs.validation import CHOICES  # noqa: E402
 from flowmaps.solvers import solve_ode  # noqa: E402
 from flowmaps.train.trainer import Trainer  # noqa: E402
 

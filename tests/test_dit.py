@@ -31,7 +31,8 @@ from flowmaps.nets.dit import DIT_SIZES, DiT, forward_mode_active, parse_dit_siz
 from flowmaps.nets.guidance import guidance_condition
 from flowmaps.runs import experiment as ex
 from flowmaps.runs.models import build_interpolant, build_model, save_model
-from flowmaps.runs.config import CHOICES, ConfigError, load_config
+from flowmaps.runs.config import ConfigError, load_config
+from flowmaps.runs.validation import CHOICES
 from flowmaps.train.trainer import Trainer
 
 torch.set_num_threads(1)

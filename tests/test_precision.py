@@ -30,7 +30,8 @@ from flowmaps.exact import GaussianMixture
 from flowmaps.flowmap import FlowMap
 from flowmaps.nets import DiT
 from flowmaps.precision import full_fp32, reduced_precision, tf32_flags, tf32_scope
-from flowmaps.runs.config import CHOICES, ConfigError, dump_config, load_config, to_dict
+from flowmaps.runs.config import ConfigError, dump_config, load_config, to_dict
+from flowmaps.runs.validation import CHOICES
 
 torch.set_num_threads(1)
 

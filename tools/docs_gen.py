@@ -122,12 +122,12 @@ def _default(f: dataclasses.Field):
 
 
 def _values(key: str) -> str:
-    """The values the config checks for ``key`` (:data:`flowmaps.runs.config.CHOICES`, ``POSITIVE``)."""
-    from flowmaps.runs import config
+    """The values the config checks for ``key`` (:data:`flowmaps.runs.validation.CHOICES`, ``POSITIVE``)."""
+    from flowmaps.runs import validation
 
-    if key in config.CHOICES:
-        return ", ".join(f"`{c}`" for c in config.CHOICES[key])
-    return "positive" if key in config.POSITIVE else ""
+    if key in validation.CHOICES:
+        return ", ".join(f"`{c}`" for c in validation.CHOICES[key])
+    return "positive" if key in validation.POSITIVE else ""
 
 
 def config_reference() -> str:

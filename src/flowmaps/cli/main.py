@@ -24,8 +24,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..checkpoint import CheckpointError
-from ..runs.config import SELF_DISTILLATION, ConfigError, list_presets
+from ..runs.config import ConfigError, list_presets
 from ..runs.rundir import RunDirError
+from ..runs.validation import SELF_DISTILLATION
 from ..runs.training import TrainingInterrupted, TrainingStopped
 from ..train.distributed import is_main, launched_by_torchrun, shutdown
 from .demo import cmd_demo

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs.config import SELF_DISTILLATION, ConfigError, load_config
+from ..runs.config import ConfigError, load_config
 from ..runs.rundir import RunDirError
+from ..runs.validation import SELF_DISTILLATION
 from ..runs.training import run_training
 
 

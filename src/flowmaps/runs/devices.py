@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..train import distributed
-from .config import _DEVICE, ConfigError
+from .config import ConfigError
+from .validation import _DEVICE
 
 __all__ = ["open_device"]
 

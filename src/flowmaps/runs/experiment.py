@@ -23,8 +23,9 @@ from ..solvers import solve_ode
 from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow, ImprovedMeanFlow,
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
-from .config import SELF_DISTILLATION, Config, ConfigError
+from .config import Config, ConfigError
 from .models import load_model, sample_shape
+from .validation import SELF_DISTILLATION
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "build_data", "resolve_scales", "attach_reference",
            "build_objective", "build_teacher", "factory_teacher", "needs_teacher"]

@@ -31,11 +31,11 @@ from . import experiment as ex
 from .models import (build_interpolant, build_model, check_model_checkpoint, class_labels, resolve_warm_start,
                      save_model)
 from . import extras, tracking
-from .config import (SELF_DISTILLATION, Config, ConfigError, _flatten, dump_config, load_config,
-                     to_dict)
+from .config import Config, ConfigError, dump_config, load_config, to_dict
 from .devices import open_device
 from .posthoc_ema import write_snapshot
 from .rundir import RunDir, RunDirError, default_out
+from .validation import SELF_DISTILLATION, _flatten
 
 __all__ = ["run_training", "TrainingRun", "TrainingStopped", "TrainingInterrupted", "RESUMABLE_CHANGES"]
 

@@ -1,4 +1,5 @@
-"""Training: a :class:`Trainer` that owns the optimisation state, and :func:`fit` on top of it.
+"""Training: a :class:`Trainer` that owns the optimisation state (:func:`~flowmaps.train.fitting.fit` is
+the one-call form on top of it).
 
 The step is shared by every objective (shortcut-model style): draw a batch of data ``x1``, let the
 objective draw ``x0``, ``(s, t)`` and compute its loss, clip gradients, step the optimiser and the
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import warnings
 from typing import Callable, Sequence
 
@@ -38,8 +38,9 @@ from ..precision import PRECISIONS, autocast, tf32_scope
 from .batches import DataSource, batch_sampler, sample_shape_of
 from .power_ema import PowerEMA
 from .schedules import learning_rate_schedule
+from .state import load_trainer_state, trainer_state
 
-__all__ = ["Trainer", "fit", "FitResult"]
+__all__ = ["Trainer"]
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
@@ -489,82 +490,14 @@ class Trainer:
 
         Groups: ``model``, ``ema``, ``optim`` (optimiser state tensors), ``rng`` (every rank's data/time
         generator and global RNG state, gathered: call on every rank), ``objective``. The metadata is
-        JSON: step, counters, world size, optimiser hyper-parameters, scheduler, objective state.
+        JSON: step, counters, world size, optimiser hyper-parameters, scheduler, objective state (the
+        whole list: :mod:`flowmaps.train.state`).
         """
-        from . import distributed as dist_
-
-        optim = self.optimizer.state_dict()
-        flat_optim = {f"{idx}.{key}": value for idx, state in optim["state"].items()
-                      for key, value in state.items() if isinstance(value, Tensor)}
-        scalars = {f"{idx}.{key}": value for idx, state in optim["state"].items()
-                   for key, value in state.items() if not isinstance(value, Tensor)}
-        rng = {}
-        for r, state in enumerate(dist_.all_gather_bytes(self.generator.get_state())):
-            rng[f"generator.{r}"] = state
-        for r, state in enumerate(dist_.all_gather_bytes(torch.get_rng_state())):
-            rng[f"torch.{r}"] = state
-        if self.device.type == "cuda":
-            for r, state in enumerate(dist_.all_gather_bytes(torch.cuda.get_rng_state(self.device))):
-                rng[f"cuda.{r}"] = state
-        obj_tensors, obj_meta = self.objective.state_dict()
-        tensors = {"model": self.model.state_dict(), "optim": flat_optim, "rng": rng,
-                   "objective": obj_tensors}
-        if self.classic_ema is not None:
-            tensors["ema"] = self.classic_ema.state_dict()
-        if self.power_ema is not None:
-            tensors.update(self.power_ema.state_dict())
-        meta = {"step": self.step_count, "bad_steps": self.bad_steps,
-                "world_size": self.dist.world_size, "seed": self.seed,
-                "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
-                "scheduler": self.scheduler.state_dict(), "objective": obj_meta,
-                # Data are drawn with replacement by the generator above, so its state is the data
-                # position: the next batch follows from it exactly.
-                "data_position": {"sampler": "with replacement", "draws": self.step_count *
-                                  self.batch_size * self.dist.world_size}}
-        if self.power_ema is not None:
-            meta["ema_profiles"] = self.power_ema.profiles()
-        if self.source is not None and hasattr(self.source, "state_dict"):
-            # a sharded source's position (this rank's; every rank's, gathered, for a resume)
-            text = json.dumps(self.source.state_dict()).encode().ljust(256)  # equal lengths to gather
-            positions = dist_.all_gather_bytes(torch.frombuffer(bytearray(text), dtype=torch.uint8))
-            meta["data_position"]["source"] = [json.loads(bytes(p.tolist()).decode()) for p in positions]
-        return tensors, meta
+        return trainer_state(self)
 
     def load_state_dict(self, tensors: dict[str, dict[str, Tensor]], meta: dict) -> None:
         """Restore :meth:`state_dict` (same world size, model and objective)."""
-        if meta["world_size"] != self.dist.world_size:
-            raise ValueError(f"the checkpoint was written by {meta['world_size']} process(es); resume "
-                             f"it with the same number (this run has {self.dist.world_size})")
-        self.model.load_state_dict(tensors["model"])
-        if self.classic_ema is not None:
-            if "ema" not in tensors:
-                raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA")
-            self.classic_ema.load_state_dict(tensors["ema"])
-        if self.power_ema is not None:
-            self.power_ema.load_state_dict(tensors)
-        state: dict = {}
-        for key, value in tensors.get("optim", {}).items():
-            idx, _, name = key.partition(".")
-            state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
-        for key, value in meta["optimizer"]["scalars"].items():
-            idx, _, name = key.partition(".")
-            state.setdefault(int(idx), {})[name] = value
-        # The kernel (foreach, fused) is this run's choice for its device, not the writer's.
-        groups = [dict(group, **self._kernel) for group in meta["optimizer"]["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.objective.load_state_dict(self.model, tensors.get("objective", {}), meta["objective"])
-        rank = self.dist.rank
-        rng = tensors["rng"]
-        self.generator.set_state(rng[f"generator.{rank}"].to(torch.uint8))
-        torch.set_rng_state(rng[f"torch.{rank}"].to(torch.uint8))
-        if self.device.type == "cuda" and f"cuda.{rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda.{rank}"].to(torch.uint8), self.device)
-        self.step_count, self.bad_steps = int(meta["step"]), int(meta["bad_steps"])
-        positions = meta.get("data_position", {}).get("source")
-        if self.source is not None and positions:
-            self.source.load_state_dict(positions[rank])
+        load_trainer_state(self, tensors, meta)
 
     @torch.no_grad()
     def check_replicas(self) -> None:
@@ -660,46 +593,3 @@ class Trainer:
                     break
         return history
 
-
-class FitResult(list):
-    """What :func:`fit` returns: the per-step losses (it is that list) and the trained models.
-
-    ``ema`` is the exponential moving average of the weights (a copy of the model in eval mode, or
-    ``None`` when ``ema_decay=None``): usually the better sampler, as the CLI samples and evaluates it.
-    With ``ema_std`` it is the first power-function profile, and ``averages`` holds every average by
-    name (``"ema"``, ``"std0.050"``, …; see :attr:`Trainer.averages`). ``model`` is the model passed to :func:`fit`, trained in place (the raw weights); ``trainer`` the
-    :class:`Trainer`, to continue training (``result.trainer.run(1000)``).
-    """
-
-    def __init__(self, losses: list[float], trainer: "Trainer"):
-        super().__init__(losses)
-        self.trainer, self.model, self.ema = trainer, trainer.model, trainer.ema
-        self.averages = trainer.averages
-
-    @property
-    def best(self) -> nn.Module:
-        """The EMA model when one is kept, else the raw model."""
-        return self.ema if self.ema is not None else self.model
-
-
-def fit(model: nn.Module, objective: Objective, data: DataSource | None, *, steps: int,
-        batch_size: int = 256, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-        ema_decay: float | None = 0.999, **options) -> FitResult:
-    """Train ``model`` on ``objective`` for ``steps`` steps; returns a :class:`FitResult`: the per-step
-    loss history (a list), with the EMA of the weights in ``.ema`` (``ema_decay``, default 0.999 as in
-    the CLI; ``None`` keeps none) and the trained model in ``.model``. ``ema_std=[0.05, 0.10]`` (an
-    option of :class:`Trainer`) also keeps EDM2's power-function averages of those lengths σ_rel; the
-    first becomes ``.ema`` and all are in ``.averages``.
-
-    ``data`` is a tensor of samples ``(N, ...)``, :class:`~flowmaps.data.images.ByteImages` or a callable
-    drawing a batch (``data(n)`` or ``data(n, generator=g)``), or ``None`` with a teacher distillation
-    (LMD, EMD): no dataset, the points at time ``s`` on the teacher's ODE paths from the base, solved
-    and refreshed by :class:`~flowmaps.objectives.trajectories.TeacherPaths` (``teacher_paths={"paths":
-    4096, "steps": 32, "refresh_every": 100, "refresh_paths": 256}``; spec E.8). Further ``options`` go to
-    :class:`Trainer` (optimizer, grad_clip, lr_decay_start, weight_decay, max_bad_steps, grad_accum,
-    precision, compile). The EMA does not change the training of ``model``: with or without it the raw
-    weights are the same.
-    """
-    trainer = Trainer(model, objective, data, batch_size=batch_size, lr=lr, seed=seed,
-                      ema_decay=ema_decay, **dict(dict(total_steps=steps), **options))
-    return FitResult(trainer.run(steps, progress=progress), trainer)
