@@ -100,6 +100,8 @@ def cpu_at(cpu_log: Path, name: str, when: float) -> float | None:
         last = cpu
     before = [s for s in samples if s[0] <= when]
     after = [s for s in samples if s[0] >= when]
+    if before and not after and when - before[-1][0] <= 30:  # the run's last checkpoint: its process
+        return before[-1][1]                                  # ended within one sampling interval
     if not before or not after:
         return None
     (t0, c0), (t1, c1) = before[-1], after[0]
@@ -132,24 +134,49 @@ def evaluate(runs: Path, teacher: Path, n: int, cpu_log: Path, out: Path) -> dic
         elif row.sampler == "euler":
             fd.setdefault("teacher_euler", {})[row.nfe] = row.fd
     fd.setdefault("warm", {})[0] = {k: fd["teacher_euler"].get(k) for k in (1, 4)}
-    target_step = max(found["scratch"])
-    target = fd["scratch"][target_step][1]
-    summary = {"fd": fd, "target": {"scratch_step": target_step, "fd_1step": target}, "cpu_seconds": {},
-               "reach": {}}
-    for name, ckpts in found.items():
-        cpu = {step: cpu_at(cpu_log, f"lmd_{name}", path.with_suffix(".json").stat().st_mtime)
-               for step, path in ckpts.items()}
-        summary["cpu_seconds"][name] = cpu
-        reached = sorted(step for step, row in fd[name].items() if row.get(1) is not None and row[1] <= target)
-        first = reached[0] if reached else None
-        summary["reach"][name] = {"step": first, "cpu_seconds": cpu.get(first) if first else (0.0 if first == 0 else None)}
-    return summary
+    return finish({"fd": fd}, found, cpu_log)
+
+
+def finish(summary: dict, found: dict, cpu_log: Path, carry: dict | None = None) -> dict:
+    """CPU seconds at every checkpoint on disk, FD rows carried from an earlier evaluation of the same
+    runs (``carry``: its summary) for checkpoints since overwritten (a resumed run rewrites ``final``),
+    and the CPU time each run needs to reach the scratch run's 1-step FD at each of its report steps."""
+    fd = {name: {int(k): ({int(j): v for j, v in row.items()} if name in RUNS else row)
+                 for k, row in rows.items()} for name, rows in summary["fd"].items()}
+    cpu = {name: {step: cpu_at(cpu_log, f"lmd_{name}", path.with_suffix(".json").stat().st_mtime)
+                  for step, path in ckpts.items()} for name, ckpts in found.items()}
+    carried = {name: list(steps) for name, steps in (summary.get("carried") or {}).items()}
+    for name, rows in ((carry or {}).get("fd") or {}).items():
+        for k, row in rows.items():
+            if name in RUNS and int(k) not in fd.get(name, {}):
+                fd.setdefault(name, {})[int(k)] = {int(j): v for j, v in row.items()}
+                carried.setdefault(name, []).append(int(k))
+        for k, v in ((carry or {}).get("cpu_seconds") or {}).get(name, {}).items():
+            if name in RUNS and v is not None and cpu.get(name, {}).get(int(k)) is None:
+                cpu.setdefault(name, {})[int(k)] = v
+    reach = {}  # "<k>-step FD of scratch@<step>" -> the first checkpoint of each run at or below it
+    for k_steps in (1, 4):
+        for target_step in sorted(s for s in fd["scratch"] if s in REPORT or s == max(fd["scratch"])):
+            target = fd["scratch"][target_step][k_steps]
+            key = f"{k_steps}@{target_step}"
+            reach[key] = {"k": k_steps, "scratch_step": target_step, "fd": target}
+            for name in RUNS:
+                hit = sorted(j for j, row in fd[name].items()
+                             if row.get(k_steps) is not None and row[k_steps] <= target)
+                first = hit[0] if hit else None
+                reach[key][name] = {"step": first, "cpu_seconds": 0.0 if first == 0 else
+                                    cpu[name].get(first) if first is not None else None}
+    best = {name: min(((row[1], k) for k, row in fd[name].items() if k and row.get(1) is not None))
+            for name in RUNS}
+    return {"fd": fd, "cpu_seconds": cpu, "reach": reach, "carried": carried,
+            "best_1step": {name: {"fd": v, "step": k} for name, (v, k) in best.items()}}
 
 
 def table(summary: dict) -> str:
     fd, cpu = summary["fd"], summary["cpu_seconds"]
+    last = max(fd["scratch"])
     steps = sorted({s for s in list(fd["scratch"]) + list(fd["warm"]) if s <= 1000 or s in REPORT
-                    or s == summary["target"]["scratch_step"]})
+                    or s == last})
     lines = ["| LMD steps | scratch FD 1 step | scratch FD 4 steps | warm FD 1 step | warm FD 4 steps | "
              "scratch CPU s | warm CPU s |", "|---|---|---|---|---|---|---|"]
 
@@ -163,11 +190,19 @@ def table(summary: dict) -> str:
         a, b = fd["scratch"].get(s, {}), fd["warm"].get(s, {})
         lines.append(f"| {s} | {f(a.get(1))} | {f(a.get(4))} | {f(b.get(1))} | {f(b.get(4))} | "
                      f"{c(cpu['scratch'].get(s))} | {c(cpu['warm'].get(s))} |")
-    t = summary["target"]
     lines.append("")
-    lines.append(f"CPU time to reach the scratch run's {t['scratch_step']}-step 1-step FD ({t['fd_1step']:.2f}): "
-                 + "; ".join(f"{name} {c(r['cpu_seconds'])} s (step {r['step']})"
-                             for name, r in summary["reach"].items()))
+    for r in summary["reach"].values():
+        lines.append(f"CPU time to reach the scratch run's {r['scratch_step']}-step FD at {r['k']} step"
+                     f"{'s' if r['k'] > 1 else ''} ({r['fd']:.2f}): "
+                     + "; ".join(f"{name} " + (f"{c(r[name]['cpu_seconds'])} s (step {r[name]['step']})"
+                                              if r[name]["step"] is not None else "not reached")
+                                 for name in RUNS) + ".")
+    lines.append("Best 1-step FD of each run over its checkpoints: " + "; ".join(
+        f"{name} {b['fd']:.2f} (step {b['step']})" for name, b in summary["best_1step"].items()) + ".")
+    if summary.get("carried"):
+        lines.append("Rows carried from the evaluation of the same runs before they were resumed (their "
+                     "checkpoints were since rewritten): " + "; ".join(
+                         f"{name} {sorted(v)}" for name, v in summary["carried"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -180,6 +215,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=2000, help="samples per FD")
     parser.add_argument("--cpu-log", type=Path, help="CPU samples 'epoch run cpu_seconds' (default: RUNS/cpu.log)")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the runs already in --runs")
+    parser.add_argument("--table-only", action="store_true", help="no evaluation: recompute the CPU times and "
+                        "the table from --results/summary.json and the checkpoints' times in --runs")
+    parser.add_argument("--carry", type=Path, help="an earlier summary.json of the same runs: its FD rows for "
+                        "checkpoints since rewritten (a resumed run rewrites final) are kept, marked carried")
     parser.add_argument("--results", type=Path, default=ROOT, help="where summary.json and table.md go")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -188,18 +227,27 @@ def main() -> int:
     teacher = args.teacher
     if teacher is None:
         teacher = args.runs / "teacher" / "checkpoints" / "final"
-        if not args.evaluate_only:
+        if not (args.evaluate_only or args.table_only):
             subprocess.run(flowmaps_cmd("train", "--preset", "digits", "--objective", "velocity", "--out",
                                         args.runs / "teacher", "--overwrite", "--quiet", "train.steps=6000",
                                         "train.lr_decay_start=1500", "train.checkpoint_every=1500",
                                         f"train.threads={args.threads}"), check=True)
-    if not args.evaluate_only:
+    if not (args.evaluate_only or args.table_only):
         train(args.runs, teacher, args.steps, args.threads, cpu_log)
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = evaluate(args.runs, teacher, args.n, cpu_log, args.results)
+    if args.table_only:  # recompute CPU times, carried rows and reach from summary.json, no evaluation
+        previous = json.loads((args.results / "summary.json").read_text())
+        carry = json.loads(args.carry.read_text()) if args.carry else None
+        found = {name: checkpoints(args.runs / f"lmd_{name}") for name in RUNS}
+        summary = finish(previous, found, cpu_log, carry)
+    else:
+        summary = evaluate(args.runs, teacher, args.n, cpu_log, args.results)
+    commands = (previous.get("meta", {}).get("commands") or [previous.get("meta", {}).get("command")]
+                if args.table_only else [])
     summary["meta"] = {"command": " ".join(["warm_start_digits.py"] + sys.argv[1:]), "teacher": str(teacher),
+                       "commands": [c for c in commands if c] + [" ".join(["warm_start_digits.py"] + sys.argv[1:])],
                        "recipe": recipe(args.steps, args.threads), "seconds": round(time.time() - start),
                        "load_average_end": os.getloadavg()}
     args.results.mkdir(parents=True, exist_ok=True)
