@@ -24,7 +24,7 @@ from ..objectives import (CT, EMD, ESD, FMM, LMD, LSD, PFMM, PSD, SCT, AlphaFlow
                           MeanFlow, Objective, Shortcut, TimeSampler, Velocity)
 from ..teachers import TeacherError, check_teacher, from_factory
 from .config import Config, ConfigError
-from .models import load_model, sample_shape
+from .models import class_labels, load_model, sample_shape
 from .validation import SELF_DISTILLATION
 
 __all__ = ["DataBundle", "IMAGE_DATASETS", "build_data", "resolve_scales", "attach_reference",
@@ -153,7 +153,7 @@ def _build_data_free(cfg: Config) -> DataBundle:
     if cfg.model.class_conditional and not num_classes:
         raise ConfigError(f"model.class_conditional: the teacher {t.checkpoint or t.factory} takes no "
                           "class labels")
-    labels = torch.arange(n) % num_classes if cfg.model.class_conditional else None
+    labels = class_labels(n, scales) if cfg.model.class_conditional else None
     with torch.no_grad():
         b = velocity if labels is None else (lambda x, tau: velocity(x, tau, labels))
         x1 = solve_ode(b, x0, "rk4", steps=d.teacher_steps).x
